@@ -1,0 +1,41 @@
+# The two commands of the README:  make demo  and  make test.
+# Each creates the virtual environment it needs from nothing, installs, and runs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The torch pair is pinned together (torchvision must match torch's build).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench image clean help
+
+help:
+	@echo "make demo   run the digits and linreg sweeps locally and write the report"
+	@echo "make test   run the test suite"
+	@echo "make bench  run the benchmarks under benchmarks/"
+	@echo "make image  build the container image (needs Docker)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/critbatch demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run_all.py
+
+image:
+	images/build.sh
+
+clean:
+	rm -rf $(VENV) critbatch-out .pytest_cache

@@ -1,0 +1,1 @@
+"""critbatch.analysis: from a sweep's logs to figures, tables, the critical batch size and the report."""

@@ -1,0 +1,82 @@
+"""The store interface against a local directory and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from critbatch.jobs.errors import ConfigError, StoreUnavailable
+from critbatch.jobs.store import LocalStore, S3Store, open_store, with_retries
+
+
+def test_roundtrip_list_delete(any_store_url):
+    store = open_store(any_store_url)
+    store.check()
+    store.put_bytes("sw/cells/a/steps/part-000001.arrow", b"one")
+    store.put_bytes("sw/cells/a/steps/part-000000.arrow", b"zero")
+    store.put_text("sw/cells/b/_SUCCESS", '{"status": "done"}')
+    assert store.get_bytes("sw/cells/a/steps/part-000000.arrow") == b"zero"
+    assert store.list("sw/cells/a/") == ["sw/cells/a/steps/part-000000.arrow", "sw/cells/a/steps/part-000001.arrow"]
+    assert store.list("sw/cells/") == sorted(store.list("sw/cells/"))
+    assert len(store.list("sw")) == 3
+    assert store.exists("sw/cells/b/_SUCCESS")
+    assert not store.exists("sw/cells/c/_SUCCESS")
+    with pytest.raises(KeyError):
+        store.get_bytes("sw/cells/c/_SUCCESS")
+    store.delete_prefix("sw/cells/a")
+    assert store.list("sw/cells/a") == []
+    store.delete("sw/cells/a/never-there")  # missing key is not an error
+
+
+def test_local_write_is_atomic(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_bytes("k/x", b"1" * 1000)
+    store.put_bytes("k/x", b"2")
+    assert store.get_bytes("k/x") == b"2"
+    assert [p.name for p in (tmp_path / "k").iterdir()] == ["x"]  # no temp file left
+
+
+def test_open_store_rejects_unknown_scheme():
+    with pytest.raises(ConfigError, match="unsupported scheme"):
+        open_store("gs://bucket/x")
+    with pytest.raises(ConfigError, match="names no bucket"):
+        open_store("s3://")
+
+
+def test_unreachable_s3_raises_store_unavailable(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = S3Store("bucket", "p", retries=2)
+    with pytest.raises(StoreUnavailable, match="cannot put"):
+        store.put_bytes("k", b"v")
+
+
+def test_missing_credentials_is_config_error(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
+        open_store("s3://bucket/p").check()
+
+
+def test_retries_then_succeeds():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert with_retries(flaky, what="test", attempts=5, base_delay=0.01) == "ok"
+    assert len(calls) == 3
+
+
+def test_s3_server_outage_and_recovery(s3_server, s3_url):
+    store = open_store(s3_url)
+    store.put_bytes("before", b"1")
+    s3_server.restart()
+    assert store.get_bytes("before") == b"1"
