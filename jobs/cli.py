@@ -1,0 +1,172 @@
+"""The ``critbatch`` command.
+
+    critbatch demo                                  # digits + linreg sweeps, analysis, report (local)
+    critbatch run GRID [--store DIR|s3://B/P] [--parallel N]
+    critbatch train --cell CELL.json --store s3://critbatch/runs
+    torchrun --standalone --nproc-per-node=2 -m critbatch.jobs.cli train --cell CELL.json
+    critbatch render GRID | kubectl apply -f -
+    critbatch submit GRID ; critbatch status GRID
+    critbatch analyze --store s3://critbatch/runs --sweep NAME
+
+Every subcommand's options are defined here, so ``--help`` is fast (nothing
+heavy is imported until a command runs). Bad input, a missing file or an
+unreachable store prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable
+
+from critbatch.jobs import __version__
+from critbatch.jobs.errors import EXIT_CONFIG, ConfigError, StoreUnavailable
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _store_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--store",
+        default=None if required else os.environ.get("CRITBATCH_STORE", "./critbatch-out"),
+        required=required,
+        help="object store: a directory, or s3://BUCKET/PREFIX (endpoint and keys from AWS_* variables); "
+        "env CRITBATCH_STORE",
+    )
+
+
+def _command(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_FMT)
+    p.set_defaults(_target=target)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="critbatch",
+        description="Measure how SGD training speed scales with batch size and find the critical batch size.",
+        formatter_class=_FMT,
+    )
+    parser.add_argument("--version", action="version", version=f"critbatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    # ---- train: one cell ---------------------------------------------------
+    p = _command(sub, "train", "critbatch.jobs.train:main", "train one cell and stream its logs to the store")
+    p.add_argument("--cell", required=True, help="the cell: a JSON file, or inline JSON starting with '{'")
+    _store_arg(p)
+    p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
+                   help="where datasets live: a directory, or a store URL they were staged to; env CRITBATCH_DATA")
+    p.add_argument("--download", action="store_true", help="download a missing dataset (needs internet)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--flush-steps", type=int, default=500, help="flush a log part every N steps")
+    p.add_argument("--flush-seconds", type=float, default=15.0, help="... or every T seconds, whichever first")
+    p.add_argument("--checkpoint-seconds", type=float, default=300.0, help="checkpoint at most this often")
+    p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0: time only)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--force", action="store_true", help="train again even if the cell's _SUCCESS exists")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
+                   help="progress display: a bar on a terminal, periodic lines otherwise")
+
+    # ---- data: staging datasets into the store ------------------------------
+    p = _command(sub, "data", "critbatch.jobs.data:cli_main", "stage datasets into the store for clusters without internet")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    s = dsub.add_parser("stage", help="upload a dataset's files to <store>/datasets/NAME", formatter_class=_FMT)
+    s.add_argument("name", help="dataset name (mnist, cifar10, cifar100, svhn, wikitext2, cityscapes)")
+    s.add_argument("--from", dest="source", required=True, help="directory holding the dataset in its standard format")
+    _store_arg(s)
+
+    # ---- render / submit / status: Kubernetes --------------------------------
+    p = _command(sub, "render", "critbatch.jobs.render:cli_render", "render a grid to Kubernetes manifests")
+    p.add_argument("grid", help="grid spec YAML, or the name of a preset (see `critbatch presets`)")
+    p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+                   help="override the grid's backend (default: job for one node, pytorchjob for several)")
+    p.add_argument("--no-analysis", action="store_true", help="leave out the analysis Job")
+
+    p = _command(sub, "submit", "critbatch.jobs.submit:cli_submit", "create a grid's objects on the cluster")
+    p.add_argument("grid", help="grid spec YAML or preset name")
+    p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
+    p.add_argument("--max-active", type=int, default=0, help="cap on cells running at once (0: no cap)")
+    p.add_argument("--wait", action="store_true", help="keep submitting until every cell is created")
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="polling interval with --wait")
+    p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
+
+    p = _command(sub, "status", "critbatch.jobs.submit:cli_status", "one table of every cell's cluster and store state")
+    p.add_argument("grid", help="grid spec YAML or preset name")
+    p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
+    p.add_argument("--no-cluster", action="store_true", help="read only the store")
+
+    p = _command(sub, "presets", "critbatch.jobs.grid:cli_presets", "list the grid presets shipped with critbatch")
+
+    p = _command(sub, "cells", "critbatch.jobs.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
+    p.add_argument("grid", help="grid spec YAML or preset name")
+
+    # ---- run: local executor --------------------------------------------------
+    p = _command(sub, "run", "critbatch.jobs.executor:cli_run", "run a grid's cells on this machine")
+    p.add_argument("grid", help="grid spec YAML or preset name")
+    p.add_argument("--store", default=None,
+                   help="directory or s3://BUCKET/PREFIX (default: the grid's store if local, else ./critbatch-out)")
+    p.add_argument("--parallel", type=int, default=1, help="cells at once; CPU threads are divided among them")
+    p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
+                   help="where datasets live")
+    p.add_argument("--log-dir", default=None, help="where each cell's output goes (default: <store>/.logs or ./critbatch-logs)")
+
+    # ---- analyze: the report ----------------------------------------------------
+    p = _command(sub, "analyze", "critbatch.analysis.report:cli_analyze", "aggregate a sweep's logs into the report")
+    _store_arg(p)
+    p.add_argument("--sweep", action="append", required=True, help="sweep name; repeat to analyse several together")
+    p.add_argument("--threshold", type=float, action="append", default=None,
+                   help="explicit loss threshold eps (repeatable); default: the paper's lower quartile")
+    p.add_argument("--efficiency", type=float, default=0.5, help="efficiency level that defines the critical batch size")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over seeds")
+    p.add_argument("--window", type=int, default=50, help="running-mean window (steps) when no full-set evaluation exists")
+    p.add_argument("--output", default=None, help="also copy the report to this local directory")
+
+    # ---- demo ------------------------------------------------------------------------
+    p = _command(sub, "demo", "critbatch.jobs.demo:cli_demo", "run the digits and linreg sweeps and write the report")
+    p.add_argument("--store", default=None, help="directory for the demo (default ./critbatch-out)")
+    p.add_argument("--s3", action="store_true", help="use an S3 server started on loopback (SeaweedFS) instead")
+    p.add_argument("--parallel", type=int, default=2, help="cells at once")
+    p.add_argument("--quick", action="store_true", help="a reduced demo (fewer batch sizes, epochs and seeds)")
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_resolve(args._target)(args) or 0)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"critbatch {args.command}: error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreUnavailable as err:
+        print(f"critbatch {args.command}: error: store unreachable: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FileNotFoundError as err:
+        print(f"critbatch {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"critbatch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
