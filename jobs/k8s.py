@@ -1,0 +1,71 @@
+"""Names, label keys and reserved numbers shared by the grid, the templates and ``submit``/``status``.
+
+One module, so a label the templates write and a selector ``status`` reads can
+never drift apart (the habit of Katib's SDK ``constants.py``).
+"""
+
+from __future__ import annotations
+
+from critbatch.jobs.errors import EXIT_CONFIG
+
+# ---- names -------------------------------------------------------------------
+APP_NAME = "critbatch"
+NAME_PREFIX = "critbatch"
+#: Kubernetes object names that become DNS labels (Job -> pod hostname, Services of PyTorchJob/JobSet).
+MAX_NAME = 63
+#: Label values are limited to 63 characters as well.
+MAX_LABEL_VALUE = 63
+CONTAINER_NAME = "critbatch"
+DEFAULT_NAMESPACE = "critbatch"
+DEFAULT_SERVICE_ACCOUNT = "critbatch"
+DEFAULT_IMAGE = "critbatch:latest"
+DEFAULT_STORE = "s3://critbatch/runs"
+#: The Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the store (k8s/store-secret.example.yaml).
+DEFAULT_STORE_SECRET = "critbatch-store"
+#: The kit's SeaweedFS S3 Service (k8s/seaweedfs.yaml), reachable by short name from the same namespace.
+DEFAULT_STORE_ENDPOINT = "http://critbatch-s3:8333"
+#: The ClusterTrainingRuntime every TrainJob refers to (Kubeflow Trainer's torch runtime).
+TRAINJOB_RUNTIME = "torch-distributed"
+
+# ---- label keys ------------------------------------------------------------------
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_SWEEP = "critbatch.io/sweep"
+LABEL_CELL = "critbatch.io/cell-id"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+COMPONENT_CELL = "cell"
+COMPONENT_ANALYSIS = "analysis"
+
+# ---- API groups ---------------------------------------------------------------------
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+BACKENDS = ("job", "pytorchjob", "trainjob")
+
+# ---- the container -----------------------------------------------------------------
+#: Exit code a cell uses for bad configuration: the Job fails at once (podFailurePolicy FailJob).
+EXIT_CODE_CONFIG = EXIT_CONFIG
+#: Scratch directories on the read-only root filesystem: (volume name, mount path, environment variable).
+SCRATCH_DIRS = (
+    ("tmp", "/tmp", "TMPDIR"),
+    ("home", "/home/critbatch", "HOME"),
+    ("mplconfig", "/var/cache/critbatch/matplotlib", "MPLCONFIGDIR"),
+    ("inductor-cache", "/var/cache/critbatch/torchinductor", "TORCHINDUCTOR_CACHE_DIR"),
+    ("triton-cache", "/var/cache/critbatch/triton", "TRITON_CACHE_DIR"),
+)
+#: Where a cell keeps log parts before upload (a scratch emptyDir).
+SPOOL_DIR = "/tmp/critbatch-spool"
+#: The image's non-root user (images/Dockerfile creates it with this uid/gid).
+RUN_AS_USER = 1000
+RUN_AS_GROUP = 1000
+
+
+def object_name(sweep: str, suffix: str) -> str:
+    """``critbatch-<sweep>-<suffix>``: the name of a cell's object (suffix = cell id) or the analysis Job."""
+    return f"{NAME_PREFIX}-{sweep}-{suffix}"
+
+
+def cell_selector(sweep: str) -> str:
+    """Label selector of every cell object of a sweep."""
+    return f"{LABEL_SWEEP}={sweep},{LABEL_COMPONENT}={COMPONENT_CELL}"
