@@ -11,6 +11,13 @@ every rank; global batch j is ``perm[j*B:(j+1)*B]`` and rank r takes rows
 whole global batch from a generator seeded by (seed, epoch, j), so a resumed
 run and a run on a different number of ranks see the same pixels.
 
+The paper's sets are read in their standard on-disk formats through
+torchvision's readers (MNIST idx files, CIFAR python pickles, SVHN .mat,
+Cityscapes leftImg8bit/ + gtFine/) or, for WikiText-2, from its
+``wiki.{train,valid,test}.tokens``. The data root is a directory
+(``<root>/<name>/...``) or a store the set was staged to with
+``critbatch data stage NAME --from DIR`` (``<store>/datasets/<name>/...``,
+copied once to a local cache). Nothing is downloaded unless asked for.
 Built in and offline: ``digits`` (scikit-learn's 8x8 handwritten digits) and
 ``linreg`` (the known-answer least-squares problem of design section 7).
 """
@@ -19,9 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -273,14 +283,467 @@ def load_linreg(cell: Cell) -> TaskData:
     )
 
 
-_LOADERS = {"digits": load_digits, "linreg": load_linreg}
+# ---- datasets on disk: where their files sit --------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """A dataset's files under the root directory torchvision's class is given.
+
+    ``inner``: the folder holding them ('' = the root itself); ``required``:
+    paths relative to ``inner`` (a trailing '/' marks a non-empty folder);
+    ``members``: what belongs to the dataset under the root (what staging uploads).
+    """
+
+    inner: str
+    required: tuple[str, ...]
+    members: tuple[str, ...]
+    holds: str  # what a directory of this dataset holds, for messages
+    downloadable: bool = True
+
+
+LAYOUTS: dict[str, Layout] = {
+    "mnist": Layout(
+        "MNIST/raw",
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        ("MNIST/raw",), "MNIST/raw/ with the four uncompressed idx files"),
+    "cifar10": Layout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        ("cifar-10-batches-py",), "cifar-10-batches-py/ (CIFAR-10 python version)"),
+    "cifar100": Layout(
+        "cifar-100-python", ("train", "test", "meta"), ("cifar-100-python",),
+        "cifar-100-python/ (CIFAR-100 python version)"),
+    "svhn": Layout(
+        "", ("train_32x32.mat", "test_32x32.mat"), ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
+        "train_32x32.mat and test_32x32.mat (and extra_32x32.mat for the extra split)"),
+    "wikitext2": Layout(
+        "wikitext-2", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ("wikitext-2",),
+        "wikitext-2/ with wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens", downloadable=False),
+    "cityscapes": Layout(
+        "", ("leftImg8bit/train/", "leftImg8bit/val/", "gtFine/train/", "gtFine/val/"), ("leftImg8bit", "gtFine"),
+        "leftImg8bit/ and gtFine/ with their train and val folders", downloadable=False),
+}
+
+
+def required_paths(name: str, extra: bool = False) -> list[str]:
+    """Paths relative to the torchvision root that must exist for ``name``."""
+    layout = LAYOUTS[name]
+    required = list(layout.required) + (["extra_32x32.mat"] if name == "svhn" and extra else [])
+    return [f"{layout.inner}/{r}" if layout.inner else r for r in required]
+
+
+def _present(path: Path, rel: str) -> bool:
+    target = path / rel
+    if rel.endswith("/"):
+        return target.is_dir() and any(target.iterdir())
+    return target.is_file()
+
+
+def missing_paths(root: Path, name: str, extra: bool = False) -> list[str]:
+    return [rel for rel in required_paths(name, extra) if not _present(root, rel)]
+
+
+def cache_dir() -> Path:
+    """Where datasets staged in an object store are copied before reading."""
+    return Path(os.environ.get("CRITBATCH_CACHE") or "~/.cache/critbatch/staged").expanduser()
+
+
+def _is_store_url(data_root: str) -> bool:
+    return data_root.startswith("s3://")
+
+
+def locate_dataset(name: str, data_root: str, *, extra: bool = False, download: bool = False) -> Path:
+    """The torchvision root of dataset ``name``: a local folder holding its files.
+
+    A local ``data_root`` is searched at ``<root>/<name>``, ``<root>`` itself (a
+    shared torchvision root) and ``<root>/datasets/<name>`` (a directory used
+    as a store); an ``s3://`` root is a store the dataset was staged to, copied
+    once into :func:`cache_dir`. With ``download``, a missing downloadable set
+    goes to ``<root>/<name>``.
+    """
+    layout = LAYOUTS[name]
+    if _is_store_url(data_root):
+        root = fetch_staged(name, data_root)
+        gaps = missing_paths(root, name, extra)
+        if gaps:
+            raise ConfigError(
+                f"--data-root: dataset {name!r} staged in {data_root} lacks {', '.join(gaps)}; stage it again with "
+                f"`critbatch data stage {name} --from DIR --store {data_root}` (DIR holding {layout.holds})")
+        return root
+    base = Path(data_root.removeprefix("file://")).expanduser()
+    candidates = [base / name, base, base / "datasets" / name]
+    for candidate in candidates:
+        if not missing_paths(candidate, name, extra):
+            return candidate
+    if download and layout.downloadable:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        return base / name
+    looked = ", ".join(str(c) for c in candidates)
+    fetch = ", or pass --download" if layout.downloadable else f" ({name} cannot be downloaded automatically)"
+    raise ConfigError(
+        f"--data-root: dataset {name!r} not found: looked for {', '.join(required_paths(name, extra))} "
+        f"under {looked}. Put a directory holding {layout.holds} at {base / name}, or stage it with "
+        f"`critbatch data stage {name} --from DIR --store STORE` and pass --data-root STORE{fetch}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
+
+
+def fetch_staged(name: str, store_url: str) -> Path:
+    """Copy ``<store>/datasets/<name>/`` into the local cache once; the local folder.
+
+    A marker listing the staged keys records a finished copy; a different
+    listing (the dataset was staged again) copies everything afresh. Files are
+    written whole (temporary name, then rename), so concurrent ranks on one
+    node may copy at the same time.
+    """
+    from critbatch.jobs.store import open_store
+
+    store = open_store(store_url)
+    store.check()
+    prefix = f"datasets/{name}/"
+    keys = store.list(prefix)
+    if not keys:
+        raise ConfigError(
+            f"--data-root: dataset {name!r} is not staged in {store.join(prefix)}; stage it with "
+            f"`critbatch data stage {name} --from DIR --store {store_url}` (DIR holding {LAYOUTS[name].holds})")
+    local = cache_dir() / _slug(store.url) / name
+    marker = local / ".staged"
+    listing = "\n".join(keys)
+    if marker.is_file() and marker.read_text() == listing:
+        return local
+    for key in keys:
+        dest = local / key[len(prefix):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(store.get_bytes(key))
+        os.replace(tmp, dest)
+    marker.write_text(listing)
+    return local
+
+
+# ---- staging: `critbatch data stage NAME --from DIR` ---------------------------------
+
+def _stage_files(name: str, source: Path) -> dict[str, Path]:
+    """Files of dataset ``name`` found in ``source``, keyed by their path under the torchvision root.
+
+    ``source`` may be the root (holding ``cifar-10-batches-py/``) or the inner
+    folder itself (``cifar-10-batches-py``; for MNIST also ``MNIST`` or ``MNIST/raw``).
+    """
+    layout = LAYOUTS[name]
+    parts = layout.inner.split("/") if layout.inner else []
+    for depth in range(len(parts) + 1):
+        rest = "/".join(parts[depth:])
+        if all(_present(source, f"{rest}/{r}" if rest else r) for r in layout.required):
+            break
+    else:
+        problems = [f"--from: {source} does not hold {name}: missing {rel}"
+                    for rel in missing_paths(source, name)]
+        problems.append(f"--from: a {name} directory holds {layout.holds}")
+        raise ConfigError(problems)
+    files: dict[str, Path] = {}
+    if depth == 0:
+        roots = [(source / m, m) for m in layout.members if (source / m).exists()]
+    else:
+        roots = [(source, "/".join(parts[:depth]))]
+    for path, key in roots:
+        if path.is_file():
+            files[key] = path
+            continue
+        for dirpath, _dirs, names in os.walk(path):
+            for fname in names:
+                full = Path(dirpath, fname)
+                files[f"{key}/{full.relative_to(path).as_posix()}"] = full
+    return dict(sorted(files.items()))
+
+
+def stage_dataset(name: str, source: str | Path, store_url: str) -> list[str]:
+    """Upload dataset ``name`` from ``source`` to ``<store>/datasets/<name>/``; the keys written.
+
+    Checks first that ``source`` holds the dataset's files (ConfigError listing
+    what is missing, nothing uploaded). Keys staged before but absent now are removed.
+    """
+    from critbatch.jobs.store import open_store
+
+    if name not in LAYOUTS:
+        built_in = " (digits and linreg are built in: nothing to stage)" if name in DATASETS else ""
+        raise ConfigError(f"name: {name!r} cannot be staged{built_in}; allowed: {', '.join(LAYOUTS)}")
+    src = Path(source).expanduser()
+    if not src.is_dir():
+        raise ConfigError(f"--from: {src} is not a directory")
+    files = _stage_files(name, src)
+    store = open_store(store_url)
+    store.check()
+    prefix = f"datasets/{name}/"
+    before = set(store.list(prefix))
+    keys = []
+    for rel, path in files.items():
+        key = prefix + rel
+        store.put_bytes(key, path.read_bytes())
+        keys.append(key)
+    for stale in sorted(before - set(keys)):
+        store.delete(stale)
+    return keys
+
+
+def cli_main(args) -> int:
+    """`critbatch data stage NAME --from DIR [--store URL]`."""
+    if args.data_command != "stage":
+        raise ConfigError(f"data: unknown action {args.data_command!r}; allowed: stage")
+    keys = stage_dataset(args.name, args.source, args.store)
+    from critbatch.jobs.store import open_store
+
+    store = open_store(args.store)
+    size = sum(p.stat().st_size for p in _stage_files(args.name, Path(args.source).expanduser()).values())
+    print(f"staged {len(keys)} files ({size / 1e6:.1f} MB) of {args.name} to {store.join(f'datasets/{args.name}/')}")
+    print(f"train with: critbatch train --data-root {store.url} ...")
+    return 0
+
+
+# ---- readers --------------------------------------------------------------------
+
+#: Default augmentation per set: crop and flip for CIFAR; crop only for SVHN
+#: (a mirrored digit is another glyph); none for MNIST; flip (image and labels) for Cityscapes.
+DEFAULT_AUGMENT = {"mnist": "none", "cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop",
+                   "cityscapes": "flip"}
+AUGMENTS = ("none", "crop", "flip", "crop_flip")
+#: Cityscapes is downscaled to this (height, width) unless dataset.options.size says otherwise
+#: (the full 1024 x 2048 does not fit in memory as one tensor).
+CITYSCAPES_SIZE = (256, 512)
+BPTT = 35  # tokens per language-model sample, as word_language_model's default
+
+
+def dataset_options(cell: Cell, defaults: dict[str, Any]) -> dict[str, Any]:
+    name = cell.dataset.name
+    unknown = set(cell.dataset.options) - set(defaults)
+    if unknown:
+        raise ConfigError(f"cell.dataset.options: unknown {sorted(unknown)} for dataset {name!r}; "
+                          f"allowed: {', '.join(defaults) or 'none'}")
+    opts = {**defaults, **cell.dataset.options}
+    if "augment" in opts:
+        allowed = ("none", "flip") if name == "cityscapes" else AUGMENTS
+        if opts["augment"] not in allowed:
+            raise ConfigError(f"cell.dataset.options.augment: {opts['augment']!r}; allowed: {', '.join(allowed)}")
+    return opts
+
+
+def _torchvision_datasets():
+    """torchvision's readers, checking that files exist rather than their md5.
+
+    torchvision compares each file's md5 with the official release; a staged
+    copy is read as it is (a damaged file still fails to parse), and the tiny
+    files the tests write in the same formats are accepted. Downloads keep
+    torchvision's archive checksums.
+    """
+    from torchvision import datasets as tvd
+
+    class CIFAR10(tvd.CIFAR10):
+        train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
+        meta = {**tvd.CIFAR10.meta, "md5": None}
+
+    class CIFAR100(tvd.CIFAR100):
+        train_list = [[f, None] for f, _ in tvd.CIFAR100.train_list]
+        test_list = [[f, None] for f, _ in tvd.CIFAR100.test_list]
+        meta = {**tvd.CIFAR100.meta, "md5": None}
+
+    class SVHN(tvd.SVHN):
+        def _check_integrity(self) -> bool:
+            return os.path.isfile(os.path.join(self.root, self.filename))
+
+    return {"mnist": tvd.MNIST, "cifar10": CIFAR10, "cifar100": CIFAR100, "svhn": SVHN,
+            "cityscapes": tvd.Cityscapes}
+
+
+def read_image_split(name: str, root: Path, split: str, download: bool = False) -> tuple[Tensor, Tensor]:
+    """One split of an image set as uint8 (N,C,H,W) and int64 (N,). MNIST is zero-padded 28 -> 32."""
+    cls = _torchvision_datasets()[name]
+    if name == "mnist":
+        ds = cls(str(root), train=split == "train", download=download)
+        x = torch.nn.functional.pad(ds.data.unsqueeze(1), (2, 2, 2, 2))
+        return x.contiguous(), ds.targets.long()
+    if name in ("cifar10", "cifar100"):
+        ds = cls(str(root), train=split == "train", download=download)
+        # torchvision holds (N,H,W,C); the models want (N,C,H,W).
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)
+    if name == "svhn":
+        ds = cls(str(root), split=split, download=download)
+        return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.from_numpy(ds.labels).long()
+    raise ValueError(f"{name!r} is not an image classification set")
+
+
+def channel_stats(x: Tensor, chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of uint8 (N,C,H,W), in uint8 units (float64 sums, chunked)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(x), chunk):
+        part = x[i: i + chunk].double()
+        total += part.sum((0, 2, 3))
+        squares += part.pow(2).sum((0, 2, 3))
+    count = x.numel() / x.shape[1]
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float()
+
+
+def _take(x: Tensor, y: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    return (x, y) if len(keep) == len(x) else (x[keep], y[keep])
+
+
+def load_images(cell: Cell, root: Path, download: bool = False) -> TaskData:
+    """MNIST, CIFAR-10/100 or SVHN (train, or train + extra) through torchvision's readers."""
+    ds = cell.dataset
+    name = ds.name
+    opts = dataset_options(cell, {"augment": DEFAULT_AUGMENT[name]})
+    x, y = read_image_split(name, root, "train", download)
+    if name == "svhn" and ds.extra:
+        x_extra, y_extra = read_image_split(name, root, "extra", download)
+        x, y = torch.cat([x, x_extra]), torch.cat([y, y_extra])
+        del x_extra, y_extra
+    x_test, y_test = read_image_split(name, root, "test", download)
+    # Normalisation statistics of the whole training split (before any subset), so
+    # every fraction sees the same input scale.
+    mean, std = channel_stats(x)
+    total = len(x)
+    tag = f"{name}+extra" if ds.extra else name
+    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), tag))
+    info = {
+        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": list(x.shape[1:]),
+        "augment": opts["augment"], "mean": [round(float(v) / 255, 6) for v in mean],
+        "std": [round(float(v) / 255, 6) for v in std], "source": str(root),
+    }
+    return TaskData(
+        name=name, task="classification", n_train=len(x), num_classes=DATASETS[name]["classes"], vocab_size=None,
+        info=info, train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
+        augment=opts["augment"], mean=mean, std=std,
+    )
+
+
+def read_wikitext2(folder: Path) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Token ids of each split, word-level, '<eos>' after every line (blank lines too).
+
+    The vocabulary is built over train, valid and test in that order, as
+    word_language_model's ``Corpus`` does (WikiText-2 already maps rare words to '<unk>').
+    """
+    vocab: dict[str, int] = {}
+    ids: dict[str, Tensor] = {}
+    for split in ("train", "valid", "test"):
+        out: list[int] = []
+        with open(folder / f"wiki.{split}.tokens", encoding="utf-8") as fh:
+            for line in fh:
+                for word in line.split() + ["<eos>"]:
+                    out.append(vocab.setdefault(word, len(vocab)))
+        ids[split] = torch.tensor(out, dtype=torch.int64)
+    return vocab, ids
+
+
+def bptt_sequences(ids: Tensor, bptt: int = BPTT) -> tuple[Tensor, Tensor]:
+    """Consecutive, non-overlapping samples: x[i] = ids[i*T:(i+1)*T], y[i] = ids[i*T+1:(i+1)*T+1]."""
+    n = (len(ids) - 1) // bptt
+    return ids[: n * bptt].view(n, bptt), ids[1: n * bptt + 1].view(n, bptt)
+
+
+def load_wikitext2(cell: Cell, root: Path) -> TaskData:
+    ds = cell.dataset
+    dataset_options(cell, {})
+    vocab, ids = read_wikitext2(root / LAYOUTS["wikitext2"].inner)
+    x, y = bptt_sequences(ids["train"])
+    x_test, y_test = bptt_sequences(ids["test"])
+    total = len(x)
+    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), "wikitext2"))
+    info = {
+        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "bptt": BPTT, "vocab_size": len(vocab),
+        "tokens": {split: len(t) for split, t in ids.items()}, "source": str(root),
+    }
+    return TaskData(
+        name="wikitext2", task="language_model", n_train=len(x), num_classes=None, vocab_size=len(vocab),
+        info=info, train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
+    )
+
+
+def cityscapes_train_ids() -> np.ndarray:
+    """Lookup table label id (0..255) -> train id (0..18), 255 for every other id."""
+    from torchvision.datasets import Cityscapes
+
+    table = np.full(256, 255, dtype=np.uint8)
+    for c in Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < 255:
+            table[c.id] = c.train_id
+    return table
+
+
+def read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Fine annotations of one split: uint8 images (N,3,H,W) (bilinear) and train ids (N,H,W) (nearest).
+
+    Files are decoded by a few threads (PIL releases the GIL while decoding and
+    resizing) into one preallocated tensor, in sorted file order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    ds = _torchvision_datasets()["cityscapes"](str(root), split=split, mode="fine", target_type="semantic")
+    pairs = sorted(zip(ds.images, ds.targets))
+    h, w = size
+    table = cityscapes_train_ids()
+    x = torch.empty(len(pairs), 3, h, w, dtype=torch.uint8)
+    y = torch.empty(len(pairs), h, w, dtype=torch.uint8)
+
+    def decode(i: int) -> None:
+        image_path, (label_path,) = pairs[i]
+        with Image.open(image_path) as img:
+            x[i] = torch.from_numpy(np.array(img.convert("RGB").resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
+        with Image.open(label_path) as lab:
+            y[i] = torch.from_numpy(table[np.array(lab.resize((w, h), Image.NEAREST))])
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode, range(len(pairs))))
+    return x, y
+
+
+def load_cityscapes(cell: Cell, root: Path) -> TaskData:
+    ds = cell.dataset
+    opts = dataset_options(cell, {"size": list(CITYSCAPES_SIZE), "augment": DEFAULT_AUGMENT["cityscapes"]})
+    size = opts["size"]
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size)):
+        raise ConfigError(f"cell.dataset.options.size: [height, width] of integers >= 8, got {size!r}")
+    x, y = read_cityscapes(root, "train", tuple(size))
+    x_test, y_test = read_cityscapes(root, "val", tuple(size))
+    mean, std = channel_stats(x)
+    total = len(x)
+    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), "cityscapes"))
+    info = {
+        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": [3, *size],
+        "augment": opts["augment"], "train_split": "train", "test_split": "val",
+        "mean": [round(float(v) / 255, 6) for v in mean], "std": [round(float(v) / 255, 6) for v in std],
+        "source": str(root),
+    }
+    return TaskData(
+        name="cityscapes", task="segmentation", n_train=len(x), num_classes=19, vocab_size=None, info=info,
+        train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
+        augment=opts["augment"], mean=mean, std=std,
+    )
 
 
 def load_task_data(cell: Cell, data_root: str, *, download: bool = False) -> TaskData:
-    """The cell's dataset, on the CPU. Raises ConfigError when it is missing or misconfigured."""
+    """The cell's dataset, on the CPU.
+
+    Raises ConfigError when it is missing (saying where it looked and how to
+    stage it) or when its options are wrong.
+    """
     name = cell.dataset.name
     if name not in DATASETS:
         raise ConfigError(f"cell.dataset.name: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if name in ("digits", "linreg"):
-        return _LOADERS[name](cell)
-    raise ConfigError(f"cell.dataset.name: {name!r} has no loader yet")
+    if name == "digits":
+        dataset_options(cell, {})
+        return load_digits(cell)
+    if name == "linreg":
+        return load_linreg(cell)
+    root = locate_dataset(name, str(data_root), extra=cell.dataset.extra, download=download)
+    if name == "wikitext2":
+        return load_wikitext2(cell, root)
+    if name == "cityscapes":
+        return load_cityscapes(cell, root)
+    return load_images(cell, root, download)

@@ -163,3 +163,286 @@ def test_random_crop_gathers_shifted_windows():
     expected = torch.zeros(5, 5, dtype=torch.uint8)
     expected[4:, :1] = x[1, 0, :1, 4:]
     assert torch.equal(out[1, 0], expected)
+
+
+# ---- the paper's sets, read from tiny files in their real formats ------------------------
+
+import pickle  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datafiles import CITYSCAPES_IDS, write_dataset  # noqa: E402
+
+from critbatch.jobs.cli import main as cli  # noqa: E402
+from critbatch.jobs.data import LAYOUTS, stage_dataset, subset_size  # noqa: E402
+from critbatch.jobs.errors import ConfigError  # noqa: E402
+from critbatch.jobs.store import open_store  # noqa: E402
+
+MODEL_OF = {"mnist": "resnet34", "cifar10": "resnet34", "cifar100": "vgg16", "svhn": "alexnet",
+            "wikitext2": "lstm", "cityscapes": "drn_d_22"}
+TINY = {  # name -> (train examples, test examples) the writers produce by default
+    "mnist": (96, 40), "cifar10": (100, 40), "cifar100": (100, 40), "svhn": (96, 40), "cityscapes": (6, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def disk_root(tmp_path_factory):
+    """One data root holding every paper set as <root>/<name>/..., plus SVHN's extra split."""
+    root = tmp_path_factory.mktemp("data")
+    for name in MODEL_OF:
+        kwargs = {"n_extra": 24} if name == "svhn" else {}
+        write_dataset(name, root / name, **kwargs)
+    return root
+
+
+def disk_cell(name: str, batch_size: int = 4, **ds) -> Cell:
+    return make_cell(name, MODEL_OF[name], batch_size, **ds)
+
+
+@pytest.mark.parametrize("name,shape,classes", [
+    ("mnist", (1, 32, 32), 10), ("cifar10", (3, 32, 32), 10), ("cifar100", (3, 32, 32), 100),
+    ("svhn", (3, 32, 32), 10), ("cityscapes", (3, 256, 512), 19),
+])
+def test_image_sets_load(disk_root, name, shape, classes):
+    data = load_task_data(disk_cell(name), str(disk_root))
+    assert (data.n_train, len(data.test_x)) == TINY[name]
+    assert data.train_x.dtype == torch.uint8 and tuple(data.train_x.shape[1:]) == shape
+    assert data.num_classes == classes and data.in_channels == shape[0]
+    x, y = next(data.train_batches(0, 4, seed=0))
+    assert x.dtype == torch.float32 and x.shape == (4, *shape) and y.dtype == torch.int64
+    xe = torch.cat([b for b, _ in data.eval_batches("train", 16)])
+    # Normalised with the training split's statistics: mean 0, std 1 per channel (without augmentation).
+    assert xe.mean((0, 2, 3)).abs().max() < 1e-4 and (xe.std((0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_cifar10_pixels_and_labels_match_the_pickles(disk_root):
+    data = load_task_data(disk_cell("cifar10"), str(disk_root))
+    folder = disk_root / "cifar10" / "cifar-10-batches-py"
+    batches = [pickle.loads((folder / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    raw = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(data.train_x.numpy(), raw)
+    assert data.train_y.tolist() == sum((b["labels"] for b in batches), [])
+
+
+def test_mnist_is_padded_to_32(disk_root):
+    data = load_task_data(disk_cell("mnist"), str(disk_root))
+    x = data.train_x
+    assert x[:, :, :2].sum() == 0 and x[:, :, -2:].sum() == 0 and x[:, :, :, :2].sum() == 0
+    assert x[:, :, 2:30, 2:30].float().mean() > 100  # the written pixels are uniform in 0..255
+
+
+def test_svhn_labels_and_extra(disk_root):
+    from scipy.io import loadmat
+
+    data = load_task_data(disk_cell("svhn"), str(disk_root))
+    mat = loadmat(disk_root / "svhn" / "train_32x32.mat")
+    assert data.train_y.tolist() == [0 if v == 10 else int(v) for v in mat["y"][:, 0]]
+    assert torch.equal(data.train_x[5].permute(1, 2, 0), torch.from_numpy(mat["X"][:, :, :, 5]))
+    extra = load_task_data(disk_cell("svhn", extra=True), str(disk_root))
+    assert extra.n_train == 96 + 24 and torch.equal(extra.train_x[:96], data.train_x)
+
+
+def test_wikitext2_tokens_and_sequences(disk_root):
+    data = load_task_data(disk_cell("wikitext2"), str(disk_root))
+    folder = disk_root / "wikitext2" / "wikitext-2"
+    words = {s: [w for line in (folder / f"wiki.{s}.tokens").read_text().splitlines(keepends=True)
+                 for w in line.split() + ["<eos>"]] for s in ("train", "valid", "test")}
+    assert data.vocab_size == len(set(words["train"] + words["valid"] + words["test"]))
+    assert data.info["tokens"] == {s: len(w) for s, w in words.items()}
+    assert data.n_train == (len(words["train"]) - 1) // 35 and data.train_x.shape == (data.n_train, 35)
+    # y is x shifted by one token; consecutive samples continue each other.
+    assert torch.equal(data.train_x[:, 1:], data.train_y[:, :-1])
+    assert torch.equal(data.train_y[:-1, -1], data.train_x[1:, 0])
+    # Ids follow first appearance: the first line is blank, so '<eos>' is id 0.
+    assert data.train_x[0, 0] == 0 and words["train"][0] == "<eos>"
+
+
+def test_cityscapes_train_ids(disk_root):
+    from PIL import Image
+
+    cell = disk_cell("cityscapes", options={"size": [64, 128]})
+    data = load_task_data(cell, str(disk_root))
+    assert data.info["input_shape"] == [3, 64, 128]
+    label_files = sorted((disk_root / "cityscapes" / "gtFine" / "train" / "aachen").glob("*_labelIds.png"))
+    ids = np.array(Image.open(label_files[2]))
+    expected = np.vectorize(CITYSCAPES_IDS.get)(ids)
+    assert np.array_equal(data.train_y[2].numpy(), expected)
+    assert set(np.unique(data.train_y.numpy())) <= {0, 1, 2, 8, 10, 11, 13, 18, 255}
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"size": [10]}, r"options.size: \[height, width\]"),
+    ({"augment": "crop"}, r"options.augment: 'crop'; allowed: none, flip"),
+    ({"scale": 2}, r"options: unknown \['scale'\] for dataset 'cityscapes'; allowed: size, augment"),
+])
+def test_cityscapes_bad_options(disk_root, options, match):
+    with pytest.raises(ConfigError, match=match):
+        load_task_data(disk_cell("cityscapes", options=options), str(disk_root))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn", "wikitext2", "cityscapes"])
+@pytest.mark.parametrize("fraction,max_train", [(0.5, None), (1.0, 10), (0.5, 10)])
+def test_fraction_and_max_train_on_every_set(disk_root, name, fraction, max_train):
+    full = load_task_data(disk_cell(name, 2), str(disk_root))
+    part = load_task_data(disk_cell(name, 2, fraction=fraction, max_train=max_train), str(disk_root))
+    assert part.n_train == subset_size(full.n_train, fraction, max_train) == len(part.train_x)
+    # A fixed subset of the full set's rows, the same on every load.
+    rows = {tuple(r.flatten()[:64].tolist()) for r in full.train_x}
+    assert all(tuple(r.flatten()[:64].tolist()) in rows for r in part.train_x)
+    again = load_task_data(disk_cell(name, 2, fraction=fraction, max_train=max_train), str(disk_root))
+    assert torch.equal(part.train_x, again.train_x)
+    assert len(part.test_x) == len(full.test_x)
+
+
+def test_augmentation_repeats_and_changes_pixels(disk_root):
+    aug = load_task_data(disk_cell("cifar10"), str(disk_root))
+    plain = load_task_data(disk_cell("cifar10", options={"augment": "none"}), str(disk_root))
+    a = list(aug.train_batches(1, 20, seed=4))
+    b = list(aug.train_batches(1, 20, seed=4))
+    p = list(plain.train_batches(1, 20, seed=4))
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+    assert all(torch.equal(y1, y2) for (_, y1), (_, y2) in zip(a, p))  # same examples, same order
+    changed = torch.cat([(x1 != x2).flatten(1).any(1) for (x1, _), (x2, _) in zip(a, p)])
+    assert changed.float().mean() > 0.8  # 1/81 crops are the identity, and half of those are not flipped
+    # Each augmented image is a window of the zero-padded plain one, mirrored or not (compared in uint8 units).
+    def raw(x):
+        return (x * aug.std.view(1, -1, 1, 1) + aug.mean.view(1, -1, 1, 1)).round()
+
+    for plain_img, aug_img in zip(raw(p[0][0]), raw(a[0][0])):
+        padded = torch.nn.functional.pad(plain_img, (4, 4, 4, 4))
+        windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.equal(w, aug_img) or torch.equal(w.flip(-1), aug_img) for w in windows)
+
+
+def test_augmentation_independent_of_world_and_resume(disk_root):
+    data = load_task_data(disk_cell("cifar10"), str(disk_root))
+    whole = list(data.train_batches(0, 20, seed=9))
+    r0 = list(data.train_batches(0, 20, seed=9, rank=0, world=2))
+    r1 = list(data.train_batches(0, 20, seed=9, rank=1, world=2, start=0))
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, r0, r1):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+    resumed = list(data.train_batches(0, 20, seed=9, start=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[3:], resumed))
+
+
+def test_segmentation_flip_moves_labels_with_pixels(disk_root):
+    cell = disk_cell("cityscapes", 6, options={"size": [64, 128]})
+    flip = load_task_data(cell, str(disk_root))
+    plain = load_task_data(disk_cell("cityscapes", 6, options={"size": [64, 128], "augment": "none"}),
+                           str(disk_root))
+    (xf, yf), = list(flip.train_batches(0, 6, seed=1))
+    (xp, yp), = list(plain.train_batches(0, 6, seed=1))
+    flipped = [i for i in range(6) if not torch.equal(xf[i], xp[i])]
+    assert flipped and len(flipped) < 6
+    for i in range(6):
+        mirrored = i in flipped
+        assert torch.equal(xf[i], xp[i].flip(-1) if mirrored else xp[i])
+        assert torch.equal(yf[i], yp[i].flip(-1) if mirrored else yp[i])
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("cifar10", r"dataset 'cifar10' not found: looked for cifar-10-batches-py/data_batch_1"),
+    ("mnist", r"MNIST/raw/train-images-idx3-ubyte.*critbatch data stage mnist --from DIR.*or pass --download"),
+    ("svhn", r"train_32x32.mat.*under .*/empty/svhn, .*/empty, .*/empty/datasets/svhn"),
+    ("wikitext2", r"wikitext-2/wiki.train.tokens.*\(wikitext2 cannot be downloaded automatically\)"),
+    ("cityscapes", r"leftImg8bit/train/.*holding leftImg8bit/ and gtFine/"),
+])
+def test_missing_dataset_error(tmp_path, name, expect):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^--data-root: .*" + expect):
+        load_task_data(disk_cell(name), str(tmp_path / "empty"))
+
+
+def test_missing_svhn_extra(disk_root, tmp_path):
+    write_dataset("svhn", tmp_path / "svhn")
+    with pytest.raises(ConfigError, match="extra_32x32.mat"):
+        load_task_data(disk_cell("svhn", extra=True), str(tmp_path))
+
+
+def test_shared_torchvision_root_is_found(tmp_path):
+    write_dataset("cifar100", tmp_path)  # tmp_path/cifar-100-python, no per-dataset folder
+    assert load_task_data(disk_cell("cifar100"), str(tmp_path)).n_train == 100
+
+
+# ---- staging to a store and reading back ------------------------------------------------
+
+def test_stage_and_read_back(disk_root, any_store_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRITBATCH_CACHE", str(tmp_path / "cache"))
+    keys = stage_dataset("cifar10", disk_root / "cifar10", any_store_url)
+    assert keys == [f"datasets/cifar10/cifar-10-batches-py/{f}" for f in sorted(LAYOUTS["cifar10"].required)]
+    assert open_store(any_store_url).list("datasets/") == keys
+    direct = load_task_data(disk_cell("cifar10"), str(disk_root))
+    staged = load_task_data(disk_cell("cifar10"), any_store_url)
+    assert torch.equal(staged.train_x, direct.train_x) and torch.equal(staged.test_y, direct.test_y)
+    if any_store_url.startswith("s3://"):
+        copied = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".staged")
+        assert len(copied) == len(keys)
+        mtimes = [p.stat().st_mtime_ns for p in copied]
+        load_task_data(disk_cell("cifar10"), any_store_url)  # the second read uses the cache
+        assert [p.stat().st_mtime_ns for p in copied] == mtimes
+
+
+@pytest.mark.parametrize("name,sub,prefix", [
+    ("cifar10", "cifar-10-batches-py", "cifar-10-batches-py"),
+    ("mnist", "MNIST", "MNIST/raw"),
+    ("mnist", "MNIST/raw", "MNIST/raw"),
+    ("wikitext2", "wikitext-2", "wikitext-2"),
+])
+def test_stage_from_the_inner_folder(disk_root, tmp_path, name, sub, prefix):
+    keys = stage_dataset(name, disk_root / name / sub, str(tmp_path / "store"))
+    assert keys and all(k.startswith(f"datasets/{name}/{prefix}/") for k in keys)
+    assert load_task_data(disk_cell(name), str(tmp_path / "store")).n_train > 0
+
+
+def test_stage_svhn_and_cityscapes_layouts(disk_root, tmp_path):
+    keys = stage_dataset("svhn", disk_root / "svhn", str(tmp_path / "store"))
+    assert keys == [f"datasets/svhn/{s}_32x32.mat" for s in ("extra", "test", "train")]
+    keys = stage_dataset("cityscapes", disk_root / "cityscapes", str(tmp_path / "store"))
+    assert len(keys) == 2 * (6 + 3) and all(k.split("/")[2] in ("leftImg8bit", "gtFine") for k in keys)
+
+
+def test_stage_rejects_incomplete_dir(disk_root, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(disk_root / "cifar10", src)
+    (src / "cifar-10-batches-py" / "data_batch_3").unlink()
+    (src / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(ConfigError) as err:
+        stage_dataset("cifar10", src, str(tmp_path / "store"))
+    assert err.value.problems[:2] == [
+        f"--from: {src} does not hold cifar10: missing cifar-10-batches-py/data_batch_3",
+        f"--from: {src} does not hold cifar10: missing cifar-10-batches-py/test_batch",
+    ]
+    assert not (tmp_path / "store").exists()
+
+
+def test_restage_removes_stale_keys(disk_root, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(disk_root / "svhn", src)
+    store = str(tmp_path / "store")
+    stage_dataset("svhn", src, store)
+    (src / "extra_32x32.mat").unlink()
+    stage_dataset("svhn", src, store)
+    assert open_store(store).list("datasets/svhn") == [f"datasets/svhn/{s}_32x32.mat" for s in ("test", "train")]
+
+
+@pytest.mark.parametrize("name,match", [
+    ("digits", r"'digits' cannot be staged \(digits and linreg are built in"),
+    ("imagenet", r"'imagenet' cannot be staged; allowed: mnist, cifar10"),
+])
+def test_stage_bad_name(tmp_path, name, match):
+    with pytest.raises(ConfigError, match=match):
+        stage_dataset(name, tmp_path, str(tmp_path / "store"))
+
+
+def test_stage_cli(disk_root, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert cli(["data", "stage", "mnist", "--from", str(disk_root / "mnist"), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "staged 4 files" in out and f"--data-root {store}" in out
+    assert cli(["data", "stage", "mnist", "--from", str(tmp_path / "nope"), "--store", str(store)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
