@@ -1,0 +1,131 @@
+"""Evaluation of a cell's model: loss and task metric over a whole split, and paper 4.2's error.
+
+Splits are evaluated in eval mode (BatchNorm on running statistics, no
+dropout) and without gradients. With several ranks the batches are dealt
+round-robin (batch i to rank i mod world) and the per-rank sums are
+all-reduced, so every rank gets the same figures over the whole split.
+
+Sums per task, accumulated on the device (one host sync per split):
+
+    classification   loss * n,         correct predictions,  n
+    language_model   loss * tokens,    -,                    tokens    (perplexity = exp(mean token loss))
+    segmentation     loss * labelled,  confusion matrix,     labelled pixels (mIoU over classes present)
+    regression       loss * n,         -,                    n         (metric ``none``, value NaN)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from critbatch.jobs.distributed import Dist, all_reduce_sum_
+from critbatch.jobs.models import IGNORE_INDEX, metric_name
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], task: str, loss_fn: LossFn, *,
+             dist: Dist, num_classes: int | None = None, prepare=None, autocast=None) -> tuple[float, str, float]:
+    """(mean loss, metric name, metric value) of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    classes = num_classes or 1
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, metric count, weight
+    confusion = torch.zeros(classes * classes, dtype=torch.float64, device=device) if task == "segmentation" else None
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(batches):
+                if i % dist.world != dist.rank:
+                    continue
+                if prepare is not None:
+                    x = prepare(x)
+                with autocast or nullcontext():
+                    out = model(x)
+                    loss = loss_fn(out, y).double()
+                if task == "segmentation":
+                    valid = y != IGNORE_INDEX
+                    weight = valid.sum().double()
+                    # An image with no labelled pixel has a NaN mean loss; it carries no weight.
+                    sums[0] += torch.where(weight > 0, loss * weight, torch.zeros_like(loss))
+                    pred = out.argmax(1)
+                    confusion += torch.bincount(y[valid] * classes + pred[valid], minlength=classes * classes).double()
+                elif task == "language_model":
+                    weight = torch.tensor(float(y.numel()), dtype=torch.float64, device=device)
+                    sums[0] += loss * weight
+                else:
+                    weight = torch.tensor(float(len(y)), dtype=torch.float64, device=device)
+                    sums[0] += loss * weight
+                    if task == "classification":
+                        sums[1] += (out.argmax(1) == y).sum()
+                sums[2] += weight
+        all_reduce_sum_(sums, dist)
+        if confusion is not None:
+            all_reduce_sum_(confusion, dist)
+    finally:
+        model.train(was_training)
+    loss_sum, correct, weight = sums.tolist()
+    mean_loss = loss_sum / weight if weight > 0 else math.nan
+    name = metric_name(task)
+    if task == "classification":
+        value = correct / weight if weight > 0 else math.nan
+    elif task == "language_model":
+        value = math.exp(mean_loss) if mean_loss < 700 else math.inf
+    elif task == "segmentation":
+        value = mean_iou(confusion.view(classes, classes))
+    else:
+        value = math.nan
+    return mean_loss, name, value
+
+
+def mean_iou(confusion: Tensor) -> float:
+    """Mean over classes present (in labels or predictions) of tp / (tp + fp + fn); rows are labels."""
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = union > 0
+    if not bool(present.any()):
+        return math.nan
+    return float((tp[present] / union[present]).mean())
+
+
+def gradient_sq_norm(params: Iterable[nn.Parameter]) -> Tensor:
+    """|g|^2 over every parameter's gradient, as a 0-dim device tensor (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).double().pow(2)
+
+
+def linear_approx_error(model: nn.Module, loss_at: Callable[[], float], gradient: Callable[[], None],
+                        step_size: float) -> tuple[float, dict]:
+    """Paper 4.2: |L(w) - (L(w*) + <g_m(w*), w - w*>)| at w = w* - step_size * g_m(w*).
+
+    ``loss_at()`` evaluates L at the model's current weights; ``gradient()``
+    leaves g_m(w*) in the parameters' ``.grad``. With w - w* = -step_size * g_m
+    the inner product is -step_size * |g_m|^2. The weights are restored
+    exactly (a copy, not a reverse step) before returning.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_star = loss_at()
+    for p in params:
+        p.grad = None
+    gradient()
+    g_sq = float(gradient_sq_norm(params))
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-step_size)
+    try:
+        loss_step = loss_at()
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        for p in params:
+            p.grad = None
+    linear = loss_star - step_size * g_sq
+    details = {"loss_star": loss_star, "loss_step": loss_step, "grad_sq": g_sq, "step_size": step_size}
+    return abs(loss_step - linear), details
