@@ -1,7 +1,11 @@
 """The models of the paper's grid, sized for the data they train on.
 
-``build_model(cell, data)`` takes input channels, classes and vocabulary from
-the data, and extra knobs from ``cell.model_options``. Outputs:
+CIFAR-sized (32x32) ResNet-34, VGG-16, AlexNet and MobileNetV2 built from
+torchvision's models and blocks; word_language_model's 2-layer LSTM; DRN-D-22
+for Cityscapes (:mod:`critbatch.jobs.drn`); a small CNN for ``digits``; a
+linear model for ``linreg``. ``build_model(cell, data)`` takes input channels,
+classes and vocabulary from the data, and extra knobs from
+``cell.model_options`` (:data:`MODEL_OPTIONS`). Outputs:
 classification (N, classes); language_model (N, T, vocab); segmentation
 (N, 19, H, W) at the input's size; regression (N,).
 """
@@ -50,24 +54,183 @@ class Linear(nn.Module):
         return x @ self.weight
 
 
-def _options(cell: Cell, defaults: dict) -> dict:
+def resnet34(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-34 (BasicBlock x [3, 4, 6, 3]) with a CIFAR stem: one 3x3 conv, no max-pool.
+
+    At 32x32 the four stages then run at 32, 16, 8 and 4 pixels (the ImageNet
+    stem would shrink the input to 8x8 before the first stage).
+    """
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def vgg16(in_channels: int, num_classes: int, batch_norm: bool = True) -> nn.Module:
+    """torchvision's VGG-16 feature stack (configuration D) and one linear classifier.
+
+    Five max-pools take 32x32 to 1x1x512, so the 4096-wide ImageNet head
+    (and its 7x7 average pool) gives way to Linear(512, classes).
+    """
+    from torchvision.models.vgg import VGG, cfgs, make_layers
+
+    model = VGG(make_layers(cfgs["D"], batch_norm=batch_norm), num_classes=num_classes, init_weights=True)
+    if in_channels != 3:
+        first = model.features[0]
+        model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
+    model.avgpool = nn.Identity()
+    model.classifier = nn.Linear(512, num_classes)
+    return model
+
+
+def alexnet(in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
+    """AlexNet's five convolutions and three fully connected layers, sized for 32x32.
+
+    torchvision's ImageNet stem (11x11, stride 4) would leave a 32x32 image
+    nothing to convolve; here the first two convolutions are 5x5 at stride 1,
+    each followed by AlexNet's overlapping 3x3 max-pool at stride 2
+    (32 -> 15 -> 7 -> 3), and the head is 2304 -> 1024 -> 1024 -> classes.
+    """
+    from torchvision.models.alexnet import AlexNet
+
+    model = AlexNet(num_classes=num_classes, dropout=dropout)
+    model.features = nn.Sequential(
+        nn.Conv2d(in_channels, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+    )
+    model.avgpool = nn.AdaptiveAvgPool2d(3)
+    model.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(256 * 9, 1024), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(1024, 1024), nn.ReLU(inplace=True),
+        nn.Linear(1024, num_classes),
+    )
+    return model
+
+
+#: MobileNetV2's inverted-residual stages (expansion t, channels c, repeats n, stride s) with the
+#: stem's and the second stage's stride set to 1 for 32x32 inputs (32 -> 32 -> 16 -> 8 -> 4 pixels).
+MOBILENETV2_CIFAR = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+                     [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def mobilenetv2(in_channels: int, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
+    """torchvision's MobileNetV2 with the CIFAR strides of :data:`MOBILENETV2_CIFAR` and a stride-1 stem."""
+    from torchvision.models.mobilenetv2 import MobileNetV2
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult,
+                        inverted_residual_setting=MOBILENETV2_CIFAR, dropout=dropout)
+    stem = model.features[0][0]
+    model.features[0] = Conv2dNormActivation(in_channels, stem.out_channels, stride=1,
+                                             norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6)
+    nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
+    return model
+
+
+class LSTMLanguageModel(nn.Module):
+    """word_language_model's RNN model: embedding, dropout, multi-layer LSTM, dropout, decoder.
+
+    Input (N, T) token ids, output (N, T, vocab) logits. Every sample starts
+    from a zero hidden state (the samples of a batch are independent bptt windows).
+    With ``tied`` the decoder shares the embedding's weight (Press & Wolf 2017;
+    Inan et al. 2017), which needs emsize == nhid.
+    """
+
+    def __init__(self, vocab: int, emsize: int = 200, nhid: int = 200, nlayers: int = 2, dropout: float = 0.2,
+                 tied: bool = False):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab, emsize)
+        self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0, batch_first=True)
+        self.decoder = nn.Linear(nhid, vocab)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if tied:
+            self.decoder.weight = self.encoder.weight
+        else:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(self.drop(self.encoder(x)))
+        return self.decoder(self.drop(out))
+
+
+#: Options each model takes from cell.model_options, with their defaults.
+MODEL_OPTIONS: dict[str, dict] = {
+    "resnet34": {},
+    "vgg16": {"batch_norm": True},
+    "alexnet": {"dropout": 0.5},
+    "mobilenetv2": {"width_mult": 1.0, "dropout": 0.2},
+    "lstm": {"emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2, "tied": False},
+    "drn_d_22": {},
+    "digits_cnn": {"width": 32},
+    "linear": {},
+}
+
+
+def model_options(cell: Cell) -> dict:
+    """``cell.model_options`` over the model's defaults; ConfigError for unknown keys or bad values."""
+    if cell.model not in MODEL_OPTIONS:
+        raise ConfigError(f"cell.model: unknown model {cell.model!r}; allowed: {', '.join(MODEL_OPTIONS)}")
+    defaults = MODEL_OPTIONS[cell.model]
     unknown = set(cell.model_options) - set(defaults)
     if unknown:
         allowed = ", ".join(defaults) or "none"
         raise ConfigError(f"cell.model_options: unknown {sorted(unknown)} for model {cell.model!r}; allowed: {allowed}")
-    return {**defaults, **cell.model_options}
+    opts = {**defaults, **cell.model_options}
+    problems = []
+    for key, default in defaults.items():
+        value = opts[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            ok = ok and (value < 1 if key == "dropout" else value > 0)
+        if not ok:
+            kind = {bool: "true or false", int: "a positive integer"}.get(type(default), "a number")
+            kind = "a number in [0, 1)" if key == "dropout" else kind
+            problems.append(f"cell.model_options.{key}: must be {kind}, got {value!r}")
+    if cell.model == "lstm" and not problems and opts["tied"] and opts["emsize"] != opts["nhid"]:
+        problems.append(f"cell.model_options.tied: tied weights need emsize == nhid, got {opts['emsize']} "
+                        f"and {opts['nhid']}")
+    if problems:
+        raise ConfigError(problems)
+    return opts
 
 
 def build_model(cell: Cell, data: TaskData) -> nn.Module:
-    """The cell's model, on the CPU, initialised from torch's current RNG state."""
+    """The cell's model, on the CPU, initialised from torch's current RNG state.
+
+    Input channels, classes and vocabulary come from ``data``. The CNNs accept
+    channels-last inputs and weights (``model.to(memory_format=torch.channels_last)``).
+    """
+    opts = model_options(cell)
     name = cell.model
+    if name == "resnet34":
+        return resnet34(data.in_channels, data.num_classes)
+    if name == "vgg16":
+        return vgg16(data.in_channels, data.num_classes, **opts)
+    if name == "alexnet":
+        return alexnet(data.in_channels, data.num_classes, **opts)
+    if name == "mobilenetv2":
+        return mobilenetv2(data.in_channels, data.num_classes, **opts)
+    if name == "lstm":
+        return LSTMLanguageModel(data.vocab_size, **opts)
+    if name == "drn_d_22":
+        from critbatch.jobs.drn import DRND22
+
+        return DRND22(data.num_classes, data.in_channels)
     if name == "digits_cnn":
-        opts = _options(cell, {"width": 32})
-        return DigitsCNN(data.in_channels, data.num_classes, int(opts["width"]))
-    if name == "linear":
-        _options(cell, {})
-        return Linear(int(data.train_x.shape[1]))
-    raise ConfigError(f"cell.model: {name!r} is not built yet")
+        return DigitsCNN(data.in_channels, data.num_classes, opts["width"])
+    return Linear(int(data.train_x.shape[1]))
 
 
 def _lm_loss(logits: Tensor, y: Tensor) -> Tensor:
