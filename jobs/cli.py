@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
                    help="override the grid's backend (default: job for one node, pytorchjob for several)")
     p.add_argument("--no-analysis", action="store_true", help="leave out the analysis Job")
+    p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
+    p.add_argument("--image", default=None, help="override the grid's image")
+    p.add_argument("--namespace", default=None, help="override the grid's namespace")
 
     p = _command(sub, "submit", "critbatch.jobs.submit:cli_submit", "create a grid's objects on the cluster")
     p.add_argument("grid", help="grid spec YAML or preset name")

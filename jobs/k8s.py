@@ -24,8 +24,17 @@ DEFAULT_STORE = "s3://critbatch/runs"
 DEFAULT_STORE_SECRET = "critbatch-store"
 #: The kit's SeaweedFS S3 Service (k8s/seaweedfs.yaml), reachable by short name from the same namespace.
 DEFAULT_STORE_ENDPOINT = "http://critbatch-s3:8333"
-#: The ClusterTrainingRuntime every TrainJob refers to (Kubeflow Trainer's torch runtime).
+#: Suffix of the analysis Job's name: critbatch-<sweep>-analysis.
+ANALYSIS_SUFFIX = "analysis"
+#: The ClusterTrainingRuntime every TrainJob refers to (Kubeflow Trainer's torch runtime), its replicated
+#: job and trainer container (names fixed by that runtime), and the owner of critbatch's runtime patch.
 TRAINJOB_RUNTIME = "torch-distributed"
+TRAINJOB_REPLICATED_JOB = "node"
+TRAINJOB_CONTAINER = "node"
+TRAINJOB_PATCH_MANAGER = "critbatch.io/render"
+#: The Training Operator finds the PyTorch container and its rendezvous port by these names.
+PYTORCHJOB_CONTAINER = "pytorch"
+PYTORCHJOB_PORT = 23456
 
 # ---- label keys ------------------------------------------------------------------
 LABEL_NAME = "app.kubernetes.io/name"

@@ -203,7 +203,7 @@ def test_name_budget_grows_with_nodes_for_multi_node_backends():
         load_grid(spec(sweep=long, resources={"nodes": 4}, backend="pytorchjob"))
 
 
-@pytest.mark.parametrize("command", ["cells"])
+@pytest.mark.parametrize("command", ["cells", "render"])
 def test_bad_spec_on_the_command_line_exits_2_and_writes_nothing(command, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec(batch_size=[64, 100000], sweep="Bad_Sweep")))

@@ -1,0 +1,358 @@
+"""Render a grid to Kubernetes objects: one per cell, plus the analysis Job.
+
+    critbatch render table1-cifar10-resnet34 | kubectl apply -f -
+    critbatch render my-grid.yaml -o manifests/          # one file per object
+    critbatch render my-grid.yaml --backend trainjob     # multi-node cells on Kubeflow Trainer
+
+Each object comes from one template in ``k8s/templates`` (``<kind>-<purpose>.yaml.j2``), rendered by Jinja
+with ``StrictUndefined`` (a missing variable is an error, never an empty string) and every value passed
+through ``|tojson``. The render functions load what they rendered and check it before returning it: names
+and labels within Kubernetes' limits, the restricted security profile on every container, credentials only
+by reference. Rendering is a pure function of the grid: re-rendering is byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from critbatch.jobs import k8s
+from critbatch.jobs.config import Cell
+from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.grid import Grid, load_grid
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+#: Environment variables that may only come from a Secret, never as a literal value in a manifest.
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("critbatch.k8s", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # YAML, not HTML: values are escaped as JSON by |tojson
+        keep_trailing_newline=True,
+    )
+    # JSON is YAML: a JSON string, list or mapping is a valid YAML scalar or flow collection. Jinja's own
+    # tojson also HTML-escapes, which only makes the manifests harder to read.
+    env.filters["tojson"] = _tojson
+    # Every name comes from the render function: no Jinja global (range, namespace, ...) can stand in
+    # for a missing variable called the same.
+    env.globals.clear()
+    return env
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, default=_not_json)
+
+
+def _not_json(value: Any) -> Any:
+    # json.dumps never calls str() on a value, so StrictUndefined would pass silently without this.
+    if isinstance(value, jinja2.Undefined):
+        value._fail_with_undefined_error()
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def _render(template: str, context: dict[str, Any]) -> dict:
+    text = _environment().get_template(template).render(**context)
+    try:
+        obj = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as err:  # a template bug, not bad input
+        raise RuntimeError(f"{template} rendered invalid YAML: {err}") from err
+    check_object(obj)
+    return obj
+
+
+# ---- the shared parts of every pod ------------------------------------------------------------------
+
+
+def labels(grid: Grid, component: str, cell: Cell | None = None) -> dict[str, str]:
+    out = {
+        k8s.LABEL_NAME: k8s.APP_NAME,
+        k8s.LABEL_COMPONENT: component,
+        k8s.LABEL_PART_OF: k8s.APP_NAME,
+        k8s.LABEL_MANAGED_BY: k8s.APP_NAME,
+        k8s.LABEL_SWEEP: grid.sweep,
+    }
+    if cell is not None:
+        out[k8s.LABEL_CELL] = cell.id
+    return out
+
+
+def _scratch() -> list[dict[str, str]]:
+    return [{"name": name, "path": path} for name, path, _ in k8s.SCRATCH_DIRS]
+
+
+def _env(grid: Grid) -> list[dict[str, str]]:
+    """Plain variables: where the store is, where scratch goes. Credentials come from the Secret."""
+    env = [{"name": "CRITBATCH_STORE", "value": grid.store}]
+    if grid.store.startswith("s3://") and grid.store_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": grid.store_endpoint})
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
+    env.extend({"name": var, "value": path} for _, path, var in k8s.SCRATCH_DIRS)
+    return env
+
+
+def _train_args(grid: Grid, cell: Cell) -> list[str]:
+    """``-m critbatch.jobs.cli train ...``: what every backend's torchrun runs."""
+    return [
+        "-m", "critbatch.jobs.cli", "train",
+        "--cell", json.dumps(cell.to_dict(), sort_keys=True, separators=(",", ":")),
+        "--store", grid.store,
+        "--data-root", grid.data_root,
+        "--checkpoint-seconds", _number(grid.checkpoint_seconds),
+    ]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _quantity(value: Any) -> str:
+    return _number(value) if isinstance(value, (int, float)) else str(value)
+
+
+def _pod_context(grid: Grid, cell: Cell | None) -> dict[str, Any]:
+    res = grid.resources
+    node_selector = dict(res.node_selector)
+    if res.gpu_type:
+        node_selector["nvidia.com/gpu.product"] = res.gpu_type
+    obj_labels = labels(grid, k8s.COMPONENT_CELL, cell)
+    pod_labels = dict(obj_labels)
+    if grid.queue:
+        obj_labels[k8s.LABEL_QUEUE] = grid.queue
+    return {
+        "name": k8s.object_name(grid.sweep, cell.id) if cell else "",
+        "namespace": grid.namespace,
+        "labels": obj_labels,
+        "pod_labels": pod_labels,
+        "image": grid.image,
+        "image_pull_policy": grid.image_pull_policy,
+        "env": _env(grid),
+        "store_secret": grid.store_secret,
+        "scratch": _scratch(),
+        "shm_size": _quantity(res.shm),
+        "cpu": _quantity(res.cpu),
+        "memory": _quantity(res.memory),
+        "gpus": res.gpus,
+        "gpu_resource": res.gpu_resource,
+        "node_selector": node_selector,
+        "tolerations": res.effective_tolerations(),
+        "service_account": grid.service_account,
+        "priority_class": res.priority_class,
+        "run_as_user": k8s.RUN_AS_USER,
+        "run_as_group": k8s.RUN_AS_GROUP,
+        "backoff_limit": res.backoff_limit,
+        "deadline_seconds": res.deadline_seconds,
+        "ttl_seconds": res.ttl_seconds,
+        "grace_seconds": res.grace_seconds,
+        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+    }
+
+
+# ---- one render function per object -----------------------------------------------------------------
+
+
+def render_cell_job(grid: Grid, cell: Cell) -> dict:
+    """The cell as a batch/v1 Job on one node: ``torchrun --standalone --nproc-per-node=<gpus>``."""
+    if grid.resources.nodes != 1:
+        raise ConfigError(f"backend: a Job runs on one node; resources.nodes is {grid.resources.nodes}")
+    ctx = _pod_context(grid, cell)
+    ctx["container_name"] = k8s.CONTAINER_NAME
+    ctx["command"] = ["torchrun"]
+    ctx["args"] = ["--standalone", f"--nproc-per-node={grid.resources.procs_per_node}"] + _train_args(grid, cell)
+    return _render("job-cell.yaml.j2", ctx)
+
+
+def render_cell_pytorchjob(grid: Grid, cell: Cell) -> dict:
+    """The cell as a kubeflow.org/v1 PyTorchJob (legacy Training Operator): Master + nodes-1 Workers."""
+    ctx = _pod_context(grid, cell)
+    nodes = grid.resources.nodes
+    ctx["replicas"] = [{"type": "Master", "count": 1}] + ([{"type": "Worker", "count": nodes - 1}] if nodes > 1 else [])
+    ctx["procs_per_node"] = grid.resources.procs_per_node
+    ctx["container_name"] = k8s.PYTORCHJOB_CONTAINER
+    ctx["master_port"] = k8s.PYTORCHJOB_PORT
+    ctx["command"] = ["torchrun"]
+    # $(VAR) is Kubernetes' own substitution of the container's variables, not a shell.
+    ctx["args"] = ["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"] + _train_args(grid, cell)
+    return _render("pytorchjob-cell.yaml.j2", ctx)
+
+
+def render_cell_trainjob(grid: Grid, cell: Cell) -> dict:
+    """The cell as a Kubeflow Trainer v2 TrainJob on the torch-distributed runtime."""
+    ctx = _pod_context(grid, cell)
+    ctx["runtime"] = k8s.TRAINJOB_RUNTIME
+    ctx["patch_manager"] = k8s.TRAINJOB_PATCH_MANAGER
+    ctx["nodes"] = grid.resources.nodes
+    ctx["procs_per_node"] = grid.resources.procs_per_node
+    ctx["replicated_job"] = k8s.TRAINJOB_REPLICATED_JOB
+    ctx["container_name"] = k8s.TRAINJOB_CONTAINER
+    ctx["command"] = ["torchrun"]
+    ctx["args"] = _train_args(grid, cell)
+    return _render("trainjob-cell.yaml.j2", ctx)
+
+
+def render_analysis_job(grid: Grid) -> dict:
+    """``critbatch analyze --store S --sweep NAME`` as a suspended batch/v1 Job."""
+    a = grid.analysis
+    obj_labels = labels(grid, k8s.COMPONENT_ANALYSIS)
+    ctx = {
+        "name": k8s.object_name(grid.sweep, k8s.ANALYSIS_SUFFIX),
+        "namespace": grid.namespace,
+        "labels": obj_labels,
+        "container_name": k8s.CONTAINER_NAME,
+        "image": grid.image,
+        "image_pull_policy": grid.image_pull_policy,
+        "args": ["analyze", "--store", grid.store, "--sweep", grid.sweep] + list(a.args),
+        "env": _env(grid),
+        "store_secret": grid.store_secret,
+        "scratch": _scratch(),
+        "cpu": _quantity(a.cpu),
+        "memory": _quantity(a.memory),
+        "service_account": grid.service_account,
+        "run_as_user": k8s.RUN_AS_USER,
+        "run_as_group": k8s.RUN_AS_GROUP,
+        "backoff_limit": a.backoff_limit,
+        "deadline_seconds": a.deadline_seconds,
+        "ttl_seconds": grid.resources.ttl_seconds,
+        "grace_seconds": grid.resources.grace_seconds,
+        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+    }
+    return _render("job-analysis.yaml.j2", ctx)
+
+
+_CELL_RENDERERS = {"job": render_cell_job, "pytorchjob": render_cell_pytorchjob, "trainjob": render_cell_trainjob}
+
+
+def render_cell(grid: Grid, cell: Cell, backend: str | None = None) -> dict:
+    return _CELL_RENDERERS[backend or grid.backend](grid, cell)
+
+
+def render_grid(grid: Grid, *, backend: str | None = None, analysis: bool = True) -> list[dict]:
+    """Every cell's object, in the grid's cell order, then the analysis Job."""
+    objects = [render_cell(grid, cell, backend) for cell in grid.cells()]
+    if analysis:
+        objects.append(render_analysis_job(grid))
+    return objects
+
+
+# ---- checks on what was rendered ------------------------------------------------------------------------
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """The pod specs (or pod spec patches) inside an object of any kind critbatch renders."""
+    kind = obj.get("kind")
+    spec = obj.get("spec", {})
+    if kind == "Job":
+        return [spec["template"]["spec"]]
+    if kind == "PyTorchJob":
+        return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
+    if kind == "TrainJob":
+        return [rj["template"]["spec"]["template"]["spec"]
+                for patch in spec.get("runtimePatches", [])
+                for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    raise ValueError(f"unexpected kind {kind!r}")
+
+
+def env_lists(obj: dict) -> list[list[dict]]:
+    out = [c.get("env", []) for pod in pod_specs(obj) for c in pod.get("containers", [])]
+    if obj.get("kind") == "TrainJob":
+        out.append(obj["spec"]["trainer"].get("env", []))
+    return out
+
+
+def check_object(obj: Any) -> None:
+    """What must hold for every rendered object; a failure is a bug in a template, hence RuntimeError."""
+    problems: list[str] = []
+    if not isinstance(obj, dict) or "kind" not in obj:
+        raise RuntimeError("a template rendered something that is not a Kubernetes object")
+    meta = obj["metadata"]
+    name = meta["name"]
+    where = f"{obj['kind']} {name}"
+    if len(name) > k8s.MAX_NAME or not _DNS_LABEL.match(name):
+        problems.append(f"name {name!r} is not a DNS-1123 label of at most {k8s.MAX_NAME} characters")
+    for key, value in meta.get("labels", {}).items():
+        if not isinstance(value, str) or len(value) > k8s.MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
+            problems.append(f"label {key}={value!r} is not a valid label value")
+    for pod in pod_specs(obj):
+        ctx = pod.get("securityContext", {})
+        if ctx.get("runAsNonRoot") is not True or ctx.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append("pod security context is not restricted (runAsNonRoot, seccomp RuntimeDefault)")
+        for container in pod.get("containers", []):
+            sc = container.get("securityContext", {})
+            if (sc.get("allowPrivilegeEscalation") is not False or sc.get("readOnlyRootFilesystem") is not True
+                    or sc.get("capabilities", {}).get("drop") != ["ALL"]):
+                problems.append(f"container {container.get('name')} is not restricted")
+    for env in env_lists(obj):
+        for var in env:
+            if var["name"] in CREDENTIAL_VARS and ("value" in var or "secretKeyRef" not in var.get("valueFrom", {})):
+                problems.append(f"{var['name']} must come from a secretKeyRef")
+    if problems:
+        raise RuntimeError(f"{where}: " + "; ".join(problems))
+
+
+# ---- output -----------------------------------------------------------------------------------------------------
+
+
+def dump_object(obj: dict) -> str:
+    """Block-style YAML in the templates' key order; no line folding, so a cell's JSON stays on one line."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=1 << 30, default_flow_style=False)
+
+
+def dump_stream(objects: list[dict]) -> str:
+    """A multi-document stream for ``kubectl apply -f -``."""
+    return "".join(f"---\n{dump_object(obj)}" for obj in objects)
+
+
+def object_filename(obj: dict) -> str:
+    return f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+
+
+def write_directory(objects: list[dict], directory: str | Path) -> list[Path]:
+    """One file per object; a file whose content is unchanged is not rewritten (its mtime stays)."""
+    out = Path(directory)
+    texts = [(out / object_filename(obj), dump_object(obj)) for obj in objects]  # everything first, then write
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in texts:
+        if path.is_file() and path.read_text() == text:
+            continue
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return [p for p, _ in texts]
+
+
+def grid_for_command(args: argparse.Namespace) -> Grid:
+    """The grid named on the command line, with the run settings its options override."""
+    grid = load_grid(args.grid)
+    overrides = {k: getattr(args, k, None) for k in ("store", "image", "namespace", "backend")}
+    if any(v is not None for v in overrides.values()):
+        grid = grid.with_overrides(**overrides)
+    return grid
+
+
+def cli_render(args: argparse.Namespace) -> int:
+    grid = grid_for_command(args)
+    if not grid.store.startswith("s3://"):
+        raise ConfigError(f"store: {grid.store!r} is a local directory, which pods cannot reach; "
+                          "use s3://BUCKET/PREFIX (the grid's store, or --store)")
+    objects = render_grid(grid, analysis=not args.no_analysis)
+    if args.output in ("-", ""):
+        sys.stdout.write(dump_stream(objects))
+        return 0
+    paths = write_directory(objects, args.output)
+    print(f"wrote {len(paths)} objects to {args.output}", file=sys.stderr)
+    return 0

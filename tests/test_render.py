@@ -1,0 +1,397 @@
+"""Rendering grids to Kubernetes objects, checked against the schemas a cluster would apply.
+
+batch/v1 Jobs are validated with kubernetes-validate's strict schemas for KUBE_VERSION; PyTorchJob and
+TrainJob against their CRDs' openAPIV3Schema (read from ../shared/schemas beside the repository), made
+strict the way `kubectl apply` (server-side strict field validation) treats them. Golden files pin one
+object of each template; regenerate them with CRITBATCH_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from critbatch.jobs import cli, k8s, render
+from critbatch.jobs.grid import load_grid, max_sweep_length, preset_names
+
+#: The Kubernetes version the batch/v1 objects are validated for (the oldest one supported).
+KUBE_VERSION = "1.31"
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = REPO.parent / "shared" / "schemas"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+TEMPLATES = REPO / "k8s" / "templates"
+UPDATE_GOLDEN = os.environ.get("CRITBATCH_UPDATE_GOLDEN") == "1"
+
+needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS}")
+
+SMALL = {
+    "sweep": "golden",
+    "description": "a small grid pinned by the golden files",
+    "dataset": {"name": "cifar10", "fraction": 0.5},
+    "model": "resnet34",
+    "strategy": ["blr", "lsr"],
+    "base_lr": 0.1,
+    "base_batch": 64,
+    "warmup_epochs": 2,
+    "epochs": 3,
+    "batch_size": [64, 256],
+    "resources": {"gpus": 2, "nodes": 2, "cpu": 8, "memory": "24Gi", "shm": "4Gi",
+                  "gpu_type": "NVIDIA-A100-SXM4-80GB"},
+    "store": "s3://critbatch/runs",
+    "queue": "research",
+    "backend": "pytorchjob",
+}
+
+
+def small(**changes):
+    spec = copy.deepcopy(SMALL)
+    spec.update(changes)
+    return load_grid(spec)
+
+
+# ---- schemas ------------------------------------------------------------------------------------------
+
+
+def strict(schema):
+    """The CRD schema with unknown fields rejected.
+
+    A CRD's openAPIV3Schema leaves additionalProperties unset, and jsonschema then accepts any extra key,
+    while the API server prunes unknown fields and `kubectl apply` (strict field validation) rejects
+    them. Adding ``additionalProperties: false`` wherever an object lists its properties - and neither
+    says otherwise nor preserves unknown fields - makes a misspelt field fail here as it would there.
+    """
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(filename: str, version: str):
+    crd = yaml.safe_load((SCHEMAS / filename).read_text())
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            schema = strict(v["schema"]["openAPIV3Schema"])
+            return jsonschema.Draft7Validator(schema)
+    raise LookupError(f"{filename} has no version {version}")
+
+
+CRDS = {
+    "PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"),
+    "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
+}
+
+
+def validate(obj: dict) -> None:
+    """Raise if the object would not be accepted as written."""
+    if obj["kind"] == "Job":
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        return
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"CRD schemas not found at {SCHEMAS}")
+    errors = sorted(crd_validator(*CRDS[obj["kind"]]).iter_errors(obj), key=lambda e: list(e.path))
+    if errors:
+        raise AssertionError("\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10]))
+
+
+def test_kubernetes_validate_ships_the_stated_version():
+    assert kubernetes_validate.validate(render.render_analysis_job(small()), KUBE_VERSION, strict=True) == KUBE_VERSION
+
+
+@needs_schemas
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_strict_crd_schema_rejects_an_unknown_field(kind):
+    grid = small(backend=kind.lower())
+    obj = render.render_cell(grid, grid.cells()[0])
+    validate(obj)
+    bad = copy.deepcopy(obj)
+    bad["spec"]["runPolicy" if kind == "PyTorchJob" else "trainer"]["numNodez"] = 2
+    with pytest.raises(AssertionError, match="numNodez"):
+        validate(bad)
+
+
+def test_kubernetes_validate_rejects_an_unknown_field():
+    grid = small(backend="job", resources={"gpus": 2})
+    obj = render.render_cell(grid, grid.cells()[0])
+    obj["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+# ---- every preset, every backend -----------------------------------------------------------------------
+
+
+def _backends(grid):
+    """The backends a preset can run on: a Job needs one node."""
+    return ["pytorchjob", "trainjob"] + (["job"] if grid.resources.nodes == 1 else [])
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_renders_and_validates(name):
+    grid = load_grid(name)
+    if not grid.store.startswith("s3://"):
+        grid = grid.with_overrides(store="s3://critbatch/runs")
+    for backend in _backends(grid):
+        objects = render.render_grid(grid, backend=backend)
+        assert len(objects) == len(grid.cells()) + 1
+        kinds = {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
+        assert {o["kind"] for o in objects[:-1]} == {kinds[backend]}
+        names = [o["metadata"]["name"] for o in objects]
+        assert len(set(names)) == len(names)
+        # Schema checks are the slow part: every Job of the default backend, one object of the others.
+        for obj in objects if backend == grid.backend else objects[:1] + objects[-1:]:
+            validate(obj)
+
+
+@needs_schemas
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_multi_node_objects_validate(backend):
+    grid = small(backend=backend)
+    for obj in render.render_grid(grid):
+        validate(obj)
+    obj = render.render_cell(grid, grid.cells()[0])
+    if backend == "pytorchjob":
+        specs = obj["spec"]["pytorchReplicaSpecs"]
+        assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 1)
+        assert obj["spec"]["nprocPerNode"] == "2"
+        assert specs["Master"]["restartPolicy"] == "ExitCode"
+    else:
+        assert obj["spec"]["trainer"]["numNodes"] == 2 and obj["spec"]["trainer"]["numProcPerNode"] == 2
+        assert obj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
+# ---- design section 10, field by field ------------------------------------------------------------------
+
+
+def job_and_pod(obj):
+    return obj["spec"], obj["spec"]["template"]["spec"]
+
+
+def test_cell_job_follows_the_conventions():
+    grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1}, queue="research")
+    cell = grid.cells()[0]
+    obj = render.render_cell(grid, cell)
+    spec, pod = job_and_pod(obj)
+    name = obj["metadata"]["name"]
+    assert name == f"critbatch-golden-{cell.id}" and len(name) <= 63
+    labels = obj["metadata"]["labels"]
+    assert labels[k8s.LABEL_NAME] == "critbatch" and labels[k8s.LABEL_COMPONENT] == "cell"
+    assert labels[k8s.LABEL_PART_OF] == "critbatch"
+    assert labels[k8s.LABEL_SWEEP] == "golden" and labels[k8s.LABEL_CELL] == cell.id
+    assert labels[k8s.LABEL_QUEUE] == "research"
+    assert k8s.LABEL_QUEUE not in obj["spec"]["template"]["metadata"]["labels"]
+    assert pod["restartPolicy"] == "Never"
+    assert spec["backoffLimit"] == 6 and spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert rules[1]["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:2] == ["--standalone", "--nproc-per-node=2"]
+    assert container["args"][2:5] == ["-m", "critbatch.jobs.cli", "train"]
+    cell_json = container["args"][container["args"].index("--cell") + 1]
+    assert type(cell).from_json(cell_json).id == cell.id
+    res = container["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 2 and "nvidia.com/gpu" not in res["requests"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    sc = pod["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == k8s.RUN_AS_USER
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    csc = container["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in container["env"]}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for var in ("TMPDIR", "HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert env[var]["value"] in mounts, var
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[var] == {"name": var, "valueFrom": {"secretKeyRef": {"name": "critbatch-store", "key": var}}}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://critbatch-s3:8333"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+
+
+def test_cpu_cells_ask_for_no_gpu_and_tolerate_nothing():
+    grid = small(backend="job", resources={"gpus": 0}, queue=None)
+    obj = render.render_cell(grid, grid.cells()[0])
+    _, pod = job_and_pod(obj)
+    assert "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert pod["containers"][0]["args"][1] == "--nproc-per-node=1"
+    assert k8s.LABEL_QUEUE not in obj["metadata"]["labels"]
+
+
+def test_pytorchjob_gets_rendezvous_from_the_operator_without_a_shell():
+    grid = small(backend="pytorchjob")
+    obj = render.render_cell(grid, grid.cells()[0])
+    for replica in obj["spec"]["pytorchReplicaSpecs"].values():
+        container = replica["template"]["spec"]["containers"][0]
+        assert container["name"] == "pytorch"
+        assert container["args"][:2] == ["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
+        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": k8s.PYTORCHJOB_PORT}]
+
+
+def test_analysis_job_runs_analyze_and_starts_suspended():
+    grid = small()
+    obj = render.render_analysis_job(grid)
+    assert obj["metadata"]["name"] == "critbatch-golden-analysis"
+    assert obj["metadata"]["labels"][k8s.LABEL_COMPONENT] == "analysis"
+    assert obj["spec"]["suspend"] is True
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container  # the image's entrypoint is critbatch
+    assert container["args"] == ["analyze", "--store", "s3://critbatch/runs", "--sweep", "golden"]
+
+
+@pytest.mark.parametrize("backend,nodes", [("job", 1), ("pytorchjob", 4), ("trainjob", 16)])
+def test_longest_allowed_sweep_keeps_every_derived_name_within_63(backend, nodes):
+    sweep = "s" * max_sweep_length(backend, nodes)
+    grid = small(sweep=sweep, backend=backend, resources={"gpus": 1, "nodes": nodes}, batch_size=[64, 256])
+    for obj in render.render_grid(grid):
+        name = obj["metadata"]["name"]
+        longest = name + {"PyTorchJob": f"-worker-{nodes - 2}", "TrainJob": f"-node-0-{nodes - 1}"}.get(obj["kind"], "")
+        assert len(longest) <= 63, longest
+
+
+def test_every_kind_uses_the_same_security_profile():
+    profiles = set()
+    for backend in ("job", "pytorchjob", "trainjob"):
+        grid = small(backend=backend, resources={"gpus": 1, "nodes": 1 if backend == "job" else 2})
+        for obj in (render.render_cell(grid, grid.cells()[0]), render.render_analysis_job(grid)):
+            for pod in render.pod_specs(obj):
+                for c in pod["containers"]:
+                    profiles.add(repr((sorted(pod["securityContext"].items()), sorted(c["securityContext"].items()))))
+    assert len(profiles) == 1
+
+
+# ---- templates ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(TEMPLATES.glob("*.j2")), ids=lambda p: p.name)
+def test_template_header_lists_every_variable(path):
+    source = path.read_text()
+    assert source.startswith("{#"), "a template opens with its header"
+    header = source[: source.index("#}")]
+    env = render._environment()
+    used = jinja2.meta.find_undeclared_variables(env.parse(source))
+    listed = set(re.findall(r"^\s{4}(\w+)\s+(?:str|int|list|dict|bool|float)\b", header, re.M))
+    assert used == listed, (used - listed, listed - used)
+    assert "sh" not in re.findall(r'"(\w+)"', source.split("#}", 1)[1]), "no shell in a template"
+
+
+def test_strict_undefined_rejects_a_missing_variable():
+    template = render._environment().get_template("job-analysis.yaml.j2")
+    with pytest.raises(jinja2.UndefinedError):
+        template.render(name="x")
+
+
+def test_check_object_rejects_a_literal_credential():
+    grid = small(backend="job", resources={"gpus": 1})
+    obj = render.render_cell(grid, grid.cells()[0])
+    obj["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"})
+    with pytest.raises(RuntimeError, match="AWS_SECRET_ACCESS_KEY must come from a secretKeyRef"):
+        render.check_object(obj)
+
+
+# ---- golden files, determinism, credentials ------------------------------------------------------------------
+
+
+GOLDEN_CASES = {
+    "job-cell.yaml": lambda: _first_cell("job", nodes=1),
+    "pytorchjob-cell.yaml": lambda: _first_cell("pytorchjob", nodes=2),
+    "trainjob-cell.yaml": lambda: _first_cell("trainjob", nodes=2),
+    "job-analysis.yaml": lambda: render.render_analysis_job(small()),
+}
+
+
+def _first_cell(backend, nodes):
+    grid = small(backend=backend, resources={**SMALL["resources"], "nodes": nodes})
+    return render.render_cell(grid, grid.cells()[0])
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden(name):
+    text = render.dump_object(GOLDEN_CASES[name]())
+    path = GOLDEN / name
+    if UPDATE_GOLDEN:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"missing {path}; regenerate with CRITBATCH_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{name} changed; if intended, regenerate with CRITBATCH_UPDATE_GOLDEN=1"
+
+
+def test_rerender_is_byte_identical(tmp_path, capsys):
+    spec = tmp_path / "g.yaml"
+    spec.write_text(yaml.safe_dump(SMALL))
+    assert cli.main(["render", str(spec)]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["render", str(spec)]) == 0
+    assert capsys.readouterr().out == first
+    assert first.count("\n---\n") + 1 == len(load_grid(str(spec)).cells()) + 1
+    out = tmp_path / "out"
+    assert cli.main(["render", str(spec), "-o", str(out)]) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["render", str(spec), "-o", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert len(files) == 5
+    assert b"".join(b"---\n" + files[n] for n in sorted(files)) != b""  # non-empty files
+    assert sorted(yaml.safe_load_all(first), key=lambda o: o["metadata"]["name"]) == \
+        sorted((yaml.safe_load(b) for b in files.values()), key=lambda o: o["metadata"]["name"])
+
+
+def test_render_options_override_the_grid(tmp_path, capsys):
+    assert cli.main(["render", "table1-wikitext2-lstm", "--store", "s3://other/p", "--image", "reg/cb:1",
+                     "--namespace", "ml", "--backend", "trainjob", "--no-analysis"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert {o["kind"] for o in objects} == {"TrainJob"}
+    assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
+    assert {o["spec"]["trainer"]["image"] for o in objects} == {"reg/cb:1"}
+    assert all("s3://other/p/datasets" in o["spec"]["trainer"]["args"] for o in objects)
+
+
+def test_local_store_cannot_be_rendered(capsys):
+    assert cli.main(["render", "table1-wikitext2-lstm", "--store", "/tmp/x"]) == 2
+    assert "pods cannot reach" in capsys.readouterr().err
+
+
+def test_no_credential_value_ever_appears(monkeypatch, capsys, tmp_path):
+    sentinels = {
+        "AWS_ACCESS_KEY_ID": "SENTINELKEYID0001",
+        "AWS_SECRET_ACCESS_KEY": "SENTINEL/secret+value0002",
+        "AWS_SESSION_TOKEN": "SENTINELTOKEN0003",
+    }
+    for key, value in sentinels.items():
+        monkeypatch.setenv(key, value)
+    spec = tmp_path / "g.yaml"
+    spec.write_text(yaml.safe_dump(SMALL))
+    outputs = []
+    for backend in ("pytorchjob", "trainjob"):
+        assert cli.main(["render", str(spec), "--backend", backend]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert cli.main(["render", "table1-cifar10-resnet34"]) == 0
+    outputs.append(capsys.readouterr().out)
+    assert cli.main(["render", str(spec), "-o", str(tmp_path / "out")]) == 0
+    outputs.extend(p.read_text() for p in (tmp_path / "out").iterdir())
+    text = "\n".join(outputs)
+    assert "secretKeyRef" in text
+    for value in sentinels.values():
+        assert value not in text
+        assert value.lower() not in text.lower()
