@@ -1,0 +1,557 @@
+"""Compute: the science of design section 6, as pure functions over cell summaries and tables.
+
+Tables are lists of flat dicts (one dict a row), written to CSV as they are.
+
+Definitions, stated once (the report repeats them):
+
+- The training-loss curve of a cell is its train-split evaluations where
+  every cell of its group has them, else the running mean of its minibatch
+  losses (window W). A group uses one source for all its cells.
+- k(m; eps): the first step at which the curve is <= eps, interpolated
+  between the two logged points that bracket the crossing, linearly in
+  log(loss). A cell whose curve never gets there is *censored*: k > the last
+  step it logged. A cell still running (no ``_SUCCESS``) counts only once it
+  has crossed eps (a crossing is final; not having crossed yet is not).
+- Default threshold (paper 4.3): the lower quartile (numpy's linear
+  percentile) of the curve values logged by the cells of the group's largest
+  batch size with a finished cell, all seeds and trials pooled.
+- Several values of a metaparameter (base_lr, momentum) at one batch size are
+  trials; per batch size the trial with the fewest mean steps over its seeds
+  wins (Shallue et al.'s steps-to-result), and its seeds give k(m).
+- k(m) is the mean over seeds; if any seed is censored, so is the batch size
+  (its k is then only bounded below, by the mean with the censored seeds at
+  their last step).
+- Speedup s(m) = k(m_0) / k(m), m_0 the group's smallest batch size that
+  reached eps; efficiency e(m) = s(m) m_0 / m.
+- Regimes (paper 1): linear from m_0 while e >= 0.8; stagnation from the
+  first larger batch size whose speedup grew by less than 10 % per doubling
+  of m (or that never reached eps); diminishing returns in between.
+- Critical batch size (a): the largest m with e(m) >= level; also the m
+  where e crosses the level, interpolated in log m. (b): McCandlish et al.'s
+  k(m) = S_min (1 + B_crit / m), fitted by least squares of k against 1/m
+  over the batch sizes that reached eps (censored ones are left out of the
+  fit and listed, with whether the fit is consistent with their bound);
+  E_min = S_min B_crit. Intervals: percentile bootstrap over seeds,
+  resampled independently per batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from critbatch.analysis.load import INCOMPLETE, CellSummary, Curve
+
+Table = list[dict[str, Any]]
+
+#: Cell fields that do not define a speedup curve: they vary along it, or are trials, or only say how it was logged.
+ALONG_CURVE = ("sweep", "batch_size", "seed", "accumulation", "eval.points", "noise.every")
+#: Metaparameters whose values are trials (best trial per batch size).
+TRIAL_FIELDS = ("base_lr", "optimizer.momentum")
+#: Fields that each figure family lets vary between the groups it compares.
+FAMILIES = {
+    "strategy": ("strategy",),
+    "model": ("model", "model_options"),
+    "dataset": ("dataset.name", "dataset.max_train", "dataset.extra", "dataset.options"),
+    "fraction": ("dataset.fraction",),
+}
+LINEAR_EFFICIENCY = 0.8
+STAGNATION_GAIN = 1.10
+DEFAULT_QUANTILE = 25.0
+DEFAULT_THRESHOLD = "q25"
+BOOTSTRAP_SEED = 0
+
+
+# ---- curves and thresholds ------------------------------------------------------
+
+def crossing(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
+    """First step where the curve is <= eps, interpolated in log(value) from the point before; NaN if never."""
+    v = np.asarray(values, dtype=float)
+    s = np.asarray(steps, dtype=float)
+    hit = np.flatnonzero(v <= eps)
+    if not len(hit):
+        return math.nan
+    i = int(hit[0])
+    j = i - 1
+    while j >= 0 and not np.isfinite(v[j]):
+        j -= 1
+    if j < 0:
+        return float(s[i])
+    lo, hi = float(v[j]), float(v[i])
+    if hi > 0 and eps > 0:
+        frac = (math.log(lo) - math.log(eps)) / (math.log(lo) - math.log(hi))
+    else:
+        frac = (lo - eps) / (lo - hi)
+    return float(s[j] + frac * (s[i] - s[j]))
+
+
+def lower_quartile(values: Iterable[float]) -> float:
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.percentile(v, DEFAULT_QUANTILE)) if len(v) else math.nan
+
+
+def last_finite_step(curve: Curve) -> float:
+    ok = np.flatnonzero(np.isfinite(curve.values))
+    return float(curve.steps[ok[-1]]) if len(ok) else 0.0
+
+
+# ---- groups ---------------------------------------------------------------------
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("options", "model_options"):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class Group:
+    """The cells of one speedup curve."""
+
+    key: str
+    fields: dict[str, Any]  # the flattened cell fields shared by the group
+    cells: list[CellSummary]
+    label: str = ""
+    source: str = "train_eval"  # train_eval | running_mean
+    trial_fields: tuple[str, ...] = ()  # metaparameters with several values in this group
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted({c.batch_size for c in self.cells})
+
+    def trial_of(self, cell: CellSummary) -> str:
+        flat = flatten(cell.cell)
+        return ", ".join(f"{f}={flat[f]}" for f in self.trial_fields)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({c.seed for c in self.cells})
+
+
+def group_cells(cells: list[CellSummary]) -> list[Group]:
+    """Partition cells into speedup curves: equal in every field but those that vary along one."""
+    by_key: dict[str, Group] = {}
+    for cell in cells:
+        flat = flatten(cell.cell)
+        fields = {k: v for k, v in flat.items() if k not in ALONG_CURVE and k not in TRIAL_FIELDS}
+        key = json.dumps(fields, sort_keys=True, default=str)
+        if key not in by_key:
+            by_key[key] = Group(key, fields, [])
+        by_key[key].cells.append(cell)
+    groups = list(by_key.values())
+    varying = {k for g in groups for k, v in g.fields.items() if any(h.fields.get(k) != v for h in groups)}
+    for g in groups:
+        g.cells.sort(key=lambda c: (c.batch_size, c.seed, c.id))
+        parts = [str(g.fields["dataset.name"]), str(g.fields["model"]), str(g.fields["strategy"])]
+        shown = {"dataset.name", "model", "strategy"}
+        parts += [f"{k.split('.')[-1]}={_fmt(g.fields[k])}" for k in sorted(varying - shown)]
+        g.label = parts[0] + "/" + parts[1] + "/" + parts[2] + (" " + " ".join(parts[3:]) if parts[3:] else "")
+        flats = [flatten(c.cell) for c in g.cells]
+        g.trial_fields = tuple(f for f in TRIAL_FIELDS if len({json.dumps(x.get(f)) for x in flats}) > 1)
+        usable = [c for c in g.cells if c.train_eval is not None or c.running_mean is not None]
+        g.source = "train_eval" if usable and all(
+            c.train_eval is not None and len(c.train_eval) >= 2 for c in usable) else "running_mean"
+    groups.sort(key=lambda g: g.label)
+    return groups
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def curve_of(cell: CellSummary, source: str) -> Curve | None:
+    return cell.train_eval if source == "train_eval" else cell.running_mean
+
+
+def default_threshold(group: Group) -> tuple[float, int | None, bool]:
+    """(eps, the batch size it comes from, provisional): the paper's lower quartile (section 4.3).
+
+    Taken from the largest batch size with a finished cell; if no cell of the
+    group has finished, from the largest with any data, marked provisional.
+    """
+    with_data = [c for c in group.cells if (cv := curve_of(c, group.source)) is not None and len(cv)]
+    finished = [c for c in with_data if c.status != INCOMPLETE]
+    pool, provisional = (finished, False) if finished else (with_data, True)
+    if not pool:
+        return math.nan, None, provisional
+    m = max(c.batch_size for c in pool)
+    values = np.concatenate([curve_of(c, group.source).values for c in pool if c.batch_size == m])
+    return lower_quartile(values), m, provisional
+
+
+# ---- steps to threshold ------------------------------------------------------------
+
+def steps_to_threshold(groups: list[Group], explicit: Iterable[float] = ()) -> tuple[Table, Table]:
+    """Per cell and threshold: k, whether reached, the censoring bound, wall-clock time and samples to it.
+
+    Returns (thresholds table, per-cell table). Thresholds: the default
+    (``q25``) per group, then every explicit eps.
+    """
+    thresholds: Table = []
+    rows: Table = []
+    for g in groups:
+        eps_q, from_m, provisional = default_threshold(g)
+        choices = [(DEFAULT_THRESHOLD, eps_q)] + [(f"eps={e:g}", float(e)) for e in explicit]
+        for name, eps in choices:
+            thresholds.append({
+                "group": g.label, "threshold": name, "eps": eps, "source": g.source,
+                "from_batch_size": from_m if name == DEFAULT_THRESHOLD else None,
+                "provisional": provisional if name == DEFAULT_THRESHOLD else False,
+            })
+            for c in g.cells:
+                rows.append(cell_crossing(g, c, name, eps))
+    return thresholds, rows
+
+
+def cell_crossing(g: Group, c: CellSummary, threshold: str, eps: float) -> dict[str, Any]:
+    curve = curve_of(c, g.source)
+    k = crossing(curve.steps, curve.values, eps) if curve is not None and len(curve) and math.isfinite(eps) \
+        else math.nan
+    reached = math.isfinite(k)
+    bound = last_finite_step(curve) if curve is not None and len(curve) else 0.0
+    if reached:
+        use = "reached"
+    elif c.status == INCOMPLETE:
+        use = "running"  # may still get there: neither a crossing nor censored
+    elif curve is None or not len(curve):
+        use = "no data"
+    else:
+        use = "censored"
+    wall = samples = math.nan
+    if reached and len(c.grid_steps):
+        wall = float(np.interp(k, c.grid_steps, c.grid_wall))
+        samples = float(np.interp(k, c.grid_steps, c.grid_samples))
+    return {
+        "group": g.label, "threshold": threshold, "eps": eps, "cell_id": c.id, "sweep": c.sweep,
+        "batch_size": c.batch_size, "seed": c.seed, "trial": g.trial_of(c), "status": c.status,
+        "use": use, "k": k, "k_bound": bound if use == "censored" else math.nan,
+        "wall_s": wall, "samples": samples,
+    }
+
+
+# ---- per batch size: best trial, speedup, efficiency, regimes ---------------------
+
+@dataclass
+class SeedSteps:
+    """The winning trial's per-seed steps at one batch size (inf = censored, with its bound)."""
+
+    batch_size: int
+    trial: str
+    k: np.ndarray  # inf where censored
+    bound: np.ndarray  # the censored seeds' last steps (NaN where reached)
+    wall: np.ndarray
+    samples: np.ndarray
+    trials_tried: int
+
+
+def best_trials(rows: Table) -> list[SeedSteps]:
+    """Per batch size, the trial with the fewest mean steps over seeds (censored = inf; ties: the first)."""
+    usable = [r for r in rows if r["use"] in ("reached", "censored")]
+    out = []
+    for m in sorted({r["batch_size"] for r in usable}):
+        at_m = [r for r in usable if r["batch_size"] == m]
+        trials = sorted({r["trial"] for r in at_m})
+        best, best_score = None, math.inf
+        for t in trials:
+            ks = np.array([r["k"] if r["use"] == "reached" else math.inf for r in at_m if r["trial"] == t])
+            score = float(np.mean(ks))
+            if best is None or score < best_score:
+                best, best_score = t, score
+        chosen = sorted((r for r in at_m if r["trial"] == best), key=lambda r: r["seed"])
+        out.append(SeedSteps(
+            batch_size=m, trial=best,
+            k=np.array([r["k"] if r["use"] == "reached" else math.inf for r in chosen]),
+            bound=np.array([r["k_bound"] for r in chosen]),
+            wall=np.array([r["wall_s"] for r in chosen]),
+            samples=np.array([r["samples"] for r in chosen]),
+            trials_tried=len(trials),
+        ))
+    return out
+
+
+def regimes(batch_sizes: np.ndarray, speedup: np.ndarray, efficiency: np.ndarray) -> list[str]:
+    """Paper section 1: linear while e >= 0.8, stagnation once a doubling gains < 10 %, diminishing between.
+
+    NaN speedup (the batch size never reached eps) is ``not reached`` and
+    starts stagnation if it has not started. Regimes only move forward.
+    """
+    out: list[str] = []
+    phase = "linear"
+    for i, (m, s, e) in enumerate(zip(batch_sizes, speedup, efficiency)):
+        if not math.isfinite(s):
+            phase = "stagnation"
+            out.append("not reached")
+            continue
+        if phase == "linear" and not e >= LINEAR_EFFICIENCY:
+            phase = "diminishing"
+        if phase == "diminishing" and i > 0 and math.isfinite(speedup[i - 1]):
+            doublings = math.log2(m / batch_sizes[i - 1])
+            gain = (s / speedup[i - 1]) ** (1.0 / doublings)
+            if gain < STAGNATION_GAIN:
+                phase = "stagnation"
+        out.append(phase)
+    return out
+
+
+def efficiency_estimate(batch_sizes: np.ndarray, efficiency: np.ndarray, level: float) -> tuple[float, float]:
+    """(largest m with e >= level, m where e crosses level interpolated in log m); NaN when none."""
+    ok = np.flatnonzero(np.isfinite(efficiency) & (efficiency >= level))
+    if not len(ok):
+        return math.nan, math.nan
+    i = int(ok[-1])
+    m_a = float(batch_sizes[i])
+    if i + 1 >= len(batch_sizes) or not math.isfinite(efficiency[i + 1]):
+        return m_a, m_a
+    e_a, e_b = float(efficiency[i]), float(efficiency[i + 1])
+    frac = (e_a - level) / (e_a - e_b)
+    return m_a, float(math.exp(math.log(m_a) + frac * (math.log(batch_sizes[i + 1]) - math.log(m_a))))
+
+
+def mccandlish_fit(batch_sizes: np.ndarray, k: np.ndarray) -> tuple[float, float]:
+    """Least squares of k against 1/m: k = S_min + S_min B_crit / m. Returns (S_min, B_crit); NaN if undefined."""
+    m = np.asarray(batch_sizes, dtype=float)
+    k = np.asarray(k, dtype=float)
+    ok = np.isfinite(k)
+    if ok.sum() < 2:
+        return math.nan, math.nan
+    slope, intercept = np.polyfit(1.0 / m[ok], k[ok], 1)
+    if not intercept > 0:
+        return math.nan, math.nan
+    return float(intercept), float(slope / intercept)
+
+
+def _fit_rows(x: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise least squares of K (R x M, inf = left out) against x (M,): (S_min, B_crit) per row."""
+    w = np.isfinite(K).astype(float)
+    Y = np.where(w > 0, K, 0.0)
+    n = w.sum(1)
+    sx, sy = (w * x).sum(1), Y.sum(1)
+    sxx, sxy = (w * x * x).sum(1), (Y * x).sum(1)
+    den = n * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (n * sxy - sx * sy) / den
+        intercept = (sy - slope * sx) / n
+        valid = (n >= 2) & (np.abs(den) > 1e-300) & (intercept > 0)
+        return np.where(valid, intercept, np.nan), np.where(valid, slope / intercept, np.nan)
+
+
+@dataclass
+class CurveResult:
+    """One group's speedup curve at one threshold."""
+
+    group: Group
+    threshold: str
+    eps: float
+    per_m: Table
+    summary: dict[str, Any]
+    bands: dict[int, tuple[float, float]] = field(default_factory=dict)  # speedup interval per m
+
+
+def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, level: float = 0.5,
+                  bootstrap: int = 1000, rng: np.random.Generator | None = None) -> CurveResult:
+    """Speedup, efficiency, regimes and both critical-batch-size estimates, with bootstrap intervals."""
+    mine = [r for r in rows if r["group"] == group.label and r["threshold"] == threshold]
+    best = best_trials(mine)
+    ms = np.array([b.batch_size for b in best], dtype=float)
+    k_mean = np.array([float(np.mean(b.k)) for b in best])  # inf if any seed is censored
+    censored = ~np.isfinite(k_mean)
+    reached = np.flatnonzero(~censored)
+    m0_i = int(reached[0]) if len(reached) else None
+    speed = np.full(len(best), math.nan)
+    if m0_i is not None:
+        speed = np.where(censored, math.nan, k_mean[m0_i] / k_mean)
+        speed[:m0_i] = math.nan
+    m0 = float(ms[m0_i]) if m0_i is not None else math.nan
+    eff = speed * m0 / ms
+    if m0_i is None:
+        labels = ["not reached"] * len(best)
+    else:  # batch sizes below m_0 did not reach eps (m_0 is the smallest that did)
+        labels = ["not reached"] * m0_i + regimes(ms[m0_i:], speed[m0_i:], eff[m0_i:])
+    m_eff, m_eff_interp = efficiency_estimate(ms, eff, level) if m0_i is not None else (math.nan, math.nan)
+    s_min, b_crit = mccandlish_fit(ms, k_mean)
+
+    # Bootstrap over seeds, independently per batch size.
+    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
+    n_seeds = [len(b.k) for b in best]
+    boot: dict[str, tuple[float, float]] = {}
+    bands: dict[int, tuple[float, float]] = {}
+    if bootstrap > 0 and m0_i is not None and max(n_seeds) > 1:
+        K = np.column_stack([b.k[rng.integers(0, len(b.k), size=(bootstrap, len(b.k)))].mean(1) for b in best])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            S = np.where(np.isfinite(K) & np.isfinite(K[:, [m0_i]]), K[:, [m0_i]] / K, np.nan)
+        S[:, :m0_i] = np.nan
+        E = S * m0 / ms
+        eff_rows = np.array([efficiency_estimate(ms, e, level) for e in E])
+        fit_s, fit_b = _fit_rows(1.0 / ms, K)
+        boot = {
+            "b_crit_eff": _interval(eff_rows[:, 0]), "b_crit_eff_interp": _interval(eff_rows[:, 1]),
+            "b_crit_fit": _interval(fit_b), "s_min": _interval(fit_s), "e_min": _interval(fit_s * fit_b),
+        }
+        for j, b in enumerate(best):
+            if not censored[j] and j >= m0_i:
+                bands[b.batch_size] = _interval(S[:, j])
+
+    per_m: Table = []
+    for j, b in enumerate(best):
+        reached_k = b.k[np.isfinite(b.k)]
+        lower = np.where(np.isfinite(b.k), b.k, b.bound)
+        per_m.append({
+            "group": group.label, "threshold": threshold, "eps": eps, "batch_size": b.batch_size,
+            "trial": b.trial, "trials": b.trials_tried, "seeds": len(b.k), "seeds_reached": len(reached_k),
+            "k_mean": k_mean[j] if not censored[j] else math.nan,
+            "k_sd": float(np.std(reached_k, ddof=1)) if len(reached_k) > 1 and not censored[j] else math.nan,
+            "k_lower_bound": float(np.mean(lower)) if censored[j] else math.nan,
+            "censored": bool(censored[j]), "speedup": speed[j], "ideal": b.batch_size / m0 if math.isfinite(m0) else math.nan,
+            "efficiency": eff[j], "regime": labels[j],
+            "speedup_lo": bands.get(b.batch_size, (math.nan, math.nan))[0],
+            "speedup_hi": bands.get(b.batch_size, (math.nan, math.nan))[1],
+            "fit_k": s_min * (1 + b_crit / b.batch_size) if math.isfinite(b_crit) else math.nan,
+            "wall_s": float(np.mean(b.wall)) if not censored[j] else math.nan,
+            "samples": float(np.mean(b.samples)) if not censored[j] else math.nan,
+        })
+
+    bsimple = np.array([c.b_simple for c in group.cells if math.isfinite(c.b_simple)])
+    lin = [r["batch_size"] for r in per_m if r["regime"] == "linear"]
+    stag = [r["batch_size"] for r in per_m if r["regime"] in ("stagnation", "not reached")]
+    cens = [r for r in per_m if r["censored"]]
+    inconsistent = [r["batch_size"] for r in cens if math.isfinite(r["k_lower_bound"]) and math.isfinite(b_crit)
+                  and s_min * (1 + b_crit / r["batch_size"]) < r["k_lower_bound"]]
+    summary = {
+        "group": group.label, "threshold": threshold, "eps": eps, "source": group.source, "m0": m0,
+        "batch_sizes": len(best), "seeds": max(n_seeds) if n_seeds else 0, "level": level,
+        "b_crit_eff": m_eff, "b_crit_eff_interp": m_eff_interp,
+        "b_crit_fit": b_crit, "s_min": s_min, "e_min": s_min * b_crit,
+        "fit_points": int((~censored).sum()),
+        "b_simple": float(np.mean(bsimple)) if len(bsimple) else math.nan,
+        "b_simple_sd": float(np.std(bsimple, ddof=1)) if len(bsimple) > 1 else math.nan,
+        "b_simple_cells": len(bsimple),
+        "linear_until": max(lin) if lin else math.nan,
+        "stagnation_from": min(stag) if stag else math.nan,
+        "censored": " ".join(str(r["batch_size"]) for r in cens),
+        # Censored batch sizes where the fit says eps should have been reached within the steps logged.
+        "censored_inconsistent": " ".join(str(m) for m in inconsistent),
+        "bootstrap": bootstrap if boot else 0,
+    }
+    for name in ("b_crit_eff", "b_crit_eff_interp", "b_crit_fit", "s_min", "e_min"):
+        lo, hi = boot.get(name, (math.nan, math.nan))
+        summary[f"{name}_lo"], summary[f"{name}_hi"] = lo, hi
+    return CurveResult(group, threshold, eps, per_m, summary, bands)
+
+
+def _interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return math.nan, math.nan
+    a = (1 - level) / 2 * 100
+    return float(np.percentile(v, a)), float(np.percentile(v, 100 - a))
+
+
+# ---- final metrics -------------------------------------------------------------------
+
+def final_metrics(groups: list[Group]) -> Table:
+    """Per group and batch size: final test metric and linear-approximation error over finished cells."""
+    out: Table = []
+    for g in groups:
+        for m in g.batch_sizes:
+            cells = [c for c in g.cells if c.batch_size == m and c.status != INCOMPLETE]
+            done = [c for c in cells if c.status == "done"]
+            metric = g.cells[0].metric
+            vals, lins, losses = [], [], []
+            for c in done:
+                final = (c.success or {}).get("final") or {}
+                v = final.get("test_metric")
+                if v is None and c.test_metric is not None and len(c.test_metric):
+                    v = float(c.test_metric.values[-1])
+                if v is not None and math.isfinite(v):
+                    vals.append(float(v))
+                tl = final.get("test_loss")
+                if tl is None and c.test_eval is not None and len(c.test_eval):
+                    tl = float(c.test_eval.values[-1])
+                if tl is not None and math.isfinite(tl):
+                    losses.append(float(tl))
+                if final.get("lin_approx_error") is not None:
+                    lins.append(float(final["lin_approx_error"]))
+            out.append({
+                "group": g.label, "strategy": g.fields["strategy"], "batch_size": m, "metric": metric,
+                "cells": len(cells), "diverged": sum(c.status == "diverged" for c in cells),
+                "test_metric": _mean(vals), "test_metric_sd": _sd(vals), "test_loss": _mean(losses),
+                "lin_approx_error": _mean(lins), "lin_approx_error_sd": _sd(lins),
+            })
+    return out
+
+
+def _mean(v: list[float]) -> float:
+    return float(np.mean(v)) if v else math.nan
+
+
+def _sd(v: list[float]) -> float:
+    return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+# ---- contours and families ----------------------------------------------------------
+
+def contour_grid(group: Group, which: str, *, trials: dict[int, str] | None = None, points: int = 80
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(batch sizes, steps, loss[m, step]) for a contour plot of the ``which`` curve (train | test).
+
+    Each cell's curve is interpolated onto a shared log-spaced step grid
+    (log loss linear in log step), averaged over seeds as a geometric mean,
+    and left NaN past the cell's last logged step. Only the winning trial per
+    batch size is drawn when ``trials`` names it.
+    """
+    def curve(c: CellSummary) -> Curve | None:
+        return curve_of(c, group.source) if which == "train" else c.test_eval
+
+    cells = [c for c in group.cells if (cv := curve(c)) is not None and len(cv) >= 2]
+    if trials:
+        cells = [c for c in cells if group.trial_of(c) == trials.get(c.batch_size, group.trial_of(c))]
+    ms = np.array(sorted({c.batch_size for c in cells}), dtype=float)
+    if not len(ms):
+        return ms, np.zeros(0), np.zeros((0, 0))
+    top = max(float(curve(c).steps[-1]) for c in cells)
+    steps = np.geomspace(1.0, max(top, 2.0), points)
+    Z = np.full((len(ms), points), np.nan)
+    for i, m in enumerate(ms):
+        logs = []
+        for c in (c for c in cells if c.batch_size == m):
+            cv = curve(c)
+            keep = (cv.steps > 0) & np.isfinite(cv.values) & (cv.values > 0)
+            if keep.sum() < 2:
+                continue
+            s, v = cv.steps[keep], np.log(cv.values[keep])
+            row = np.interp(np.log(steps), np.log(s), v, left=np.nan, right=np.nan)
+            row[steps < s[0]] = v[0]
+            logs.append(row)
+        if logs:
+            stack = np.vstack(logs)
+            count = np.isfinite(stack).sum(0)
+            total = np.where(np.isfinite(stack), stack, 0.0).sum(0)
+            Z[i] = np.where(count > 0, np.exp(total / np.maximum(count, 1)), np.nan)
+    return ms, steps, Z
+
+
+def families(groups: list[Group], axis: str) -> list[list[Group]]:
+    """Sets of groups equal in everything but the ``axis`` fields, with at least two values of it."""
+    fields = FAMILIES[axis]
+    by_rest: dict[str, list[Group]] = {}
+    for g in groups:
+        rest = {k: v for k, v in g.fields.items() if not any(k == f or k.startswith(f + ".") for f in fields)}
+        by_rest.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(g)
+    out = []
+    for members in by_rest.values():
+        values = {json.dumps([g.fields.get(f) for f in fields], default=str) for g in members}
+        if len(values) > 1:
+            out.append(sorted(members, key=lambda g: g.label))
+    return out

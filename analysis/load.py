@@ -1,0 +1,383 @@
+"""Load: a sweep's logs in the store, reduced one cell at a time to small summaries.
+
+A cell's step log can hold 10^5 rows or more, and a sweep 10^3 cells, so the
+rows are never held together: each cell's parts are read, deduplicated on
+step (a later part wins, as after a resume), reduced to a few curves of at
+most a few thousand points (:class:`CellSummary`), and dropped. Cells are
+reduced in a small thread pool, which hides S3 latency; memory stays at
+``workers`` cells' rows plus the summaries.
+
+What cannot be read is skipped and named: a part that is not a whole Arrow
+file (corrupt, truncated), a cell without ``cell.json``. A cell without
+``_SUCCESS`` is loaded with status ``incomplete``; the compute step decides
+where such cells count.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from critbatch.jobs.config import Cell
+from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
+from critbatch.jobs.store import S3Store, Store
+
+#: Points of a cell's dense log-spaced grid: consecutive steps differ by at most 0.5 %, so a threshold
+#: crossing read off the running mean of minibatch losses is within 0.5 % of the step where it happens.
+GRID_RATIO = 1.005
+
+INCOMPLETE = "incomplete"
+
+_STEP_COLUMNS = ("step", "samples_seen", "train_loss", "wall_time_s",
+                 "noise_b_small", "noise_b_big", "noise_g_small_sq", "noise_g_big_sq")
+_EVAL_COLUMNS = ("step", "split", "loss", "metric", "value")
+
+
+@dataclass
+class Curve:
+    """A loss (or metric) curve: values at increasing steps."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class Skipped:
+    """Something that was not used, and why."""
+
+    key: str
+    reason: str
+
+
+@dataclass
+class CellSummary:
+    """Everything the compute step needs from one cell, in a few kilobytes."""
+
+    id: str
+    sweep: str
+    cell: dict[str, Any]  # Cell.to_dict()
+    derived: dict[str, Any]
+    code_version: str
+    status: str  # done | diverged | incomplete
+    success: dict[str, Any] | None
+    train_eval: Curve | None  # train-split evaluations (full-set or cell.eval.train_subset examples)
+    test_eval: Curve | None  # test-split losses
+    test_metric: Curve | None  # test-split task metric (accuracy, perplexity, mIoU)
+    metric: str  # its name; "none" for regression
+    running_mean: Curve | None  # running mean of minibatch losses on the dense grid
+    grid_steps: np.ndarray  # the dense grid (steps present in the log)
+    grid_wall: np.ndarray  # wall_time_s there
+    grid_samples: np.ndarray  # samples_seen there
+    last_step: int  # the last step logged (steps or evals)
+    diverged_at: int | None  # first step whose minibatch loss is not finite
+    noise_points: int  # steps with gradient-noise statistics
+    b_simple: float  # B_simple over them (NaN without)
+    duplicates: int = 0  # step rows dropped as duplicates
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cell["batch_size"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.cell["seed"])
+
+    @property
+    def task(self) -> str:
+        return _task(self.cell)
+
+
+def _task(cell: dict[str, Any]) -> str:
+    from critbatch.jobs.config import DATASETS
+
+    return DATASETS[cell["dataset"]["name"]]["task"]
+
+
+@dataclass
+class Loaded:
+    """The reduced sweeps: summaries of every readable cell, and what was skipped."""
+
+    store_url: str
+    sweeps: list[str]
+    sweep_yaml: dict[str, str | None]
+    cells: list[CellSummary]
+    skipped: list[Skipped]
+    window: int
+
+    @property
+    def incomplete(self) -> list[CellSummary]:
+        return [c for c in self.cells if c.status == INCOMPLETE]
+
+
+def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: int | None = None,
+                warn: Callable[[str], None] | None = None) -> Loaded:
+    """Read and reduce every cell of ``sweeps``.
+
+    A sweep with no cell at all is a :class:`ConfigError` (the name or the
+    store is probably wrong). ``warn`` receives one line per skipped item.
+    """
+    if window < 1:
+        raise ConfigError(f"--window: must be a positive number of steps, got {window}")
+    problems, jobs, yaml = [], [], {}
+    for sweep in sweeps:
+        keys = store.list(f"{sweep}/cells/")
+        by_cell: dict[str, list[str]] = {}
+        for key in keys:
+            parts = key.split("/")
+            if len(parts) >= 4:
+                by_cell.setdefault(parts[2], []).append(key)
+        if not by_cell:
+            problems.append(f"--sweep {sweep}: no cells under {store.join(sweep + '/cells/')}; "
+                            f"check the sweep name and --store")
+            continue
+        try:
+            yaml[sweep] = store.get_text(f"{sweep}/sweep.yaml")
+        except KeyError:
+            yaml[sweep] = None
+        jobs.extend((sweep, cell_id, cell_keys) for cell_id, cell_keys in sorted(by_cell.items()))
+    if problems:
+        raise ConfigError(problems)
+
+    if workers is None:
+        workers = 16 if isinstance(store, S3Store) else min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda job: load_cell(store, *job, window=window), jobs))
+
+    cells, skipped, seen = [], [], set()
+    for summary, skips in results:
+        skipped.extend(skips)
+        if summary is None:
+            continue
+        if summary.id in seen:  # the same cell in two sweeps analysed together: count it once
+            skipped.append(Skipped(f"{summary.sweep}/cells/{summary.id}", "duplicate of a cell already loaded"))
+            continue
+        seen.add(summary.id)
+        cells.append(summary)
+    for item in skipped:
+        if warn:
+            warn(f"skipped {item.key}: {item.reason}")
+    return Loaded(store.url, list(sweeps), yaml, cells, skipped, window)
+
+
+def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window: int = 50
+              ) -> tuple[CellSummary | None, list[Skipped]]:
+    """Read one cell's files and reduce them; returns the summary (or None) and what was skipped."""
+    prefix = f"{sweep}/cells/{cell_id}"
+    skipped: list[Skipped] = []
+    key_set = set(keys)
+    if f"{prefix}/cell.json" not in key_set:
+        return None, [Skipped(prefix, "no cell.json")]
+    try:
+        doc = json.loads(store.get_text(f"{prefix}/cell.json"))
+        cell = Cell.from_json(json.dumps(doc))
+    except (ValueError, KeyError) as err:
+        return None, [Skipped(f"{prefix}/cell.json", f"not a valid cell ({str(err).splitlines()[0]})")]
+
+    success = None
+    if f"{prefix}/_SUCCESS" in key_set:
+        try:
+            success = json.loads(store.get_text(f"{prefix}/_SUCCESS"))
+            if not isinstance(success, dict) or success.get("status") not in ("done", "diverged"):
+                raise ValueError("no status done|diverged")
+        except (ValueError, KeyError) as err:
+            skipped.append(Skipped(f"{prefix}/_SUCCESS", f"unreadable ({err}); cell treated as incomplete"))
+            success = None
+
+    steps = _read_parts(store, sorted(k for k in keys if k.startswith(f"{prefix}/steps/part-")),
+                        STEPS_SCHEMA, _STEP_COLUMNS, skipped)
+    evals = _read_parts(store, sorted(k for k in keys if k.startswith(f"{prefix}/evals/part-")),
+                        EVALS_SCHEMA, _EVAL_COLUMNS, skipped)
+    doc.setdefault("id", cell_id)
+    summary = reduce_cell(doc, cell.to_dict(), success, steps, evals, sweep=sweep, window=window)
+    return summary, skipped
+
+
+def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple[str, ...],
+                skipped: list[Skipped]) -> pa.Table | None:
+    """The parts' rows (in part order), with unreadable parts skipped and named."""
+    tables = []
+    expected = 0
+    for key in sorted(keys, key=part_index):
+        index = part_index(key)
+        if index != expected:
+            skipped.append(Skipped(key, f"parts {expected:06d}..{index - 1:06d} are missing before it (read anyway)"))
+        expected = index + 1
+        try:
+            table = ipc_to_table(store.get_bytes(key))
+        except KeyError:
+            skipped.append(Skipped(key, "vanished while reading"))
+            continue
+        except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError) as err:
+            skipped.append(Skipped(key, f"corrupt or truncated Arrow file ({str(err).splitlines()[0][:120]})"))
+            continue
+        try:
+            table = pa.table([table.column(name).cast(schema.field(name).type) for name in columns], names=columns)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            skipped.append(Skipped(key, f"does not follow the log schema ({str(err).splitlines()[0][:120]})"))
+            continue
+        tables.append(table)
+    if not tables:
+        return None
+    return pa.concat_tables(tables)
+
+
+def _np(table: pa.Table, name: str, dtype=float) -> np.ndarray:
+    """A column as a contiguous numpy array; nulls become NaN (floats)."""
+    col = table.column(name)
+    if col.null_count:
+        return col.to_numpy().astype(dtype) if dtype is float else col.to_numpy()
+    return np.asarray(col.to_numpy(), dtype=dtype)
+
+
+def _dedupe_last(order_keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Indices that sort ``order_keys`` keeping the last of equal keys; and how many were dropped."""
+    n = len(order_keys)
+    if n == 0 or np.all(order_keys[1:] > order_keys[:-1]):
+        return np.arange(n), 0
+    idx = np.argsort(order_keys, kind="stable")
+    s = order_keys[idx]
+    keep = np.empty(n, dtype=bool)
+    keep[:-1] = s[1:] != s[:-1]
+    keep[-1] = True
+    return idx[keep], int(n - keep.sum())
+
+
+def dense_grid(steps: np.ndarray) -> np.ndarray:
+    """Indices into sorted ``steps`` at targets that grow by one step or 0.5 %, whichever is more; the last kept."""
+    n = len(steps)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    targets = _grid_targets(max(1, int(steps[0])), max(1, int(steps[-1])))
+    idx = np.searchsorted(steps, targets, side="right") - 1  # the last logged step at or before each target
+    return np.unique(np.clip(np.concatenate([idx, [n - 1]]), 0, n - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_targets(first: int, last: int) -> np.ndarray:
+    out, t = [first], first
+    while t < last:
+        t = min(last, max(t + 1, int(t * GRID_RATIO)))
+        out.append(t)
+    return np.array(out, dtype=np.int64)
+
+
+def running_mean(loss: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` minibatch losses at every step (fewer at the start).
+
+    A non-finite loss makes every window that contains it +inf: a diverged
+    cell's curve does not recover by averaging the divergence away.
+    """
+    bad = ~np.isfinite(loss)
+    cs = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, loss))])
+    cb = np.concatenate([[0], np.cumsum(bad)])
+    i = np.arange(1, len(loss) + 1)
+    lo = np.maximum(0, i - window)
+    mean = (cs[i] - cs[lo]) / (i - lo)
+    mean[(cb[i] - cb[lo]) > 0] = np.inf
+    return mean
+
+
+def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, Any] | None,
+                steps: pa.Table | None, evals: pa.Table | None, *, sweep: str, window: int) -> CellSummary:
+    """One cell's rows -> its summary (pure: tables in, small arrays out)."""
+    notes: list[str] = []
+    status = success["status"] if success else INCOMPLETE
+    last_step = 0
+    diverged_at = None
+    duplicates = 0
+    empty = np.zeros(0)
+    grid_steps, grid_wall, grid_samples, run = empty, empty, empty, None
+    noise_points, b_simple = 0, math.nan
+
+    if steps is not None and steps.num_rows:
+        step = _np(steps, "step", np.int64)
+        idx, duplicates = _dedupe_last(step)
+        if duplicates:
+            notes.append(f"{duplicates} duplicate step rows dropped (the later part kept)")
+        step = step[idx]
+        loss = _np(steps, "train_loss")[idx]
+        bad = np.flatnonzero(~np.isfinite(loss))
+        if len(bad):
+            diverged_at = int(step[bad[0]])
+        mean = running_mean(loss, window)
+        g = dense_grid(step)
+        grid_steps = step[g].astype(float)
+        grid_wall = _np(steps, "wall_time_s")[idx][g]
+        grid_samples = _np(steps, "samples_seen")[idx][g].astype(float)
+        run = Curve(grid_steps, mean[g])
+        last_step = int(step[-1])
+        noise = [_np(steps, name)[idx] for name in ("noise_g_small_sq", "noise_g_big_sq",
+                                                    "noise_b_small", "noise_b_big")]
+        measured = np.isfinite(noise[0]) & np.isfinite(noise[1]) & np.isfinite(noise[2]) & np.isfinite(noise[3])
+        noise_points = int(measured.sum())
+        if noise_points:
+            b_simple = _b_simple(*(a[measured] for a in noise), notes=notes)
+        del step, loss, mean, noise, measured
+
+    train_eval = test_eval = test_metric = None
+    metric = TASK_METRIC.get(_task(cell), "none")
+    if evals is not None and evals.num_rows:
+        e_step = _np(evals, "step", np.int64)
+        split = np.asarray(evals.column("split").to_pylist(), dtype=object)
+        names = np.asarray(evals.column("metric").to_pylist(), dtype=object)
+        e_loss = _np(evals, "loss")
+        value = _np(evals, "value")
+        last_step = max(last_step, int(e_step.max()))
+        for which in ("train", "test"):
+            sel = np.flatnonzero(split == which)
+            if not len(sel):
+                continue
+            # One loss per step: the last row written for it (rows of several metrics repeat the loss).
+            keep, _ = _dedupe_last(e_step[sel])
+            rows = sel[keep]
+            curve = Curve(e_step[rows].astype(float), e_loss[rows])
+            if which == "train":
+                train_eval = curve
+            else:
+                test_eval = curve
+                msel = sel[names[sel] == metric] if metric != "none" else np.zeros(0, dtype=np.int64)
+                if len(msel):
+                    keep, _ = _dedupe_last(e_step[msel])
+                    test_metric = Curve(e_step[msel][keep].astype(float), value[msel][keep])
+    if status == "diverged" and diverged_at is None:
+        diverged_at = last_step
+
+    return CellSummary(
+        id=str(doc.get("id") or ""), sweep=sweep, cell=cell, derived=dict(doc.get("derived") or {}),
+        code_version=str(doc.get("code_version") or "unknown"), status=status, success=success,
+        train_eval=train_eval, test_eval=test_eval, test_metric=test_metric, metric=metric,
+        running_mean=run, grid_steps=grid_steps, grid_wall=grid_wall, grid_samples=grid_samples,
+        last_step=last_step, diverged_at=diverged_at, noise_points=noise_points, b_simple=b_simple,
+        duplicates=duplicates, notes=notes,
+    )
+
+
+#: The EMA decay of B_simple (jobs.noise.b_simple's default).
+NOISE_BETA = 0.95
+#: B_simple is the ratio of two EMAs read at the last measurement; measurements older than this many
+#: weigh less than 1e-17 of it (0.95^764), so only the newest are passed (the EMA is a Python loop).
+NOISE_TAIL = int(math.ceil(math.log(1e-17) / math.log(NOISE_BETA)))
+
+
+def _b_simple(g_small_sq, g_big_sq, b_small, b_big, *, notes: list[str]) -> float:
+    from critbatch.jobs.noise import b_simple
+
+    tail = slice(-NOISE_TAIL, None)
+    try:
+        return float(b_simple(g_small_sq[tail], g_big_sq[tail], b_small[tail], b_big[tail], beta=NOISE_BETA))
+    except ValueError as err:
+        notes.append(f"B_simple not computed: {err}")
+        return math.nan

@@ -1,0 +1,500 @@
+"""Plot and tabulate: the paper's figures and tables, each with the CSV behind it.
+
+Every function takes computed tables and returns an :class:`Artifact`: the
+PNG (matplotlib's Agg canvas, no display, no pyplot state), the rows of its
+CSV and, for tables, Markdown. A figure the sweep has no data for comes back
+with ``missing`` set to the reason and is listed in the report as "not in
+this sweep".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from critbatch.analysis.compute import CurveResult, Group, Table, contour_grid, families
+
+MAX_PANELS = 12
+#: Lighter colours for lower loss, as in the paper's contour plots.
+CONTOUR_CMAP = "viridis_r"
+
+
+@dataclass
+class Artifact:
+    name: str  # file stem: <name>.png, <name>.csv, <name>.md
+    title: str
+    caption: str
+    rows: Table = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    png: bytes | None = None
+    markdown: str | None = None
+    missing: str | None = None  # why it is not drawn
+
+    def csv_bytes(self) -> bytes:
+        return table_csv(self.rows, self.columns)
+
+
+def table_csv(rows: Table, columns: list[str] | None = None) -> bytes:
+    columns = columns or (list(rows[0]) if rows else [])
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return out.getvalue().encode()
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return "" if v is None else v
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A number for a table cell; NaN and None become an en dash."""
+    if v is None:
+        return "–"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–" if math.isnan(v) else ("∞" if v > 0 else "-∞")
+        if v != 0 and (abs(v) >= 10 ** 5 or abs(v) < 10 ** -3):
+            return f"{v:.{digits}g}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_table(rows: Table, columns: list[tuple[str, str]]) -> str:
+    """Markdown of ``rows``; ``columns`` = [(key, header)]."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _panels(n: int, width: float = 4.6, height: float = 3.6, cols: int = 3) -> tuple[Figure, list]:
+    cols = max(1, min(cols, n))
+    rows = int(math.ceil(n / cols))
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _log2_axis(ax, ms) -> None:
+    ax.set_xscale("log", base=2)
+    if len(ms):
+        ax.set_xticks(ms)
+        ax.set_xticklabels([f"$2^{{{int(round(math.log2(m)))}}}$" if _pow2(m) else f"{m:g}" for m in ms],
+                           fontsize=7)
+        ax.minorticks_off()
+
+
+def _pow2(m: float) -> bool:
+    return m > 0 and abs(math.log2(m) - round(math.log2(m))) < 1e-9
+
+
+# ---- speedup curves ---------------------------------------------------------------------
+
+def _speedup_panel(ax, results: list[CurveResult], label: Callable[[CurveResult], str], bands: bool = True) -> None:
+    all_ms: set[float] = set()
+    m0s = []
+    for r in results:
+        rows = r.per_m
+        ms = np.array([x["batch_size"] for x in rows], dtype=float)
+        s = np.array([x["speedup"] for x in rows], dtype=float)
+        all_ms.update(ms.tolist())
+        if r.summary["m0"] == r.summary["m0"]:
+            m0s.append(r.summary["m0"])
+        (line,) = ax.plot(ms, s, marker="o", ms=4, label=label(r))
+        if bands and r.bands:
+            bm = np.array(sorted(r.bands), dtype=float)
+            lo = np.array([r.bands[int(m)][0] for m in bm])
+            hi = np.array([r.bands[int(m)][1] for m in bm])
+            ax.fill_between(bm, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        # Censored batch sizes: the speedup is at most k(m_0) / (their lower bound on k).
+        cens = [x for x in rows if x["censored"] and math.isfinite(x["k_lower_bound"])]
+        k0 = next((x["k_mean"] for x in rows if x["batch_size"] == r.summary["m0"]), math.nan)
+        if cens and math.isfinite(k0):
+            ax.scatter([x["batch_size"] for x in cens], [k0 / x["k_lower_bound"] for x in cens],
+                       marker="v", facecolors="none", edgecolors=line.get_color(), s=40, zorder=3)
+    ms = np.array(sorted(all_ms))
+    if len(ms) and m0s:
+        m0 = min(m0s)
+        ax.plot(ms, ms / m0, "k--", lw=1, label="ideal (linear)")
+    ax.set_yscale("log", base=2)
+    _log2_axis(ax, ms)
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel("speedup s(m; m$_0$)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+SPEEDUP_COLUMNS = ["group", "threshold", "eps", "batch_size", "trial", "seeds", "seeds_reached", "k_mean", "k_sd",
+                   "censored", "k_lower_bound", "speedup", "speedup_lo", "speedup_hi", "ideal", "efficiency",
+                   "regime"]
+
+
+def speedup_family_figure(name: str, title: str, caption: str, axis: str, groups: list[Group],
+                          results: dict[str, CurveResult], label_field: str) -> Artifact:
+    """Speedup curves of groups that differ only along ``axis`` (Figs. 2 left, 3, 4)."""
+    art = Artifact(name, title, caption, columns=["family"] + SPEEDUP_COLUMNS)
+    fams = [f for f in families(groups, axis) if any(g.label in results for g in f)]
+    if not fams:
+        art.missing = f"no groups that differ only in {axis}"
+        return art
+    fams = fams[:MAX_PANELS]
+    fig, axes = _panels(len(fams))
+    for i, (ax, fam) in enumerate(zip(axes, fams)):
+        res = [results[g.label] for g in fam if g.label in results]
+        _speedup_panel(ax, res, lambda r: _field_label(r.group, label_field))
+        ax.set_title(_family_title(fam, axis), fontsize=9)
+        for r in res:
+            art.rows += [{"family": i, **x} for x in r.per_m]
+    fig.suptitle(title, fontsize=11)
+    art.png = _png(fig)
+    return art
+
+
+def _field_label(g: Group, field_name: str) -> str:
+    v = g.fields.get(field_name)
+    if field_name == "dataset.fraction":
+        return f"{100 * v:g} %"
+    return str(v)
+
+
+def _family_title(fam: list[Group], axis: str) -> str:
+    g = fam[0]
+    parts = []
+    if axis != "dataset":
+        parts.append(str(g.fields["dataset.name"]))
+    if axis != "model":
+        parts.append(str(g.fields["model"]))
+    if axis != "strategy":
+        parts.append(str(g.fields["strategy"]))
+    return "/".join(parts)
+
+
+def speedup_efficiency_figure(results: list[CurveResult]) -> Artifact:
+    """Every group: speedup with the ideal line and seed bands; efficiency with the regimes marked."""
+    art = Artifact("speedup_efficiency", "Speedup and scaling efficiency per group",
+                   "Left: s(m; m0) = k(m0)/k(m), dashed the ideal linear speedup, bands the 95 % bootstrap "
+                   "interval over seeds, open triangles the upper bound of batch sizes that never reached the "
+                   "threshold. Right: efficiency e(m) = s m0/m; markers by regime (circle linear, square "
+                   "diminishing returns, cross stagnation); dotted the efficiency level of the critical batch size.",
+                   columns=SPEEDUP_COLUMNS)
+    if not results:
+        art.missing = "no group reached any threshold"
+        return art
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    _speedup_panel(ax1, results, lambda r: r.group.label)
+    markers = {"linear": "o", "diminishing": "s", "stagnation": "x"}
+    all_ms: set[float] = set()
+    for r in results:
+        ms = np.array([x["batch_size"] for x in r.per_m], dtype=float)
+        e = np.array([x["efficiency"] for x in r.per_m], dtype=float)
+        all_ms.update(ms.tolist())
+        (line,) = ax2.plot(ms, e, lw=1, label=r.group.label)
+        for regime, marker in markers.items():
+            sel = [i for i, x in enumerate(r.per_m) if x["regime"] == regime]
+            if sel:
+                ax2.scatter(ms[sel], e[sel], marker=marker, color=line.get_color(), s=25)
+        art.rows += r.per_m
+    level = results[0].summary["level"]
+    ax2.axhline(level, color="k", ls=":", lw=1)
+    ax2.axhline(0.8, color="0.6", ls="--", lw=0.8)
+    _log2_axis(ax2, sorted(all_ms))
+    ax2.set_ylim(0, 1.1)
+    ax2.set_xlabel("batch size m")
+    ax2.set_ylabel("efficiency e(m)")
+    ax2.grid(True, alpha=0.3)
+    art.png = _png(fig)
+    return art
+
+
+# ---- contours ----------------------------------------------------------------------------
+
+def _contour(ax, fig, group: Group, which: str, trials: dict[int, str] | None, rows: Table) -> bool:
+    ms, steps, Z = contour_grid(group, which, trials=trials)
+    if len(ms) < 2 or not np.isfinite(Z).any():
+        ax.text(0.5, 0.5, "too few batch sizes", ha="center", va="center", transform=ax.transAxes)
+        return False
+    for i, m in enumerate(ms):
+        for j, s in enumerate(steps):
+            if math.isfinite(Z[i, j]):
+                rows.append({"group": group.label, "split": which, "batch_size": int(m), "step": float(s),
+                             "loss": float(Z[i, j])})
+    Zm = np.ma.masked_invalid(Z.T)
+    pos = Z[np.isfinite(Z) & (Z > 0)]
+    lo, hi = float(pos.min()), float(pos.max())
+    if hi <= lo:
+        hi = lo * 1.01
+    levels = np.geomspace(lo, hi, 15)
+    cs = ax.contourf(ms, steps, Zm, levels=levels, norm=LogNorm(lo, hi), cmap=CONTOUR_CMAP)
+    fig.colorbar(cs, ax=ax, label=f"{which} loss", format="%.2g")
+    ax.set_yscale("log")
+    _log2_axis(ax, ms)
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel("iterations")
+    return True
+
+
+CONTOUR_COLUMNS = ["group", "split", "batch_size", "step", "loss"]
+
+
+def problem_groups(groups: list[Group]) -> list[Group]:
+    """One group per problem (everything but the strategy): its BLR group where present."""
+    by_rest: dict[str, list[Group]] = {}
+    for g in groups:
+        rest = {k: v for k, v in g.fields.items() if k != "strategy"}
+        by_rest.setdefault(repr(sorted(rest.items(), key=lambda kv: kv[0])), []).append(g)
+    out = []
+    for members in by_rest.values():
+        blr = [g for g in members if g.fields["strategy"] == "blr"]
+        out.append((blr or members)[0])
+    return sorted(out, key=lambda g: g.label)
+
+
+def train_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) -> Artifact:
+    art = Artifact("fig1_train_loss_contours", "Fig. 1: training loss over batch size and iterations",
+                   "Training loss (colour, log scale; lighter is lower) against batch size and iterations, one "
+                   "panel per problem (its BLR group where present); curves interpolated onto a shared log-spaced "
+                   "step grid, geometric mean over seeds; blank past a batch size's last step.",
+                   columns=CONTOUR_COLUMNS)
+    probs = [g for g in problem_groups(groups) if len(g.batch_sizes) >= 2][:MAX_PANELS]
+    if not probs:
+        art.missing = "no group with two or more batch sizes"
+        return art
+    fig, axes = _panels(len(probs), width=5.0)
+    for ax, g in zip(axes, probs):
+        _contour(ax, fig, g, "train", trials.get(g.label), art.rows)
+        ax.set_title(g.label, fontsize=9)
+    art.png = _png(fig)
+    return art
+
+
+def test_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) -> Artifact:
+    art = Artifact("fig5_test_loss_contours", "Fig. 5: test loss, BLR beside LSR",
+                   "Test loss (colour, log scale; lighter is lower) over batch size and iterations; BLR on the "
+                   "left, LSR on the right, one row per problem.", columns=CONTOUR_COLUMNS)
+    pairs = []
+    for fam in families(groups, "strategy"):
+        by = {g.fields["strategy"]: g for g in fam}
+        if "blr" in by and "lsr" in by and any(c.test_eval is not None for c in by["blr"].cells + by["lsr"].cells):
+            pairs.append((by["blr"], by["lsr"]))
+    if not pairs:
+        art.missing = "no problem with both BLR and LSR groups that logged test evaluations"
+        return art
+    pairs = pairs[: MAX_PANELS // 2]
+    fig = Figure(figsize=(10, 3.8 * len(pairs)))
+    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    for row, (blr, lsr) in zip(axes, pairs):
+        for ax, g in zip(row, (blr, lsr)):
+            _contour(ax, fig, g, "test", trials.get(g.label), art.rows)
+            ax.set_title(g.label, fontsize=9)
+    art.png = _png(fig)
+    return art
+
+
+# ---- final metrics ---------------------------------------------------------------------------
+
+FINAL_COLUMNS = ["group", "strategy", "batch_size", "metric", "cells", "diverged", "test_metric", "test_metric_sd",
+                 "test_loss", "lin_approx_error", "lin_approx_error_sd"]
+
+
+def accuracy_linapprox_figure(groups: list[Group], final: Table) -> Artifact:
+    art = Artifact("fig2_accuracy_linapprox", "Fig. 2 right: final test metric and linear-approximation error",
+                   "Final test metric (left axis; mean over finished seeds) and the linear-approximation error "
+                   "|L(w) - L(w*) - <g_m(w*), w - w*>| at w = w* - eta (m/m0) g_m(w*) (right axis, log scale) "
+                   "against batch size; LSR groups where present (as in the paper), else every group.",
+                   columns=FINAL_COLUMNS)
+    has = [g for g in groups if any(math.isfinite(r["test_metric"]) or math.isfinite(r["lin_approx_error"])
+                                    for r in final if r["group"] == g.label)]
+    chosen = [g for g in has if g.fields["strategy"] == "lsr"] or has
+    chosen = chosen[:MAX_PANELS]
+    if not chosen:
+        art.missing = "no finished cell reported a test metric or a linear-approximation error"
+        return art
+    fig, axes = _panels(len(chosen))
+    for ax, g in zip(axes, chosen):
+        rows = [r for r in final if r["group"] == g.label]
+        art.rows += rows
+        ms = np.array([r["batch_size"] for r in rows], dtype=float)
+        metric = rows[0]["metric"]
+        acc = np.array([r["test_metric"] for r in rows], dtype=float)
+        if metric == "accuracy":
+            acc = 100 * acc
+        if np.isfinite(acc).any():
+            ax.plot(ms, acc, "o-", color="C0", ms=4)
+            ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else ""), color="C0")
+        lin = np.array([r["lin_approx_error"] for r in rows], dtype=float)
+        if np.isfinite(lin).any() and (lin[np.isfinite(lin)] > 0).any():
+            ax2 = ax.twinx()
+            ax2.plot(ms, lin, "s--", color="C3", ms=4)
+            ax2.set_yscale("log")
+            ax2.set_ylabel("linear approx. error", color="C3")
+        _log2_axis(ax, ms)
+        ax.set_xlabel("batch size m")
+        ax.set_title(g.label, fontsize=9)
+    art.png = _png(fig)
+    return art
+
+
+def table2(groups: list[Group], final: Table) -> Artifact:
+    """Table 2: final test metric by batch size (rows) and group (columns)."""
+    art = Artifact("table2_test_accuracy", "Table 2: final test metric by batch size and strategy",
+                   "Final test metric (accuracy in %, perplexity, mIoU; test loss for regression), mean over "
+                   "finished seeds; 'diverged' where every seed diverged.", columns=FINAL_COLUMNS)
+    rows = [r for r in final if r["cells"]]
+    if not rows:
+        art.missing = "no finished cell"
+        return art
+    art.rows = rows
+    labels = [g.label for g in groups if any(r["group"] == g.label for r in rows)]
+    ms = sorted({r["batch_size"] for r in rows})
+    header = "| batch size | " + " | ".join(labels) + " |"
+    lines = [header, "|" + "---|" * (len(labels) + 1)]
+    for m in ms:
+        cells = []
+        for label in labels:
+            r = next((x for x in rows if x["group"] == label and x["batch_size"] == m), None)
+            cells.append(_final_cell(r))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    art.markdown = "\n".join(lines) + "\n"
+    return art
+
+
+def _final_cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return ""
+    if r["diverged"] and r["diverged"] == r["cells"]:
+        return "diverged"
+    if r["metric"] == "none":
+        v, text = r["test_loss"], fmt(r["test_loss"])
+    elif r["metric"] == "accuracy":
+        v = r["test_metric"]
+        text = f"{100 * v:.2f}" if math.isfinite(v) else "–"
+    else:
+        v, text = r["test_metric"], fmt(r["test_metric"])
+    if r["diverged"]:
+        text += f" ({r['diverged']}/{r['cells']} diverged)"
+    return text
+
+
+# ---- beyond the paper --------------------------------------------------------------------------
+
+CRIT_COLUMNS = ["group", "threshold", "eps", "source", "m0", "batch_sizes", "seeds", "level",
+                "b_crit_eff", "b_crit_eff_lo", "b_crit_eff_hi", "b_crit_eff_interp", "b_crit_eff_interp_lo",
+                "b_crit_eff_interp_hi", "b_crit_fit", "b_crit_fit_lo", "b_crit_fit_hi", "s_min", "s_min_lo",
+                "s_min_hi", "e_min", "e_min_lo", "e_min_hi", "fit_points", "b_simple", "b_simple_sd",
+                "b_simple_cells", "linear_until", "stagnation_from", "censored", "censored_inconsistent",
+                "bootstrap"]
+
+
+def critical_table(results: list[CurveResult]) -> Artifact:
+    art = Artifact("critical_batch_size", "Critical batch size",
+                   "Per group and threshold: (a) the largest batch size with efficiency >= the level, and where "
+                   "the efficiency crosses it (interpolated in log m); (b) McCandlish et al.'s fit k(m) = "
+                   "S_min (1 + B_crit/m), least squares in 1/m over the batch sizes that reached eps, E_min = "
+                   "S_min B_crit samples; [95 % bootstrap interval over seeds]; B_simple, the gradient noise "
+                   "scale measured in the cells (mean over cells); the regime boundaries. The plot shows k(m) and "
+                   "the fit.", columns=CRIT_COLUMNS)
+    if not results:
+        art.missing = "no group reached any threshold"
+        return art
+    art.rows = [r.summary for r in results]
+    cols = [("group", "group"), ("threshold", "threshold"), ("eps", "eps"), ("m0", "m0"),
+            ("_eff", "B_crit (a) e >= level"), ("_interp", "(a) interpolated"), ("_fit", "B_crit (b) fit"),
+            ("_smin", "S_min"), ("_emin", "E_min"), ("_bs", "B_simple"), ("linear_until", "linear until"),
+            ("stagnation_from", "stagnation from"), ("censored", "censored m"), ("seeds", "seeds")]
+    shown = []
+    for r in art.rows:
+        shown.append({**r, "_eff": _with_ci(r, "b_crit_eff"), "_interp": _with_ci(r, "b_crit_eff_interp"),
+                      "_fit": _with_ci(r, "b_crit_fit"), "_smin": _with_ci(r, "s_min"),
+                      "_emin": _with_ci(r, "e_min"), "_bs": _pm(r["b_simple"], r["b_simple_sd"], r["b_simple_cells"]),
+                      "censored": r["censored"] or "none"})
+    art.markdown = markdown_table(shown, cols)
+    fig, axes = _panels(min(len(results), MAX_PANELS))
+    for ax, r in zip(axes, results[:MAX_PANELS]):
+        ms = np.array([x["batch_size"] for x in r.per_m], dtype=float)
+        k = np.array([x["k_mean"] for x in r.per_m], dtype=float)
+        sd = np.array([x["k_sd"] for x in r.per_m], dtype=float)
+        ax.errorbar(ms, k, yerr=np.where(np.isfinite(sd), sd, 0), fmt="o", ms=4, label="k(m), mean over seeds")
+        cens = [x for x in r.per_m if x["censored"] and math.isfinite(x["k_lower_bound"])]
+        if cens:
+            ax.scatter([x["batch_size"] for x in cens], [x["k_lower_bound"] for x in cens], marker="^",
+                       facecolors="none", edgecolors="C0", label="not reached (k > bound)")
+        s = r.summary
+        if math.isfinite(s["b_crit_fit"]):
+            mm = np.geomspace(ms.min(), ms.max(), 100)
+            ax.plot(mm, s["s_min"] * (1 + s["b_crit_fit"] / mm), "C1-",
+                    label=f"fit: S_min={fmt(s['s_min'])}, B_crit={fmt(s['b_crit_fit'])}")
+            ax.axvline(s["b_crit_fit"], color="C1", ls=":", lw=1)
+        if math.isfinite(s["b_crit_eff"]):
+            ax.axvline(s["b_crit_eff"], color="C2", ls="--", lw=1, label=f"e >= {s['level']:g}: {fmt(s['b_crit_eff'])}")
+        ax.set_yscale("log")
+        _log2_axis(ax, ms)
+        ax.set_xlabel("batch size m")
+        ax.set_ylabel("steps to threshold k(m)")
+        ax.set_title(f"{r.group.label}, {r.threshold} (eps={fmt(r.eps)})", fontsize=8)
+        ax.legend(fontsize=6)
+    art.png = _png(fig)
+    return art
+
+
+def _with_ci(r: dict[str, Any], name: str) -> str:
+    v, lo, hi = r[name], r.get(f"{name}_lo"), r.get(f"{name}_hi")
+    if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+        return f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
+    return fmt(v)
+
+
+def _pm(v: float, sd: float, n: int) -> str:
+    if not n:
+        return "–"
+    return f"{fmt(v)} ± {fmt(sd)} (n={n})" if math.isfinite(sd) else f"{fmt(v)} (n={n})"
+
+
+def time_figure(results: list[CurveResult]) -> Artifact:
+    art = Artifact("time_to_threshold", "Wall-clock time and samples to threshold",
+                   "Seconds of training (excluding evaluations) and samples processed until the training loss "
+                   "first reaches the threshold, mean over the seeds of the winning trial, against batch size.",
+                   columns=["group", "threshold", "eps", "batch_size", "k_mean", "wall_s", "samples", "censored"])
+    rows = [x for r in results for x in r.per_m]
+    if not any(math.isfinite(x["wall_s"]) for x in rows):
+        art.missing = "no step log with wall-clock times reached a threshold"
+        return art
+    art.rows = rows
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    all_ms: set[float] = set()
+    for r in results:
+        ms = np.array([x["batch_size"] for x in r.per_m], dtype=float)
+        all_ms.update(ms.tolist())
+        ax1.plot(ms, [x["wall_s"] for x in r.per_m], "o-", ms=4, label=r.group.label)
+        ax2.plot(ms, [x["samples"] for x in r.per_m], "o-", ms=4, label=r.group.label)
+    for ax, ylabel in ((ax1, "wall-clock seconds to threshold"), (ax2, "samples to threshold")):
+        ax.set_yscale("log")
+        _log2_axis(ax, sorted(all_ms))
+        ax.set_xlabel("batch size m")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    art.png = _png(fig)
+    return art

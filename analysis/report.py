@@ -1,0 +1,388 @@
+"""The report: ``critbatch analyze`` (also what the analysis Job runs).
+
+    critbatch analyze --store ./critbatch-out --sweep digits-blr
+    critbatch analyze --store s3://critbatch/runs --sweep cifar10-resnet34 --threshold 0.05 --bootstrap 2000
+    critbatch analyze --store s3://critbatch/runs --sweep a --sweep b --output ./report-a-b
+
+Load (analysis.load), compute (analysis.compute), plot (analysis.plots), then
+write ``index.html`` (self-contained: figures inline as data URIs, tables
+inline, links only to the files beside it), the PNGs, CSVs and
+``summary.md`` to ``<store>/<sweep>/report/``. Several sweeps analysed
+together write to ``<first sweep>/report/with-<second>+<third>.../`` so each
+sweep's own report stays as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import datetime as dt
+import html
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+
+from critbatch.analysis import compute, plots
+from critbatch.analysis.compute import CurveResult, Group
+from critbatch.analysis.load import INCOMPLETE, Loaded, load_sweeps
+from critbatch.analysis.plots import Artifact, fmt
+from critbatch.jobs.config import code_version
+from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.store import S3Store, Store, open_store, report_prefix
+
+
+@dataclass
+class Analysis:
+    """Everything computed from the loaded sweeps (no I/O)."""
+
+    loaded: Loaded
+    groups: list[Group]
+    thresholds: compute.Table
+    crossings: compute.Table
+    results: list[CurveResult]  # every group x threshold that has a speedup curve
+    primary: str  # the threshold the figures use
+    final: compute.Table
+    artifacts: list[Artifact] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def primary_results(self) -> list[CurveResult]:
+        return [r for r in self.results if r.threshold == self.primary]
+
+
+def validate_options(thresholds: list[float] | None, efficiency: float, bootstrap: int, window: int) -> None:
+    problems = []
+    for eps in thresholds or []:
+        if not (math.isfinite(eps) and eps > 0):
+            problems.append(f"--threshold: must be a positive loss value, got {eps}")
+    if not (0 < efficiency <= 1):
+        problems.append(f"--efficiency: must be in (0, 1], got {efficiency}")
+    if bootstrap < 0:
+        problems.append(f"--bootstrap: must be >= 0 (0: no intervals), got {bootstrap}")
+    if window < 1:
+        problems.append(f"--window: must be a positive number of steps, got {window}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def compute_all(loaded: Loaded, *, thresholds: list[float] | None = None, efficiency: float = 0.5,
+                bootstrap: int = 1000) -> Analysis:
+    """Compute step: groups, thresholds, speedup curves, critical batch sizes, final metrics."""
+    explicit = list(thresholds or [])
+    groups = compute.group_cells(loaded.cells)
+    thr, crossings = compute.steps_to_threshold(groups, explicit)
+    primary = f"eps={explicit[0]:g}" if explicit else compute.DEFAULT_THRESHOLD
+    results = []
+    for t in thr:
+        if not math.isfinite(t["eps"]):
+            continue
+        g = next(g for g in groups if g.label == t["group"])
+        r = compute.speedup_curve(g, t["threshold"], t["eps"], crossings, level=efficiency, bootstrap=bootstrap)
+        if r.per_m:
+            results.append(r)
+    final = compute.final_metrics(groups)
+    settings = {"efficiency": efficiency, "bootstrap": bootstrap, "window": loaded.window,
+                "thresholds": explicit, "bootstrap_seed": compute.BOOTSTRAP_SEED}
+    return Analysis(loaded, groups, thr, crossings, results, primary, final, settings=settings)
+
+
+def make_artifacts(a: Analysis) -> list[Artifact]:
+    """Plot step: every figure and table of the report (drawn in a thread pool; Agg canvases are independent)."""
+    primary = {r.group.label: r for r in a.primary_results()}
+    trials = {label: {x["batch_size"]: x["trial"] for x in r.per_m} for label, r in primary.items()}
+    jobs: list[Callable[[], Artifact]] = [
+        lambda: plots.train_contour_figure(a.groups, trials),
+        lambda: plots.speedup_family_figure(
+            "fig2_speedup_strategies", "Fig. 2 left: speedup per learning-rate strategy",
+            "Speedup s(m; m0) per strategy with the ideal linear line, one panel per problem; bands: 95 % "
+            "bootstrap interval over seeds; open triangles: upper bounds of batch sizes that never reached "
+            "the threshold.", "strategy", a.groups, primary, "strategy"),
+        lambda: plots.accuracy_linapprox_figure(a.groups, a.final),
+        lambda: plots.speedup_family_figure(
+            "fig3_speedup_models", "Fig. 3 left: speedup across models",
+            "Speedup curves of models trained on the same data with the same strategy.", "model", a.groups,
+            primary, "model"),
+        lambda: plots.speedup_family_figure(
+            "fig3_speedup_datasets", "Fig. 3 right: speedup across datasets",
+            "Speedup curves of one model on different datasets (same strategy).", "dataset", a.groups, primary,
+            "dataset.name"),
+        lambda: plots.speedup_family_figure(
+            "fig4_speedup_fractions", "Fig. 4: speedup across dataset fractions",
+            "Speedup curves of one model trained on fractions of the training set; each curve's threshold is "
+            "the lower quartile of its own largest batch size's losses (unless given explicitly).", "fraction",
+            a.groups, primary, "dataset.fraction"),
+        lambda: plots.test_contour_figure(a.groups, trials),
+        lambda: plots.table2(a.groups, a.final),
+        lambda: plots.speedup_efficiency_figure(a.primary_results()),
+        lambda: plots.critical_table(a.results),
+        lambda: plots.time_figure(a.primary_results()),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def analyze(store: Store, sweeps: list[str], *, thresholds: list[float] | None = None, efficiency: float = 0.5,
+            bootstrap: int = 1000, window: int = 50, workers: int | None = None,
+            warn: Callable[[str], None] | None = None) -> Analysis:
+    """Load, compute and plot; returns the analysis with its artifacts (nothing is written)."""
+    validate_options(thresholds, efficiency, bootstrap, window)
+    loaded = load_sweeps(store, sweeps, window=window, workers=workers, warn=warn)
+    a = compute_all(loaded, thresholds=thresholds, efficiency=efficiency, bootstrap=bootstrap)
+    a.artifacts = make_artifacts(a)
+    return a
+
+
+def report_location(sweeps: list[str]) -> str:
+    """``<sweep>/report`` for one sweep; ``<first>/report/with-<second>+...`` for several."""
+    base = report_prefix(sweeps[0])
+    return base if len(sweeps) == 1 else f"{base}/with-{'+'.join(sweeps[1:])}"
+
+
+def render_files(a: Analysis, *, store_url: str) -> dict[str, bytes]:
+    """The report's files by name: index.html, summary.md, PNGs, CSVs, Markdown tables."""
+    files: dict[str, bytes] = {}
+    for art in a.artifacts:
+        if art.missing:
+            continue
+        if art.png:
+            files[f"{art.name}.png"] = art.png
+        files[f"{art.name}.csv"] = art.csv_bytes()
+        if art.markdown:
+            files[f"{art.name}.md"] = art.markdown.encode()
+    files["speedup.csv"] = plots.table_csv([x for r in a.results for x in r.per_m],
+                                           ["group", "threshold", "eps", "batch_size", "trial", "trials", "seeds",
+                                            "seeds_reached", "k_mean", "k_sd", "censored", "k_lower_bound",
+                                            "speedup", "speedup_lo", "speedup_hi", "ideal", "efficiency", "regime",
+                                            "fit_k", "wall_s", "samples"])
+    files["thresholds.csv"] = plots.table_csv(a.thresholds)
+    files["cells.csv"] = plots.table_csv(a.crossings)
+    files["final_metrics.csv"] = plots.table_csv(a.final, plots.FINAL_COLUMNS)
+    ctx = _context(a, store_url, sorted(files) + ["summary.md"])
+    files["summary.md"] = _summary_md(a, ctx).encode()
+    ctx["files"] = sorted(files)
+    files["index.html"] = _TEMPLATE.render(**ctx).encode()
+    return files
+
+
+def write_report(store: Store, a: Analysis, *, output: str | None = None,
+                 log: Callable[[str], None] = print) -> str:
+    """Write the report to the store (and ``output``); returns the key of index.html."""
+    prefix = report_location(a.loaded.sweeps)
+    files = render_files(a, store_url=store.url)
+    # Old files of a previous report that this one does not produce would be stale: remove them
+    # (only direct children, so combined reports in subfolders stay).
+    for key in store.list(prefix + "/"):
+        rest = key[len(prefix) + 1:]
+        if "/" not in rest and rest not in files:
+            store.delete(key)
+    workers = 16 if isinstance(store, S3Store) else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda item: store.put_bytes(f"{prefix}/{item[0]}", item[1]), sorted(files.items())))
+    log(f"critbatch analyze: wrote {len(files)} files to {store.join(prefix)}/")
+    if output:
+        out = Path(output).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        log(f"critbatch analyze: copied the report to {out}/")
+    log(f"critbatch analyze: open {store.join(prefix + '/index.html')}")
+    return f"{prefix}/index.html"
+
+
+def cli_analyze(args: argparse.Namespace) -> int:
+    """``critbatch analyze``: the report of one or several sweeps."""
+    store = open_store(args.store)
+    store.check()
+
+    def warn(line: str) -> None:
+        print(f"critbatch analyze: warning: {line}", file=sys.stderr)
+
+    a = analyze(store, list(args.sweep), thresholds=args.threshold, efficiency=args.efficiency,
+                bootstrap=args.bootstrap, window=args.window, warn=warn)
+    for c in a.loaded.incomplete:
+        warn(f"cell {c.sweep}/{c.id} (m={c.batch_size}, seed={c.seed}) has no _SUCCESS: incomplete, "
+             f"{c.last_step} steps logged")
+    write_report(store, a, output=args.output)
+    return 0
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
+    cells = a.loaded.cells
+    status = collections.Counter(c.status for c in cells)
+    versions = collections.Counter(c.code_version for c in cells)
+    primary = a.primary_results()
+    figures = []
+    for art in a.artifacts:
+        figures.append({
+            "name": art.name, "title": art.title, "caption": art.caption, "missing": art.missing,
+            "img": "data:image/png;base64," + base64.b64encode(art.png).decode() if art.png else None,
+            "csv": f"{art.name}.csv" if not art.missing and f"{art.name}.csv" in files else None,
+            "png": f"{art.name}.png" if art.png else None,
+            "md": f"{art.name}.md" if art.markdown else None,
+            "table": _md_to_html(art.markdown) if art.markdown and not art.missing else None,
+        })
+    groups = []
+    for g in a.groups:
+        r = next((x for x in primary if x.group is g), None)
+        thr = next((t for t in a.thresholds if t["group"] == g.label and t["threshold"] == a.primary), None)
+        groups.append({
+            "label": g.label, "cells": len(g.cells), "seeds": " ".join(map(str, g.seeds)),
+            "batch_sizes": " ".join(map(str, g.batch_sizes)),
+            "source": _source_text(g.source, a.loaded.window),
+            "trials": ", ".join(g.trial_fields) or "one value",
+            "eps": fmt(thr["eps"]) if thr else "–",
+            "eps_from": thr.get("from_batch_size") if thr else None,
+            "provisional": bool(thr and thr.get("provisional")),
+            "rows": [{k: (fmt(v) if not isinstance(v, str) else v) for k, v in x.items()} for x in r.per_m]
+            if r else [],
+        })
+    diverged = [c for c in cells if c.status == "diverged"]
+    return {
+        "title": "critbatch report: " + ", ".join(a.loaded.sweeps),
+        "sweeps": a.loaded.sweeps,
+        "store": store_url,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "analysis_version": code_version(),
+        "cell_versions": sorted(versions.items()),
+        "status": {k: status.get(k, 0) for k in ("done", "diverged", INCOMPLETE)},
+        "ncells": len(cells),
+        "sweep_yaml": [(s, a.loaded.sweep_yaml.get(s)) for s in a.loaded.sweeps],
+        "settings": a.settings,
+        "primary": a.primary,
+        "window": a.loaded.window,
+        "figures": figures,
+        "missing": [f for f in figures if f["missing"]],
+        "groups": groups,
+        "crit": [{**r.summary, "text": {k: fmt(v) for k, v in r.summary.items()}} for r in a.results],
+        "skipped": a.loaded.skipped,
+        "incomplete": [c for c in cells if c.status == INCOMPLETE],
+        "diverged": diverged,
+        "notes": [(c, n) for c in cells for n in c.notes],
+        "files": files,
+        "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
+                                           bootstrap=a.settings["bootstrap"]),
+    }
+
+
+def _source_text(source: str, window: int) -> str:
+    if source == "train_eval":
+        return "train-split evaluations"
+    return f"running mean of minibatch losses over {window} steps"
+
+
+_DEFINITIONS = (
+    "Training-loss curve: the train-split evaluations where every cell of the group has them, else the running "
+    "mean of minibatch losses over {window} steps. k(m; eps): first step where the curve is <= eps, interpolated "
+    "in log(loss) between the bracketing logged points. Default threshold (q25, paper 4.3): lower quartile of the "
+    "curve values of the group's largest batch size with a finished cell (seeds and trials pooled). k(m): mean over "
+    "seeds of the winning trial (fewest mean steps); a batch size with any seed that never reached eps is censored "
+    "(shown as a bound, left out of the fit). Speedup s = k(m0)/k(m), m0 the smallest batch size that reached eps; "
+    "efficiency e = s m0/m. Regimes: linear while e >= 0.8, stagnation from the first doubling that gains < 10 %, "
+    "diminishing returns between. Critical batch size (a): largest m with e >= {level:g}; (b) least squares of k "
+    "against 1/m: k = S_min (1 + B_crit/m), E_min = S_min B_crit. Intervals: 95 % percentile bootstrap over seeds "
+    "({bootstrap} resamples, per batch size). Cells still running count only once they crossed eps. B_simple: the "
+    "ratio of bias-corrected EMAs (0.95) of tr(Sigma) and |G|^2 at each cell's last measurement, mean over cells."
+)
+
+
+def _md_to_html(md: str) -> str:
+    lines = [ln for ln in md.strip().splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return ""
+    def cells(line: str) -> list[str]:
+        return [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+    head = "".join(f"<th>{c}</th>" for c in cells(lines[0]))
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(ln)) + "</tr>" for ln in lines[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary_md(a: Analysis, ctx: dict) -> str:
+    out = [f"# {ctx['title']}", ""]
+    out += [f"- store: `{ctx['store']}`", f"- analysed: {ctx['created']} with critbatch {ctx['analysis_version']}",
+            f"- cells: {ctx['ncells']} (" + ", ".join(f"{k} {v}" for k, v in ctx["status"].items()) + ")",
+            "- cell code versions: " + ", ".join(f"`{v}` ({n})" for v, n in ctx["cell_versions"]),
+            f"- figures use threshold `{a.primary}`; efficiency level {a.settings['efficiency']:g}; "
+            f"{a.settings['bootstrap']} bootstrap resamples", ""]
+    out += ["## Definitions", "", ctx["definitions"], ""]
+    for f in ctx["figures"]:
+        if f["name"] == "critical_batch_size" and f["table"]:
+            out += ["## Critical batch size", "", next(x for x in a.artifacts if x.name == f["name"]).markdown, ""]
+    for f in ctx["figures"]:
+        if f["name"] == "table2_test_accuracy" and not f["missing"]:
+            out += ["## Table 2: final test metric", "", next(x for x in a.artifacts if x.name == f["name"]).markdown,
+                    ""]
+    out += ["## Figures", ""]
+    for f in ctx["figures"]:
+        if f["missing"]:
+            continue
+        links = [f"[CSV]({f['csv']})"] + ([f"[PNG]({f['png']})"] if f["png"] else [])
+        out.append(f"- {f['title']}: " + " ".join(links))
+    if ctx["missing"]:
+        out += ["", "Not in this sweep: " + "; ".join(f"{f['name']} ({f['missing']})" for f in ctx["missing"])]
+    if ctx["skipped"]:
+        out += ["", "## Skipped", ""] + [f"- `{s.key}`: {s.reason}" for s in ctx["skipped"]]
+    if ctx["incomplete"]:
+        out += ["", "## Incomplete cells (no _SUCCESS)", ""]
+        out += [f"- `{c.sweep}/{c.id}` m={c.batch_size} seed={c.seed}: {c.last_step} steps logged"
+                for c in ctx["incomplete"]]
+    if ctx["diverged"]:
+        out += ["", "## Diverged cells", ""]
+        out += [f"- `{c.sweep}/{c.id}` m={c.batch_size} seed={c.seed}: diverged at step {c.diverged_at}"
+                for c in ctx["diverged"]]
+    return "\n".join(out) + "\n"
+
+
+_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}
+img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;padding:.5em;overflow:auto}
+.warn{color:#a40}.small{font-size:13px}
+</style></head><body>
+<h1>{{ title }}</h1>
+<table class="provenance">
+<tr><th>store</th><td>{{ store }}</td></tr>
+<tr><th>sweeps</th><td>{{ sweeps|join(", ") }}</td></tr>
+<tr><th>analysed</th><td>{{ created }} by critbatch {{ analysis_version }}</td></tr>
+<tr><th>cells</th><td>{{ ncells }} ({% for k, v in status.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %})</td></tr>
+<tr><th>cell code versions</th><td>{% for v, n in cell_versions %}{{ v }} ({{ n }}){% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+<tr><th>figures use</th><td>threshold {{ primary }}; efficiency level {{ settings.efficiency }}; {{ settings.bootstrap }} bootstrap resamples (seed {{ settings.bootstrap_seed }}); running-mean window {{ window }} steps</td></tr>
+</table>
+{% for name, text in sweep_yaml %}<details{% if loop.first %} open{% endif %}><summary>configuration of {{ name }} (sweep.yaml)</summary>
+{% if text %}<pre>{{ text }}</pre>{% else %}<p>no sweep.yaml in the store; the cells' own fields are in cells.csv and below.</p>{% endif %}</details>
+{% endfor %}
+<p class="small">{{ definitions }}</p>
+{% if skipped or incomplete or diverged %}<h2>What was skipped or is incomplete</h2>
+{% if skipped %}<p class="warn">Skipped ({{ skipped|length }}):</p><ul>{% for s in skipped %}<li><code>{{ s.key }}</code>: {{ s.reason }}</li>{% endfor %}</ul>{% endif %}
+{% if incomplete %}<p class="warn">Incomplete cells, no _SUCCESS ({{ incomplete|length }}); used only for thresholds they already crossed:</p><ul>{% for c in incomplete %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: {{ c.last_step }} steps logged</li>{% endfor %}</ul>{% endif %}
+{% if diverged %}<p class="warn">Diverged cells ({{ diverged|length }}):</p><ul>{% for c in diverged %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: diverged at step {{ c.diverged_at }}</li>{% endfor %}</ul>{% endif %}
+{% endif %}
+{% if notes %}<details><summary>notes ({{ notes|length }})</summary><ul>{% for c, n in notes %}<li><code>{{ c.id }}</code>: {{ n }}</li>{% endfor %}</ul></details>{% endif %}
+<h2>Groups</h2>
+<table><tr><th>group</th><th>cells</th><th>batch sizes</th><th>seeds</th><th>trials</th><th>loss curve</th><th>threshold {{ primary }}</th></tr>
+{% for g in groups %}<tr><td>{{ g.label }}</td><td>{{ g.cells }}</td><td>{{ g.batch_sizes }}</td><td>{{ g.seeds }}</td><td>{{ g.trials }}</td><td>{{ g.source }}</td><td>{{ g.eps }}{% if g.eps_from %} (from m={{ g.eps_from }}){% endif %}{% if g.provisional %} provisional{% endif %}</td></tr>
+{% endfor %}</table>
+{% for f in figures if not f.missing %}<figure id="{{ f.name }}"><h2>{{ f.title }}</h2>
+{% if f.table %}{{ f.table|safe }}{% endif %}
+{% if f.img %}<img src="{{ f.img }}" alt="{{ f.title }}">{% endif %}
+<figcaption>{{ f.caption }} Data: <a href="{{ f.csv }}">{{ f.csv }}</a>{% if f.png %}, <a href="{{ f.png }}">{{ f.png }}</a>{% endif %}{% if f.md %}, <a href="{{ f.md }}">{{ f.md }}</a>{% endif %}.</figcaption></figure>
+{% endfor %}
+{% if missing %}<h2>Not in this sweep</h2><ul>{% for f in missing %}<li>{{ f.title }} ({{ f.name }}): {{ f.missing }}</li>{% endfor %}</ul>{% endif %}
+<h2>Speedup per group (threshold {{ primary }})</h2>
+{% for g in groups if g.rows %}<details><summary>{{ g.label }}</summary><table>
+<tr><th>m</th><th>trial</th><th>seeds reached</th><th>k(m)</th><th>sd</th><th>censored: k &gt;</th><th>speedup</th><th>95 % interval</th><th>efficiency</th><th>regime</th><th>seconds</th><th>samples</th></tr>
+{% for x in g.rows %}<tr><td>{{ x.batch_size }}</td><td>{{ x.trial }}</td><td>{{ x.seeds_reached }}/{{ x.seeds }}</td><td>{{ x.k_mean }}</td><td>{{ x.k_sd }}</td><td>{{ x.k_lower_bound }}</td><td>{{ x.speedup }}</td><td>{{ x.speedup_lo }}–{{ x.speedup_hi }}</td><td>{{ x.efficiency }}</td><td>{{ x.regime }}</td><td>{{ x.wall_s }}</td><td>{{ x.samples }}</td></tr>
+{% endfor %}</table></details>
+{% endfor %}
+<h2>Files</h2><ul class="small">{% for f in files %}<li><a href="{{ f }}">{{ f }}</a></li>{% endfor %}</ul>
+</body></html>
+""")

@@ -1,0 +1,133 @@
+"""The pure compute functions of the analysis, on small hand-made inputs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from critbatch.analysis import compute
+from critbatch.analysis.load import dense_grid, running_mean
+
+
+@pytest.mark.parametrize(
+    "steps, values, eps, expected",
+    [
+        ([0, 10, 20], [2.0, 1.0, 0.5], 1.0, 10.0),  # exactly on a point
+        ([0, 10, 20], [2.0, 1.0, 0.5], 2 ** -0.5, 15.0),  # halfway in log(loss)
+        ([0, 10, 20], [2.0, 1.0, 0.5], 0.4, math.nan),  # never reached
+        ([0, 10, 20], [2.0, 1.0, 0.5], 3.0, 0.0),  # reached at the start
+        ([0, 10, 20, 30], [2.0, math.nan, 1.0, 0.5], 2 ** -0.5, 25.0),  # NaN points are skipped
+        ([0, 4], [1.0, 0.0], 0.25, 3.0),  # zero loss: linear interpolation
+    ],
+)
+def test_crossing(steps, values, eps, expected):
+    got = compute.crossing(np.array(steps, float), np.array(values, float), eps)
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_crossing_is_exact_for_exponential_decay():
+    tau, a = 37.3, 2.0
+    steps = np.unique(np.round(np.geomspace(1, 1000, 30)))
+    values = a * np.exp(-steps / tau)
+    for eps in (1.5, 0.3, 1e-3):
+        assert compute.crossing(steps, values, eps) == pytest.approx(tau * math.log(a / eps), rel=1e-10)
+
+
+def test_lower_quartile_ignores_non_finite():
+    assert compute.lower_quartile([4.0, 3.0, 2.0, 1.0, 0.0, math.nan, math.inf]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "speedup, expected",
+    [
+        # e: 1, .95, .85 (linear), .71, .53, .35 (diminishing; gains 1.67, 1.5, 1.33), then gain 1.05 -> stagnation
+        ([1, 1.9, 3.4, 5.67, 8.5, 11.33, 11.9], ["linear"] * 3 + ["diminishing"] * 3 + ["stagnation"]),
+        # stagnation never ends even if a later doubling gains again
+        ([1, 2, 2.1, 4.2], ["linear", "linear", "stagnation", "stagnation"]),
+        # a batch size that never reached the threshold
+        ([1, 2, math.nan, 3.0], ["linear", "linear", "not reached", "stagnation"]),
+    ],
+)
+def test_regimes(speedup, expected):
+    ms = 16 * 2 ** np.arange(len(speedup), dtype=float)
+    s = np.array(speedup, dtype=float)
+    assert compute.regimes(ms, s, s * 16 / ms) == expected
+
+
+def test_regimes_scale_the_gain_to_one_doubling():
+    # m 16 -> 64 is two doublings: a gain of 1.2 in total is 1.095 per doubling (< 10 %): stagnation.
+    ms = np.array([16.0, 64.0])
+    s = np.array([1.0, 1.2])
+    assert compute.regimes(ms, s, s * 16 / ms) == ["linear", "stagnation"]
+
+
+def test_efficiency_estimate():
+    ms = np.array([16, 32, 64, 128, 256, 512], float)
+    b = 256.0
+    e = (ms[0] + b) / (ms + b)  # McCandlish: e(m) = (m0 + B) / (m + B)
+    largest, interp = compute.efficiency_estimate(ms, e, 0.5)
+    assert largest == 256
+    assert 256 < interp < 512
+    # the level is never met past m0 -> m0; never met at all -> NaN
+    assert compute.efficiency_estimate(ms, e, 0.99)[0] == 16
+    assert math.isnan(compute.efficiency_estimate(ms, e * 0.1, 0.5)[0])
+
+
+def test_mccandlish_fit_recovers_parameters_and_skips_censored():
+    ms = np.array([8, 16, 32, 64, 128, 256, 512], float)
+    k = 100.0 * (1 + 40.0 / ms)
+    k_censored = k.copy()
+    k_censored[-1] = math.inf
+    for kk in (k, k_censored):
+        s_min, b_crit = compute.mccandlish_fit(ms, kk)
+        assert s_min == pytest.approx(100.0, rel=1e-10)
+        assert b_crit == pytest.approx(40.0, rel=1e-10)
+    assert all(math.isnan(v) for v in compute.mccandlish_fit(ms[:1], k[:1]))
+    # row-wise version used by the bootstrap agrees
+    s_rows, b_rows = compute._fit_rows(1 / ms, np.vstack([k, k_censored]))
+    assert np.allclose(s_rows, 100.0) and np.allclose(b_rows, 40.0)
+
+
+def _rows(entries):
+    return [{"group": "g", "threshold": "q25", "batch_size": m, "seed": s, "trial": t,
+             "use": "reached" if math.isfinite(k) else "censored", "k": k,
+             "k_bound": math.nan if math.isfinite(k) else 500.0, "wall_s": 1.0, "samples": 2.0}
+            for m, s, t, k in entries]
+
+
+def test_best_trial_takes_fewest_mean_steps_and_keeps_its_seeds():
+    rows = _rows([
+        (16, 0, "base_lr=0.1", 100.0), (16, 1, "base_lr=0.1", 110.0),
+        (16, 0, "base_lr=0.2", 90.0), (16, 1, "base_lr=0.2", math.inf),  # censored seed: mean inf, loses
+        (32, 0, "base_lr=0.1", 60.0), (32, 1, "base_lr=0.1", 70.0),
+        (32, 0, "base_lr=0.2", 50.0), (32, 1, "base_lr=0.2", 55.0),
+    ])
+    best = compute.best_trials(rows)
+    assert [b.trial for b in best] == ["base_lr=0.1", "base_lr=0.2"]
+    assert best[0].k.tolist() == [100.0, 110.0]
+    assert best[1].k.tolist() == [50.0, 55.0]
+    assert best[0].trials_tried == 2
+
+
+def test_running_mean_and_divergence():
+    loss = np.array([4.0, 2.0, 6.0, 1.0, math.nan, 1.0, 1.0, 1.0])
+    rm = running_mean(loss, 3)
+    assert rm[:4].tolist() == [4.0, 3.0, 4.0, 3.0]
+    assert np.isinf(rm[4:7]).all()  # windows holding the NaN
+    assert rm[7] == 1.0
+
+
+def test_dense_grid_is_log_spaced_and_keeps_ends():
+    steps = np.arange(1, 100001)
+    idx = dense_grid(steps)
+    g = steps[idx].astype(float)
+    assert g[0] == 1 and g[-1] == 100000
+    assert np.all(np.diff(g) > 0)
+    late = g[g > 200]
+    assert np.all((late[1:] / late[:-1] <= 1.005) | (np.diff(late) == 1))  # 0.5 % or one step
+    assert len(idx) < 2600

@@ -1,0 +1,164 @@
+"""Known answers: synthetic sweeps whose k(m; eps) is known for every cell, through load and compute.
+
+The synthetic loss is L(k) = 2 exp(-k / tau(m)) with tau(m) = tau0 (1 + B_crit / m), so
+k(m; eps) = S_min (1 + B_crit / m) exactly (analysis/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from critbatch.analysis import compute
+from critbatch.analysis.load import load_sweeps
+from critbatch.analysis.report import compute_all
+from critbatch.analysis.synthetic import LOSS_0, GroupSpec, write_sweep
+from critbatch.jobs.store import LocalStore
+
+MS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _analyse(store, name="sw", **kw):
+    return compute_all(load_sweeps(store, [name]), **kw)
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    """One group, three seeds, no noise: every number is known in closed form."""
+    store = LocalStore(tmp_path_factory.mktemp("exact"))
+    truth = write_sweep(store, "sw", batch_sizes=MS, seeds=[0, 1, 2], groups=[GroupSpec(b_crit=256.0, b_noise=80.0)],
+                        epochs=4)
+    return truth, _analyse(store, thresholds=[0.5], bootstrap=200)
+
+
+def test_default_threshold_is_the_lower_quartile_of_the_largest_batch(exact):
+    truth, a = exact
+    largest = [c for c in truth.cells if c.batch_size == MS[-1]]
+    expected = np.percentile(np.concatenate([c.loss(c.eval_steps) for c in largest]), 25)
+    row = next(t for t in a.thresholds if t["threshold"] == "q25")
+    assert row["eps"] == pytest.approx(expected, rel=1e-12)
+    assert row["from_batch_size"] == MS[-1] and row["source"] == "train_eval" and not row["provisional"]
+
+
+@pytest.mark.parametrize("threshold", ["q25", "eps=0.5"])
+def test_steps_to_threshold_are_exact_for_every_cell(exact, threshold):
+    truth, a = exact
+    rows = [r for r in a.crossings if r["threshold"] == threshold]
+    assert len(rows) == len(truth.cells)
+    for r in rows:
+        cell = next(c for c in truth.cells if c.id == r["cell_id"])
+        assert r["use"] == "reached"
+        assert r["k"] == pytest.approx(cell.k(r["eps"]), rel=1e-9)
+        # time and samples to threshold: linear in the step
+        assert r["wall_s"] == pytest.approx(cell.k(r["eps"]) * cell.step_time, rel=1e-6)
+        assert r["samples"] == pytest.approx(cell.k(r["eps"]) * cell.batch_size, rel=1e-6)
+
+
+def test_speedup_efficiency_and_regimes_are_as_constructed(exact):
+    _, a = exact
+    b, m0 = 256.0, 16.0
+    for r in a.results:
+        ms = np.array([x["batch_size"] for x in r.per_m], float)
+        assert ms.tolist() == MS
+        # s(m) = k(m0)/k(m) = (1 + B/m0) / (1 + B/m); e(m) = (m0 + B) / (m + B)
+        assert np.allclose([x["speedup"] for x in r.per_m], (1 + b / m0) / (1 + b / ms), rtol=1e-9)
+        assert np.allclose([x["efficiency"] for x in r.per_m], (m0 + b) / (ms + b), rtol=1e-9)
+        # e: 1, .94, .85 | .71, .53, .35, .21, .12 | gains per doubling fall to 1.06 at 4096
+        assert [x["regime"] for x in r.per_m] == ["linear"] * 3 + ["diminishing"] * 5 + ["stagnation"]
+        s = r.summary
+        assert s["linear_until"] == 64 and s["stagnation_from"] == 4096
+        assert s["b_crit_eff"] == 256  # e(256) = .53 >= .5 > e(512) = .35
+        assert s["b_crit_fit"] == pytest.approx(b, rel=1e-9)
+        assert s["s_min"] == pytest.approx(20.0 * math.log(LOSS_0 / r.eps), rel=1e-9)
+        assert s["e_min"] == pytest.approx(s["s_min"] * b, rel=1e-9)
+        assert s["b_simple"] == pytest.approx(80.0, rel=1e-9)
+        assert s["b_simple_cells"] == len(MS) * 3
+        assert s["censored"] == ""
+        # no spread between seeds: every bootstrap interval collapses onto the estimate
+        assert s["b_crit_fit_lo"] == pytest.approx(b, rel=1e-9) and s["b_crit_fit_hi"] == pytest.approx(b, rel=1e-9)
+
+
+def test_fit_with_seed_noise_is_within_tolerance_and_has_an_interval(tmp_path):
+    store = LocalStore(tmp_path)
+    write_sweep(store, "sw", batch_sizes=MS, seeds=[0, 1, 2, 3], seed_noise=0.03,
+                groups=[GroupSpec(b_crit=300.0)], epochs=4)
+    a = _analyse(store, bootstrap=500)
+    s = a.results[0].summary
+    # 3 % noise on tau per cell: the fit stays within 10 % of B_crit, and its interval holds it
+    assert s["b_crit_fit"] == pytest.approx(300.0, rel=0.10)
+    assert s["b_crit_fit_lo"] < s["b_crit_fit"] < s["b_crit_fit_hi"]
+    assert s["b_crit_fit_lo"] <= 300.0 <= s["b_crit_fit_hi"]
+    assert s["b_crit_eff"] in (256, 512)  # e(m) = (16 + 300)/(m + 300) = 0.5 at m = 332
+    assert 256 <= s["b_crit_eff_interp"] <= 512
+    assert s["b_crit_eff_interp"] == pytest.approx(332.0, rel=0.15)
+    bands = a.results[0].bands
+    assert all(lo <= hi for lo, hi in bands.values()) and len(bands) == len(MS)
+
+
+def test_best_trial_wins_per_batch_size(tmp_path):
+    store = LocalStore(tmp_path)
+    # trial 1 (base_lr 0.2) is 20 % faster everywhere
+    truth = write_sweep(store, "sw", batch_sizes=[16, 64, 256], seeds=[0, 1],
+                        groups=[GroupSpec(base_lrs=(0.1, 0.2), trial_factors=(1.0, 0.8))])
+    a = _analyse(store, thresholds=[0.5], bootstrap=0)
+    assert len(a.groups) == 1 and a.groups[0].trial_fields == ("base_lr",)
+    r = next(x for x in a.results if x.threshold == "eps=0.5")
+    assert [x["trial"] for x in r.per_m] == ["base_lr=0.2"] * 3
+    for x in r.per_m:
+        expect = np.mean([truth.find(batch_size=x["batch_size"], seed=s, trial=1).k(0.5) for s in (0, 1)])
+        assert x["k_mean"] == pytest.approx(expect, rel=1e-9)
+        assert x["trials"] == 2
+
+
+def test_censored_batch_sizes_are_bounds_and_left_out_of_the_fit(tmp_path):
+    store = LocalStore(tmp_path)
+    truth = write_sweep(store, "sw", batch_sizes=[16, 32, 64, 128, 256, 512], groups=[GroupSpec(b_crit=64.0)],
+                        epochs=1)
+    big = truth.find(batch_size=512)
+    # a threshold the largest batch size cannot reach in its budget, but the others can
+    eps = float(big.loss(big.last_step)) * 0.5
+    assert math.isinf(big.k(eps)) and math.isfinite(truth.find(batch_size=256).k(eps))
+    a = _analyse(store, thresholds=[eps], bootstrap=0)
+    r = next(x for x in a.results if x.threshold.startswith("eps="))
+    row = r.per_m[-1]
+    assert row["censored"] and math.isnan(row["speedup"]) and row["regime"] == "not reached"
+    assert row["k_lower_bound"] == big.last_step
+    assert r.summary["censored"] == "512" and r.summary["fit_points"] == 5
+    assert r.summary["b_crit_fit"] == pytest.approx(64.0, rel=1e-9)
+    assert r.summary["censored_inconsistent"] == ""  # the fit agrees it needed more steps than it had
+    cells = [x for x in a.crossings if x["threshold"] == r.threshold and x["batch_size"] == 512]
+    assert [x["use"] for x in cells] == ["censored"]
+
+
+def test_running_mean_fallback_uses_the_stated_window(tmp_path):
+    store = LocalStore(tmp_path)
+    truth = write_sweep(store, "sw", batch_sizes=[16, 64, 256], groups=[GroupSpec(b_crit=64.0)], epochs=1,
+                        train_evals=False, minibatch_noise=0.0)
+    window = 20
+    a = compute_all(load_sweeps(store, ["sw"], window=window), thresholds=[0.1], bootstrap=0)
+    assert a.groups[0].source == "running_mean"
+    for r in (x for x in a.crossings if x["threshold"] == "eps=0.1"):
+        c = next(c for c in truth.cells if c.id == r["cell_id"])
+        # mean of L over the last w steps = L(k) * c_w with c_w = mean(exp(i / tau), i < w)
+        c_w = np.mean(np.exp(np.arange(window) / c.tau))
+        expected = c.tau * math.log(LOSS_0 * c_w / 0.1)
+        assert r["k"] == pytest.approx(expected, rel=0.005)
+
+
+def test_figure_families_follow_what_varies(tmp_path):
+    store = LocalStore(tmp_path)
+    groups = [
+        GroupSpec(strategy="blr"), GroupSpec(strategy="lsr"), GroupSpec(strategy="srsr"),
+        GroupSpec(model="vgg16"), GroupSpec(dataset="cifar100"), GroupSpec(fraction=0.5),
+    ]
+    write_sweep(store, "sw", batch_sizes=[16, 64, 256], groups=groups, epochs=1)
+    a = _analyse(store, bootstrap=0)
+    assert len(a.groups) == 6
+    fams = {axis: [[g.label for g in f] for f in compute.families(a.groups, axis)] for axis in compute.FAMILIES}
+    assert fams["strategy"] == [["cifar10/resnet34/blr fraction=1", "cifar10/resnet34/lsr fraction=1",
+                                 "cifar10/resnet34/srsr fraction=1"]]
+    assert [len(f) for f in fams["model"]] == [2]
+    assert [len(f) for f in fams["dataset"]] == [2]
+    assert [len(f) for f in fams["fraction"]] == [2]
