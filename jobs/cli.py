@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--max-active", type=int, default=0, help="cap on cells running at once (0: no cap)")
-    p.add_argument("--wait", action="store_true", help="keep submitting until every cell is created")
+    p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
+    p.add_argument("--wait", action="store_true",
+                   help="keep submitting until every cell has finished, then start the analysis Job")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="polling interval with --wait")
     p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
     p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "status", "critbatch.jobs.submit:cli_status", "one table of every cell's cluster and store state")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
+    p.add_argument("--store", default=None, help="override the grid's store")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 
     p = _command(sub, "presets", "critbatch.jobs.grid:cli_presets", "list the grid presets shipped with critbatch")
