@@ -350,7 +350,13 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = False
         else:
             # Bit-identical resume on the CPU; ops without a deterministic kernel only warn.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            # torch.use_deterministic_algorithms() also imports the compiler stack to set its flag
+            # (about 2 s per start-up); nothing here compiles, so set the eager flag alone when possible.
+            setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+            if setter is not None:
+                setter(True, warn_only=True)
+            else:  # pragma: no cover - other torch versions
+                torch.use_deterministic_algorithms(True, warn_only=True)
 
     def _noise_mode(self) -> str | None:
         """How the gradient-noise statistics (design 6) are measured, given the batch layout.

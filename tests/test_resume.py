@@ -1,0 +1,121 @@
+"""Kill `critbatch train` at a random step after a checkpoint, restart it: same weights, every step logged once.
+
+CPU, one thread: a resumed run must end with final weights bit-identical to an
+uninterrupted run, and its step losses must be the very same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from critbatch.jobs.checkpoint import Checkpointer
+from critbatch.jobs.config import Cell
+from critbatch.jobs.store import cell_prefix, open_store
+from test_train import final_weights, read_rows, read_success
+
+CELL = json.dumps({
+    "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 32,
+    "base_lr": 0.02, "base_batch": 16, "epochs": 8, "warmup_epochs": 1, "sweep": "r",
+    "eval": {"points": 12, "train_subset": 200}, "noise": {"every": 7}, "max_steps": 300,
+})
+TOTAL = 300
+PREFIX = cell_prefix("r", Cell.from_json(CELL).id)
+
+
+def launch(store: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "critbatch.jobs.cli", "train", "--cell", CELL, "--store", store,
+           "--threads", "1", "--progress", "none", "--flush-steps", "16", "--checkpoint-steps", "25", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its final weights and step losses."""
+    url = str(tmp_path_factory.mktemp("reference") / "store")
+    code, out = finish(launch(url))
+    assert code == 0, out
+    store = open_store(url)
+    return final_weights(store, PREFIX), read_rows(store, PREFIX, "steps"), read_rows(store, PREFIX, "evals")
+
+
+def wait_for_checkpoint(store, proc: subprocess.Popen, after: int = 0, timeout: float = 120) -> int:
+    """The step of the first complete checkpoint newer than ``after``."""
+    deadline = time.monotonic() + timeout
+    ckpt = Checkpointer(store, PREFIX)
+    while time.monotonic() < deadline:
+        steps = [s for s in ckpt.complete_steps() if s > after]
+        if steps:
+            return steps[-1]
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def interrupt(url: str, sig: signal.Signals, after: int) -> int:
+    """Start (or resume) the run, send ``sig`` at a random moment past its next checkpoint; the step to resume from."""
+    store = open_store(url)
+    proc = launch(url)
+    wait_for_checkpoint(store, proc, after)
+    time.sleep(random.uniform(0.0, 0.8))  # a random step past that checkpoint
+    assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
+    proc.send_signal(sig)
+    code, out = finish(proc)
+    if after:
+        assert f"resumed from the checkpoint at step {after}" in out
+    if sig == signal.SIGTERM:
+        assert code == 143, out
+        assert "on SIGTERM (checkpointed)" in out
+        stopped = int(out.split("stopped at step ")[1].split()[0])
+        # SIGTERM: the step in flight is finished and checkpointed before the exit.
+        assert Checkpointer(store, PREFIX).complete_steps()[-1] == stopped
+    else:
+        assert code == -signal.SIGKILL, out
+    assert not store.exists(f"{PREFIX}/_SUCCESS")
+    resume_from = Checkpointer(store, PREFIX).complete_steps()[-1]
+    assert after < resume_from < TOTAL
+    return resume_from
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference):
+    """SIGTERM at a random step, resume, SIGKILL at a later random step, resume again, finish."""
+    ref_weights, ref_steps, ref_evals = reference
+    url = str(tmp_path / "store")
+    store = open_store(url)
+    after = interrupt(url, signal.SIGTERM, after=0)
+    after = interrupt(url, signal.SIGKILL, after=after)
+
+    code, out = finish(launch(url))
+    assert code == 0, out
+    assert f"resumed from the checkpoint at step {after}" in out
+    assert read_success(store, PREFIX)["status"] == "done"
+
+    weights = final_weights(store, PREFIX)
+    assert weights.keys() == ref_weights.keys()
+    for name, value in ref_weights.items():
+        assert torch.equal(weights[name], value), name
+
+    steps = read_rows(store, PREFIX, "steps")
+    assert [r["step"] for r in steps] == list(range(1, TOTAL + 1))  # each step exactly once
+    assert [r["train_loss"] for r in steps] == [r["train_loss"] for r in ref_steps]
+    assert [r["noise_g_big_sq"] for r in steps] == [r["noise_g_big_sq"] for r in ref_steps]
+    walls = [r["wall_time_s"] for r in steps]
+    assert walls == sorted(walls)  # training time carries on across restarts
+    evals = read_rows(store, PREFIX, "evals")
+    key = lambda r: (r["step"], r["split"])  # noqa: E731
+    assert sorted(map(key, evals)) == sorted(map(key, ref_evals))  # no evaluation twice or missing
+    assert {key(r): r["loss"] for r in evals} == {key(r): r["loss"] for r in ref_evals}
