@@ -170,8 +170,13 @@ class LogStream:
         return target
 
     def close(self, timeout: float | None = None) -> dict[str, int]:
-        """sync(), then stop the background threads (also when sync raises)."""
+        """sync(), then stop the background threads (also when sync raises). Closing twice is harmless."""
         if not self._started:
+            return dict(self._next)
+        if self._closing:
+            if self.pending_parts():
+                raise StoreUnavailable(f"logstream: closed with {self.pending_parts()} parts not uploaded "
+                                       f"(kept in {self.spool})")
             return dict(self._next)
         try:
             return self.sync(timeout)

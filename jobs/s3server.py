@@ -91,6 +91,9 @@ class S3Server:
             weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            # The Iceberg and Lance side servers listen on fixed ports (8181, 9101): a second server
+            # on the machine would die at start-up on them. Nothing here uses them.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

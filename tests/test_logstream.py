@@ -66,6 +66,7 @@ def test_every_row_arrives_once_and_in_order(any_store_url, tmp_path):
         if step % 25 == 0:
             log.log_eval(eval_row(step))
     assert log.close(timeout=60) == {"steps": 15, "evals": 1}
+    assert log.close() == {"steps": 15, "evals": 1}  # a second close is harmless
 
     steps = read_back(store, "steps")
     assert steps.column("step").to_pylist() == list(range(1, 101))
