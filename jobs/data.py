@@ -105,7 +105,7 @@ class TaskData:
         perm = torch.randperm(self.n_train, generator=_generator("epoch", seed, epoch)).to(self.device)
         for j in range(start, self.steps_per_epoch(batch_size)):
             idx = perm[j * batch_size + lo: j * batch_size + hi]
-            x, y = self.train_x[idx], self.train_y[idx]
+            x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
             if self.augment != "none":
                 x, y = self._augment(x, y, _generator("augment", seed, epoch, j), batch_size, lo, hi)
             yield self._finish_x(x), self._finish_y(y)
@@ -121,7 +121,7 @@ class TaskData:
             if self.eval_train_subset is not None and self.eval_train_subset < self.n_train:
                 keep = torch.randperm(self.n_train, generator=_generator("eval-subset", SUBSET_SEED))
                 keep = keep[: self.eval_train_subset].sort().values.to(self.device)
-                x, y = x[keep], y[keep]
+                x, y = x.index_select(0, keep), y.index_select(0, keep)
         elif split == "test":
             x, y = self.test_x, self.test_y
         else:
@@ -162,26 +162,31 @@ class TaskData:
         offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=gen)[:, lo:hi].to(x.device)
         flips = (torch.rand(batch, generator=gen) < 0.5)[lo:hi].to(x.device)
         if "crop" in self.augment:
-            x = random_crop(x, offsets[0], offsets[1], pad)
-        if "flip" in self.augment:
+            x = random_crop(x, offsets[0], offsets[1], pad, flips if "flip" in self.augment else None)
+        elif "flip" in self.augment:
             x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-            if self.task == "segmentation":
-                y = torch.where(flips.view(-1, 1, 1), y.flip(-1), y)
+        if "flip" in self.augment and self.task == "segmentation":
+            y = torch.where(flips.view(-1, 1, 1), y.flip(-1), y)
         return x, y
 
 
-def random_crop(x: Tensor, dy: Tensor, dx: Tensor, pad: int) -> Tensor:
-    """Crop each image of (N,C,H,W) ``x``, zero-padded by ``pad``, at offsets (dy[n], dx[n]).
+def random_crop(x: Tensor, dy: Tensor, dx: Tensor, pad: int, flip: Tensor | None = None) -> Tensor:
+    """Crop each image of (N,C,H,W) ``x``, zero-padded by ``pad``, at offsets (dy[n], dx[n]); mirror where ``flip``.
 
-    One padded tensor and one gather: rows (N,H) and columns (N,W) index it.
+    One padded tensor and one gather along its flattened pixels: pixel (i, j)
+    of image n comes from padded row dy[n] + i and column dx[n] + j, or
+    dx[n] + W - 1 - j when the image is mirrored (so the flip costs nothing).
     """
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = dy.view(n, 1) + torch.arange(h, device=x.device)  # (N,H)
-    cols = dx.view(n, 1) + torch.arange(w, device=x.device)  # (N,W)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    ph, pw = h + 2 * pad, w + 2 * pad
+    padded = x.new_zeros(n, c, ph, pw)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    if flip is not None:
+        cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    rows = dy.view(n, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)  # (N,H,1)
+    pixel = rows * pw + (dx.view(n, 1) + cols).view(n, 1, w)  # (N,H,W) flat index into the padded image
+    return padded.view(n, c, ph * pw).gather(2, pixel.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 # ---- subsets ------------------------------------------------------------------
@@ -573,18 +578,20 @@ def read_image_split(name: str, root: Path, split: str, download: bool = False) 
     raise ValueError(f"{name!r} is not an image classification set")
 
 
-def channel_stats(x: Tensor, chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and standard deviation of uint8 (N,C,H,W), in uint8 units (float64 sums, chunked)."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for i in range(0, len(x), chunk):
-        part = x[i: i + chunk].double()
-        total += part.sum((0, 2, 3))
-        squares += part.pow(2).sum((0, 2, 3))
-    count = x.numel() / x.shape[1]
-    mean = total / count
-    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return mean.float(), std.float()
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of uint8 (N,C,H,W), in uint8 units.
+
+    Exact and cheap: from each channel's 256-bin histogram, in float64.
+    """
+    levels = torch.arange(256, dtype=torch.float64)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        p = counts / counts.sum()
+        m = float((p * levels).sum())
+        mean.append(m)
+        std.append(max(float((p * (levels - m) ** 2).sum()), 1e-12) ** 0.5)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 def _take(x: Tensor, y: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:

@@ -446,3 +446,13 @@ def test_stage_cli(disk_root, tmp_path, capsys):
     assert "staged 4 files" in out and f"--data-root {store}" in out
     assert cli(["data", "stage", "mnist", "--from", str(tmp_path / "nope"), "--store", str(store)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_random_crop_with_flip_mirrors_the_window():
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    dy, dx = torch.tensor([0, 1, 4, 8, 3, 4]), torch.tensor([8, 2, 4, 0, 5, 4])
+    flip = torch.tensor([True, False, True, True, False, False])
+    plain = random_crop(x, dy, dx, 4)
+    both = random_crop(x, dy, dx, 4, flip)
+    assert torch.equal(both, torch.where(flip.view(-1, 1, 1, 1), plain.flip(-1), plain))
+    assert torch.equal(both[5], x[5]) and torch.equal(both[2], x[2].flip(-1))
