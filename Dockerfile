@@ -1,0 +1,49 @@
+# The one runtime image of critbatch: cell Jobs (torchrun ... critbatch.jobs.cli train) and the analysis
+# Job (critbatch analyze) both run it.
+#
+#   docker build -t critbatch:latest .
+#   docker build --build-arg BASE_IMAGE=python-bookworm-local -t critbatch:dev .   # a plain Python base
+#   images/build.sh --tag critbatch:dev --kind critbatch                           # build + kind load
+#
+# BASE_IMAGE: a CUDA PyTorch runtime by default (torch comes with it); any Debian-like image with
+# python3 and venv works, torch is then installed from images/requirements-torch.txt.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/critbatch/venv \
+    PATH=/opt/critbatch/venv/bin:$PATH
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# A virtual environment that sees the base image's packages: the base's torch (built for its CUDA) is
+# used as is, and pip never touches the system Python (PEP 668).
+RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV"
+
+COPY images/requirements.txt images/requirements-torch.txt /opt/critbatch/
+RUN if ! python -c "import torch, torchvision" 2>/dev/null; then \
+        pip install -r /opt/critbatch/requirements-torch.txt; \
+    fi \
+    && pip install -r /opt/critbatch/requirements.txt
+
+WORKDIR /opt/critbatch/src
+COPY pyproject.toml README.md ./
+COPY jobs ./jobs
+COPY analysis ./analysis
+COPY k8s ./k8s
+RUN pip install --no-deps . && critbatch --version
+
+# The non-root user the manifests run as (runAsUser/runAsGroup 1000); HOME and caches are emptyDirs there.
+# Some bases already have uid 1000 (Ubuntu 24.04's "ubuntu"): then that account is the one used.
+RUN if ! getent group 1000 >/dev/null; then groupadd --gid 1000 critbatch; fi \
+    && if ! getent passwd 1000 >/dev/null; then \
+        useradd --uid 1000 --gid 1000 --home-dir /home/critbatch --create-home --shell /usr/sbin/nologin critbatch; \
+    fi
+USER 1000:1000
+WORKDIR /home/critbatch
+
+ENTRYPOINT ["critbatch"]
+CMD ["--help"]
