@@ -4,9 +4,11 @@ Tables are lists of flat dicts (one dict a row), written to CSV as they are.
 
 Definitions, stated once (the report repeats them):
 
-- The training-loss curve of a cell is its train-split evaluations where
-  every cell of its group has them, else the running mean of its minibatch
-  losses (window W). A group uses one source for all its cells.
+- The training-loss curve of a cell is its train-split evaluations, else
+  the running mean of its minibatch losses (window W). A group uses one
+  source for all its cells (the two differ systematically): evaluations when
+  at least half of its cells have them; a cell without the group's source
+  has no curve ("no data").
 - k(m; eps): the first step at which the curve is <= eps, interpolated
   between the two logged points that bracket the crossing, linearly in
   log(loss). A cell whose curve never gets there is *censored*: k > the last
@@ -157,9 +159,11 @@ def group_cells(cells: list[CellSummary]) -> list[Group]:
         g.label = parts[0] + "/" + parts[1] + "/" + parts[2] + (" " + " ".join(parts[3:]) if parts[3:] else "")
         flats = [flatten(c.cell) for c in g.cells]
         g.trial_fields = tuple(f for f in TRIAL_FIELDS if len({json.dumps(x.get(f)) for x in flats}) > 1)
+        # One source per group (train-split evaluations and minibatch running means differ systematically):
+        # evaluations when at least half the cells with data have them; the others then have no curve.
         usable = [c for c in g.cells if c.train_eval is not None or c.running_mean is not None]
-        g.source = "train_eval" if usable and all(
-            c.train_eval is not None and len(c.train_eval) >= 2 for c in usable) else "running_mean"
+        with_evals = [c for c in usable if c.train_eval is not None and len(c.train_eval) >= 2]
+        g.source = "train_eval" if usable and 2 * len(with_evals) >= len(usable) else "running_mean"
     groups.sort(key=lambda g: g.label)
     return groups
 

@@ -24,6 +24,7 @@ from critbatch.analysis.compute import CurveResult, Group, Table, contour_grid, 
 MAX_PANELS = 12
 #: Lighter colours for lower loss, as in the paper's contour plots.
 CONTOUR_CMAP = "viridis_r"
+CONTOUR_DECADES = 1e-6
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _png(fig: Figure) -> bytes:
 def _panels(n: int, width: float = 4.6, height: float = 3.6, cols: int = 3) -> tuple[Figure, list]:
     cols = max(1, min(cols, n))
     rows = int(math.ceil(n / cols))
-    fig = Figure(figsize=(width * cols, height * rows))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -201,7 +202,7 @@ def speedup_efficiency_figure(results: list[CurveResult]) -> Artifact:
     if not results:
         art.missing = "no group reached any threshold"
         return art
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     _speedup_panel(ax1, results, lambda r: r.group.label)
     markers = {"linear": "o", "diminishing": "s", "stagnation": "x"}
@@ -242,11 +243,15 @@ def _contour(ax, fig, group: Group, which: str, trials: dict[int, str] | None, r
                              "loss": float(Z[i, j])})
     Zm = np.ma.masked_invalid(Z.T)
     pos = Z[np.isfinite(Z) & (Z > 0)]
-    lo, hi = float(pos.min()), float(pos.max())
+    hi = float(pos.max())
+    # Six decades of colour at most: losses below that share the lightest colour (a loss that decays to 1e-30
+    # would otherwise leave every level that matters in one shade).
+    lo = max(float(pos.min()), hi * CONTOUR_DECADES)
     if hi <= lo:
         hi = lo * 1.01
     levels = np.geomspace(lo, hi, 15)
-    cs = ax.contourf(ms, steps, Zm, levels=levels, norm=LogNorm(lo, hi), cmap=CONTOUR_CMAP)
+    cs = ax.contourf(ms, steps, np.ma.masked_less_equal(Zm, 0).clip(lo, None), levels=levels, norm=LogNorm(lo, hi),
+                     cmap=CONTOUR_CMAP)
     fig.colorbar(cs, ax=ax, label=f"{which} loss", format="%.2g")
     ax.set_yscale("log")
     _log2_axis(ax, ms)
@@ -302,7 +307,7 @@ def test_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) 
         art.missing = "no problem with both BLR and LSR groups that logged test evaluations"
         return art
     pairs = pairs[: MAX_PANELS // 2]
-    fig = Figure(figsize=(10, 3.8 * len(pairs)))
+    fig = Figure(figsize=(10, 3.8 * len(pairs)), layout="constrained")
     axes = fig.subplots(len(pairs), 2, squeeze=False)
     for row, (blr, lsr) in zip(axes, pairs):
         for ax, g in zip(row, (blr, lsr)):
@@ -481,7 +486,7 @@ def time_figure(results: list[CurveResult]) -> Artifact:
         art.missing = "no step log with wall-clock times reached a threshold"
         return art
     art.rows = rows
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     all_ms: set[float] = set()
     for r in results:

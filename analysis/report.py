@@ -244,6 +244,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
             if r else [],
         })
     diverged = [c for c in cells if c.status == "diverged"]
+    nodata = [r for r in a.crossings if r["threshold"] == a.primary and r["use"] == "no data"]
     return {
         "title": "critbatch report: " + ", ".join(a.loaded.sweeps),
         "sweeps": a.loaded.sweeps,
@@ -264,6 +265,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "skipped": a.loaded.skipped,
         "incomplete": [c for c in cells if c.status == INCOMPLETE],
         "diverged": diverged,
+        "nodata": nodata,
         "notes": [(c, n) for c in cells for n in c.notes],
         "files": files,
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
@@ -278,8 +280,8 @@ def _source_text(source: str, window: int) -> str:
 
 
 _DEFINITIONS = (
-    "Training-loss curve: the train-split evaluations where every cell of the group has them, else the running "
-    "mean of minibatch losses over {window} steps. k(m; eps): first step where the curve is <= eps, interpolated "
+    "Training-loss curve: the train-split evaluations when at least half the group's cells have them (cells without "
+    "have no curve), else the running mean of minibatch losses over {window} steps. k(m; eps): first step where the curve is <= eps, interpolated "
     "in log(loss) between the bracketing logged points. Default threshold (q25, paper 4.3): lower quartile of the "
     "curve values of the group's largest batch size with a finished cell (seeds and trials pooled). k(m): mean over "
     "seeds of the winning trial (fewest mean steps); a batch size with any seed that never reached eps is censored "
@@ -332,6 +334,10 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
         out += ["", "## Incomplete cells (no _SUCCESS)", ""]
         out += [f"- `{c.sweep}/{c.id}` m={c.batch_size} seed={c.seed}: {c.last_step} steps logged"
                 for c in ctx["incomplete"]]
+    if ctx["nodata"]:
+        out += ["", "## Cells without the group's training-loss curve (not used)", ""]
+        out += [f"- `{r['sweep']}/{r['cell_id']}` ({r['group']}) m={r['batch_size']} seed={r['seed']}"
+                for r in ctx["nodata"]]
     if ctx["diverged"]:
         out += ["", "## Diverged cells", ""]
         out += [f"- `{c.sweep}/{c.id}` m={c.batch_size} seed={c.seed}: diverged at step {c.diverged_at}"
@@ -361,9 +367,10 @@ img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;p
 {% if text %}<pre>{{ text }}</pre>{% else %}<p>no sweep.yaml in the store; the cells' own fields are in cells.csv and below.</p>{% endif %}</details>
 {% endfor %}
 <p class="small">{{ definitions }}</p>
-{% if skipped or incomplete or diverged %}<h2>What was skipped or is incomplete</h2>
+{% if skipped or incomplete or diverged or nodata %}<h2>What was skipped or is incomplete</h2>
 {% if skipped %}<p class="warn">Skipped ({{ skipped|length }}):</p><ul>{% for s in skipped %}<li><code>{{ s.key }}</code>: {{ s.reason }}</li>{% endfor %}</ul>{% endif %}
 {% if incomplete %}<p class="warn">Incomplete cells, no _SUCCESS ({{ incomplete|length }}); used only for thresholds they already crossed:</p><ul>{% for c in incomplete %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: {{ c.last_step }} steps logged</li>{% endfor %}</ul>{% endif %}
+{% if nodata %}<p class="warn">Cells without the group's training-loss curve, not used ({{ nodata|length }}):</p><ul>{% for r in nodata %}<li><code>{{ r.sweep }}/{{ r.cell_id }}</code> ({{ r.group }}) m={{ r.batch_size }} seed={{ r.seed }}</li>{% endfor %}</ul>{% endif %}
 {% if diverged %}<p class="warn">Diverged cells ({{ diverged|length }}):</p><ul>{% for c in diverged %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: diverged at step {{ c.diverged_at }}</li>{% endfor %}</ul>{% endif %}
 {% endif %}
 {% if notes %}<details><summary>notes ({{ notes|length }})</summary><ul>{% for c, n in notes %}<li><code>{{ c.id }}</code>: {{ n }}</li>{% endfor %}</ul></details>{% endif %}
