@@ -456,3 +456,19 @@ def test_random_crop_with_flip_mirrors_the_window():
     both = random_crop(x, dy, dx, 4, flip)
     assert torch.equal(both, torch.where(flip.view(-1, 1, 1, 1), plain.flip(-1), plain))
     assert torch.equal(both[5], x[5]) and torch.equal(both[2], x[2].flip(-1))
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "cityscapes"])
+def test_download_cannot_fetch_sets_without_a_public_url(tmp_path, name):
+    with pytest.raises(ConfigError, match=rf"\({name} cannot be downloaded automatically\)"):
+        load_task_data(disk_cell(name), str(tmp_path), download=True)
+
+
+def test_store_root_without_the_staged_set(any_store_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRITBATCH_CACHE", str(tmp_path / "cache"))
+    if any_store_url.startswith("s3://"):
+        match = r"dataset 'svhn' is not staged in s3://.*/datasets/svhn/; stage it with `critbatch data stage svhn"
+    else:
+        match = r"dataset 'svhn' not found: .*critbatch data stage svhn --from DIR"
+    with pytest.raises(ConfigError, match=match):
+        load_task_data(disk_cell("svhn"), any_store_url)
