@@ -1,0 +1,275 @@
+"""The local executor: a grid's cells as subprocesses of ``critbatch train``.
+
+    critbatch run digits                         # preset name or a grid YAML
+    critbatch run my-grid.yaml --parallel 2 --store s3://critbatch/runs
+
+Each cell runs the same entrypoint a pod runs (under torchrun when the grid
+asks for several processes per cell), N cells at a time with the machine's CPU
+threads divided among them. Cells whose ``_SUCCESS`` is in the store are
+skipped, so an interrupted sweep picks up where it stopped (an interrupted cell
+resumes from its last checkpoint). A failed cell is reported with the tail of
+its log while the others go on; the exit code is 1 if any cell failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from critbatch.jobs.config import Cell
+from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.store import DEFAULT_STORE, Store, open_store, success_key
+
+#: Lines of a failed cell's log shown in the report.
+TAIL_LINES = 15
+_LOSS_RE = re.compile(r"step\s+(\d+)\s*/\s*(\d+).*?loss[=: ]+\s*([-+0-9.eEnaif]+)")
+
+
+@dataclass
+class CellRun:
+    cell: Cell
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    log_file: object | None = None
+    started: float = 0.0
+    last_line: str = ""
+    status: str = "pending"  # pending | running | done | failed | skipped
+    returncode: int | None = None
+    progress: tuple[int, int] | None = None
+    loss: str = ""
+
+    def tail(self, n: int = TAIL_LINES) -> list[str]:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return [line.rstrip("\n") for line in deque(fh, maxlen=n)]
+        except OSError:
+            return []
+
+
+@dataclass
+class RunResult:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, nproc: int = 1,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """The command line that trains ``cell``: the same entrypoint a pod runs."""
+    cell_json = json.dumps(cell.to_dict(), sort_keys=True, separators=(",", ":"))
+    tail = ["train", "--cell", cell_json, "--store", store_url, "--data-root", data_root,
+            "--threads", str(threads), "--progress", "lines", *extra]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "critbatch.jobs.cli", *tail]
+    return [sys.executable, "-m", "critbatch.jobs.cli", *tail]
+
+
+def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell]]:
+    """Split cells into (to run, already finished)."""
+    todo, finished = [], []
+    for cell in cells:
+        (finished if store.exists(success_key(cell.sweep, cell.id)) else todo).append(cell)
+    return todo, finished
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    store_url: str,
+    *,
+    parallel: int = 1,
+    data_root: str = "~/.cache/critbatch/data",
+    log_dir: str | os.PathLike[str] | None = None,
+    nproc: int = 1,
+    show_progress: bool | None = None,
+    label: str = "cells",
+    extra_args: Sequence[str] = (),
+) -> RunResult:
+    """Train every unfinished cell, ``parallel`` at a time; return what happened."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel: must be at least 1, got {parallel}")
+    store = open_store(store_url)
+    store.check()
+    todo, finished = pending_cells(cells, store)
+    result = RunResult(skipped=[c.id for c in finished])
+    logs = Path(log_dir) if log_dir else _default_log_dir(store_url)
+    logs.mkdir(parents=True, exist_ok=True)
+    cpus = os.cpu_count() or 1
+    slots = min(parallel, max(1, len(todo)))
+    threads = max(1, cpus // (slots * nproc))
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+
+    queue = deque(CellRun(c, logs / f"{c.sweep}-{c.id}.log") for c in todo)
+    running: list[CellRun] = []
+    bar = _Bar(len(cells), len(finished), label, show_progress)
+    if finished:
+        bar.note(f"{len(finished)} of {len(cells)} {label} already done (their _SUCCESS exists): skipped")
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    try:
+        while queue or running:
+            while queue and len(running) < slots:
+                run = queue.popleft()
+                run.log_file = open(run.log_path, "ab")
+                cmd = train_command(run.cell, store_url, data_root=data_root, threads=threads, nproc=nproc,
+                                    extra=extra_args)
+                run.proc = subprocess.Popen(cmd, stdout=run.log_file, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+                run.started = time.monotonic()
+                run.status = "running"
+                running.append(run)
+            time.sleep(0.2)
+            for run in list(running):
+                _read_progress(run)
+                code = run.proc.poll()
+                if code is None:
+                    continue
+                running.remove(run)
+                run.log_file.close()
+                run.returncode = code
+                took = time.monotonic() - run.started
+                if code == 0:
+                    run.status = "done"
+                    result.done.append(run.cell.id)
+                    bar.note(f"done   {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}) in {took:.0f} s")
+                else:
+                    run.status = "failed"
+                    result.failed.append(run.cell.id)
+                    bar.note(f"FAILED {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}), exit code {code}; "
+                             f"log: {run.log_path}\n" + "\n".join(f"    | {line}" for line in run.tail()))
+                bar.advance()
+            bar.show_running(running)
+    except KeyboardInterrupt:
+        # SIGTERM lets each trainer checkpoint; a rerun resumes from there.
+        bar.note("interrupted: asking running cells to checkpoint and stop ...")
+        for run in running:
+            _signal(run.proc, signal.SIGTERM)
+        for run in running:
+            try:
+                run.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _signal(run.proc, signal.SIGKILL)
+                run.proc.wait()
+        bar.close()
+        raise
+    bar.close()
+    return result
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _default_log_dir(store_url: str) -> Path:
+    if store_url.startswith("s3://"):
+        return Path("critbatch-logs")
+    return Path(store_url.removeprefix("file://")).expanduser() / ".logs"
+
+
+def _describe(cell: Cell) -> str:
+    return f"{cell.dataset.name} {cell.model} {cell.strategy} m={cell.batch_size} seed={cell.seed}"
+
+
+def _read_progress(run: CellRun) -> None:
+    """The last progress line the cell printed (its log is a file we also read)."""
+    try:
+        with open(run.log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 2048))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return
+    for line in reversed(lines):
+        match = _LOSS_RE.search(line)
+        if match:
+            run.progress = (int(match.group(1)), int(match.group(2)))
+            run.loss = match.group(3)
+            return
+
+
+class _Bar:
+    """A progress bar over cells with one status line per running cell (plain lines off a terminal)."""
+
+    def __init__(self, total: int, initial: int, label: str, enabled: bool):
+        self.enabled = enabled
+        self.last_plain = 0.0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit="cell", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show_running(self, running: list[CellRun]) -> None:
+        parts = []
+        for run in running:
+            if run.progress:
+                step, total = run.progress
+                parts.append(f"m={run.cell.batch_size} {run.cell.strategy} {step}/{total} loss {run.loss}")
+            else:
+                parts.append(f"m={run.cell.batch_size} {run.cell.strategy} starting")
+        text = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:120], refresh=True)
+        elif running and time.monotonic() - self.last_plain > 30:
+            self.last_plain = time.monotonic()
+            print(f"running: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_sweep_spec(store: Store, sweep: str, text: str) -> None:
+    """``<sweep>/sweep.yaml``: the grid spec as expanded, for the report's provenance."""
+    store.put_text(f"{sweep}/sweep.yaml", text)
+
+
+def cli_run(args) -> int:
+    from critbatch.jobs.grid import load_grid
+
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
+    grid = load_grid(args.grid)
+    cells = grid.cells()
+    store_url = args.store or DEFAULT_STORE
+    store = open_store(store_url)
+    store.check()
+    write_sweep_spec(store, grid.sweep, grid.sweep_yaml())
+    # A cell asking for several processes runs them on this machine under torchrun (gloo on the CPU).
+    nproc = grid.world_size
+    print(f"critbatch run: {len(cells)} cells of sweep {grid.sweep!r} -> {store.url} "
+          f"({args.parallel} at a time{f', {nproc} processes each' if nproc > 1 else ''})", file=sys.stderr)
+    result = run_cells(cells, store_url, parallel=args.parallel, data_root=args.data_root,
+                       log_dir=args.log_dir, nproc=nproc, label=grid.sweep)
+    print(f"critbatch run: {len(result.done)} trained, {len(result.skipped)} already done, "
+          f"{len(result.failed)} failed", file=sys.stderr)
+    return result.exit_code

@@ -1,0 +1,107 @@
+"""The local executor: `critbatch run` trains a grid's cells as subprocesses, resumes after an interrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from critbatch.jobs.cli import main
+from critbatch.jobs.grid import load_grid
+from critbatch.jobs.logschema import ipc_to_table
+from critbatch.jobs.store import open_store, success_key
+
+TINY = {
+    "sweep": "tiny",
+    "dataset": {"name": "linreg", "options": {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0}},
+    "model": "linear",
+    "strategy": "oracle",
+    "base_lr": 1.0,
+    "base_batch": 4,
+    "epochs": 20,
+    "batch_size": [4, 8, 16],
+    "seed": 0,
+    "optimizer": {"momentum": 0.0, "weight_decay": 0.0},
+    "eval": {"points": 10},
+    "resources": {"gpus": 0, "cpu": 1, "memory": "1Gi"},
+}
+
+
+def _grid_file(tmp_path, **changes):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def _steps_of(store, prefix):
+    tables = [ipc_to_table(store.get_bytes(k)) for k in store.list(f"{prefix}/steps/")]
+    return pa.concat_tables(tables).column("step").to_pylist()
+
+
+def test_interrupt_then_rerun_trains_every_cell_once(tmp_path, any_store_url):
+    grid_path = _grid_file(tmp_path)
+    cells = load_grid(str(grid_path)).cells()
+    store = open_store(any_store_url)
+    cmd = [sys.executable, "-m", "critbatch.jobs.cli", "run", str(grid_path), "--store", any_store_url,
+           "--parallel", "1", "--log-dir", str(tmp_path / "logs")]
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any(store.exists(success_key("tiny", c.id)) for c in cells):
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline, "no cell finished in time"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C does
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    done_first = {c.id: store.get_text(success_key("tiny", c.id)) for c in cells
+                  if store.exists(success_key("tiny", c.id))}
+    assert 1 <= len(done_first) < len(cells)
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done_first)} of {len(cells)} tiny already done" in rerun.stderr
+    for cell in cells:
+        summary = store.get_text(success_key("tiny", cell.id))
+        if cell.id in done_first:  # not trained again: the very same _SUCCESS
+            assert summary == done_first[cell.id]
+        assert json.loads(summary)["status"] == "done"
+        steps = _steps_of(store, f"tiny/cells/{cell.id}")
+        total = json.loads(summary)["steps"]
+        assert sorted(steps) == list(range(1, total + 1)), "every step exactly once"
+    assert store.exists("tiny/sweep.yaml")
+
+
+def test_failed_cell_is_reported_and_others_go_on(tmp_path, capsys):
+    # A cifar10 cell with no data staged fails at start-up (exit 2); the linreg cells still train.
+    grid_path = tmp_path / "mixed.yaml"
+    grid_path.write_text(yaml.safe_dump({**TINY, "batch_size": [4, 8]}))
+    store_url = str(tmp_path / "store")
+    assert main(["run", str(grid_path), "--store", store_url, "--log-dir", str(tmp_path / "logs")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "sweep": "bad", "dataset": {"name": "cifar10"}, "model": "resnet34",
+                                   "strategy": "blr", "batch_size": [64]}))
+    code = main(["run", str(bad), "--store", store_url, "--data-root", str(tmp_path / "nodata"),
+                 "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "FAILED bad/" in err and "exit code 2" in err
+    assert "critbatch data stage" in err  # the tail of the cell's log says how to stage the data
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "no-such-grid"], "no file 'no-such-grid' and no preset"),
+    (["run", "digits", "--parallel", "0"], "--parallel: must be at least 1"),
+    (["run", "digits", "--store", "gs://x/y"], "unsupported scheme"),
+])
+def test_bad_input_exits_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "critbatch-out").exists()  # nothing written
