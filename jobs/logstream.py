@@ -218,7 +218,6 @@ class LogStream:
         exactly flush_steps rows even when rows arrive in a burst.
         """
         with self._cut_lock:
-            self._last_cut = time.monotonic()
             for kind in KINDS:
                 buffer = self._buffers[kind]
                 count = len(buffer)  # rows appended after this point go to a later part
@@ -226,6 +225,7 @@ class LogStream:
                     count = count - count % self.flush_steps if kind == "steps" else 0
                 if not count:
                     continue
+                self._last_cut = time.monotonic()  # the timer restarts only when a part is cut
                 # A backlog (rows logged faster than parts are cut) still gives parts of flush_steps rows.
                 while count:
                     size = min(count, self.flush_steps)
