@@ -18,7 +18,8 @@ def make_cell(dataset: str, model: str, batch_size: int = 32, **ds) -> Cell:
 
 
 def linreg_cell(batch_size: int = 8, **opts) -> Cell:
-    return make_cell("linreg", "linear", batch_size, options={"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0, **opts})
+    options = {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0, **opts}
+    return make_cell("linreg", "linear", batch_size, options=options)
 
 
 def test_digits_split_and_shapes():
