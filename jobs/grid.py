@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -146,10 +147,20 @@ class Grid:
     reproduces: str = ""
     source: str = "<dict>"
     _cells: list[Cell] = field(default_factory=list, repr=False)
+    _ids: list[str] = field(default_factory=list, repr=False)
+    _jsons: list[str] = field(default_factory=list, repr=False)
 
     def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (the spec's axes in the cell's field order); ``sweep`` set."""
         return list(self._cells)
+
+    def cell_ids(self) -> list[str]:
+        """``[c.id for c in cells()]``, computed once when the grid was loaded."""
+        return list(self._ids)
+
+    def cell_jsons(self) -> list[str]:
+        """Each cell's JSON with sorted keys, sweep included: the ``--cell`` argument of ``critbatch train``."""
+        return list(self._jsons)
 
     @property
     def world_size(self) -> int:
@@ -159,7 +170,7 @@ class Grid:
         """``<store>/<sweep>/sweep.yaml``: the spec as written plus every cell it expanded to."""
         doc = {
             "spec": self.raw,
-            "cells": [{"id": c.id, "cell": c.to_dict()} for c in self._cells],
+            "cells": [{"id": i, "cell": json.loads(j)} for i, j in zip(self._ids, self._jsons)],
         }
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
 
@@ -246,7 +257,7 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
     cell_spec = {k: v for k, v in data.items() if k in CELL_FIELDS}
     world = settings.resources.world_size if isinstance(settings, _Settings) else 1
     sweep = settings.sweep if isinstance(settings, _Settings) else "invalid"
-    cells = _expand_cells(cell_spec, sweep, world, problems)
+    expanded = _expand_cells(cell_spec, sweep, world, problems)
     if problems:
         raise ConfigError(problems)
     res = settings.resources
@@ -258,7 +269,8 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
         store_endpoint=settings.store_endpoint, data_root=data_root, backend=backend,
         namespace=settings.namespace, queue=settings.queue, max_active=settings.max_active,
         service_account=settings.service_account, checkpoint_seconds=settings.checkpoint_seconds,
-        description=settings.description, reproduces=settings.reproduces, source=source, _cells=cells,
+        description=settings.description, reproduces=settings.reproduces, source=source,
+        _cells=expanded.cells, _ids=expanded.ids, _jsons=expanded.jsons,
     )
 
 
@@ -442,7 +454,16 @@ def _spec_path(field_path: str, choices: dict[str, int]) -> str:
     return out
 
 
-def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> list[Cell]:
+@dataclass
+class _Expanded:
+    """The cells of a grid with their ids and ``--cell`` JSON, computed once."""
+
+    cells: list[Cell]
+    ids: list[str]
+    jsons: list[str]
+
+
+def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> _Expanded:
     keys = [name for name in CELL_FIELDS if name in spec]
     axes = [_expand_value(spec[k], _CELL_HINTS[k], k, problems) for k in keys]
     total = 1
@@ -450,35 +471,97 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
         total *= len(axis)
     if total > MAX_CELLS:
         problems.append(f"grid: expands to {total} cells; at most {MAX_CELLS}")
-        return []
-    cells: list[Cell] = []
+        return _Expanded([], [], [])
+    if total == 0:
+        return _Expanded([], [], [])
+    values = _probe_axes(keys, axes, sweep)
+    combos = []
+    for combo in itertools.product(*[range(len(a)) for a in axes]):
+        choices: dict[str, int] = {}
+        for axis, j in zip(axes, combo):
+            choices.update(axis[j][1])
+        combos.append((combo, choices))
+    out = _Expanded([], [], [])
     cell_problems: dict[str, None] = {}  # ordered set: a bad value listed once is reported once
     first_of: dict[str, str] = {}
-    for combo in itertools.product(*axes):
-        choices: dict[str, int] = {}
-        for _, ch in combo:
-            choices.update(ch)
-        data = {k: v for k, (v, _) in zip(keys, combo)}
-        data["sweep"] = sweep
-        found: list[str] = []
-        cell = build(Cell, data, "cell", found)
+    memo: dict[int, dict] = {}
+    for combo, choices in combos:
+        if values is None:  # some value has the wrong type: build each cell, reporting with paths
+            data = {k: axis[j][0] for k, axis, j in zip(keys, axes, combo)}
+            data["sweep"] = sweep
+            found: list[str] = []
+            cell = build(Cell, data, "cell", found)
+        else:
+            cell = Cell(sweep=sweep, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
+            found = []
         if not found:
             found = cell.problems("cell", world)
         if found:
             for problem in found:
                 cell_problems[_relocate(problem, choices)] = None
             continue
+        cell_id, cell_json = _identity(cell, memo)
         where = ", ".join(f"{p}[{i}]" for p, i in choices.items()) or "the grid"
-        if cell.id in first_of:
-            cell_problems[f"grid: the cell at {where} is identical to the one at {first_of[cell.id]} "
-                          f"(id {cell.id})"] = None
+        if cell_id in first_of:
+            cell_problems[f"grid: the cell at {where} is identical to the one at {first_of[cell_id]} "
+                          f"(id {cell_id})"] = None
             continue
-        first_of[cell.id] = where
-        cells.append(cell)
+        first_of[cell_id] = where
+        out.cells.append(cell)
+        out.ids.append(cell_id)
+        out.jsons.append(cell_json)
     problems.extend(cell_problems)
-    if not problems and not cells:
+    if out.cells and out.ids[0] != out.cells[0].id:  # pragma: no cover - the cell's id rule changed
+        out.ids = [c.id for c in out.cells]
+        out.jsons = [json.dumps(c.to_dict(), sort_keys=True, separators=(",", ":")) for c in out.cells]
+    if not problems and not out.cells:
         problems.append("grid: expands to no cells")
-    return cells
+    return out
+
+
+def _probe_axes(keys: list[str], axes: list[list[tuple[Any, dict]]], sweep: str) -> list[list[Any]] | None:
+    """Each axis value checked and converted once, by building one cell per value (not per combination).
+
+    Returns the converted values per axis, or None when any value fails to build: the caller then builds
+    every combination, so each problem is reported with its path. With the checked values, a grid of
+    10,000 cells builds its cells directly instead of re-checking the same values 10,000 times.
+    """
+    base = {k: axis[0][0] for k, axis in zip(keys, axes)}
+    values: list[list[Any]] = []
+    for k, axis in zip(keys, axes):
+        column = []
+        for value, _ in axis:
+            found: list[str] = []
+            probe = build(Cell, {**base, k: value, "sweep": sweep}, "cell", found)
+            if found:
+                return None
+            column.append(getattr(probe, k))
+        values.append(column)
+    return values
+
+
+def _identity(cell: Cell, memo: dict[int, dict]) -> tuple[str, str]:
+    """The cell's id (as :attr:`Cell.id` computes it) and its ``--cell`` JSON (sweep included).
+
+    Cells built from the same checked axis values share their nested specs, so each of those is turned
+    into a dict once (``memo``, by object identity) rather than once per cell.
+    """
+    data: dict[str, Any] = {}
+    for f in _CELL_FIELD_NAMES:
+        value = getattr(cell, f)
+        if dataclasses.is_dataclass(value):
+            d = memo.get(id(value))
+            if d is None:
+                d = memo[id(value)] = dataclasses.asdict(value)
+            value = d
+        data[f] = value
+    full = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    del data["sweep"]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10], full
+
+
+_CELL_FIELD_NAMES = tuple(f.name for f in fields(Cell))
 
 
 def _relocate(problem: str, choices: dict[str, int]) -> str:
@@ -506,6 +589,6 @@ def cli_presets(args: argparse.Namespace) -> int:
 def cli_cells(args: argparse.Namespace) -> int:
     """``critbatch cells GRID``: one line per cell, its id and its JSON (the ``--cell`` of ``critbatch train``)."""
     grid = load_grid(args.grid)
-    for cell in grid.cells():
-        print(f"{cell.id}\t{json.dumps(cell.to_dict(), sort_keys=True, separators=(',', ':'))}")
+    for cell_id, cell_json in zip(grid.cell_ids(), grid.cell_jsons()):
+        print(f"{cell_id}\t{cell_json}")
     return 0

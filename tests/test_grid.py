@@ -258,3 +258,15 @@ def test_cli_presets_and_cells(capsys):
     assert [line.split("\t")[0] for line in lines] == [c.id for c in grid.cells()]
     first = json.loads(lines[0].split("\t")[1])
     assert first["sweep"] == grid.sweep and first["batch_size"] == grid.cells()[0].batch_size
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"dataset": [{"name": "mnist", "max_train": 50000}, {"name": "cifar10", "fraction": [0.5, 1.0]}],
+     "optimizer": {"momentum": [0.0, 0.9]}, "model_options": [{}, {"width": 2}], "epochs": [1, 2.5]},
+])
+def test_precomputed_ids_and_json_match_the_cells(changes):
+    grid = load_grid(spec(seed=[0, 1], **changes))
+    cells = grid.cells()
+    assert grid.cell_ids() == [c.id for c in cells]
+    assert grid.cell_jsons() == [json.dumps(c.to_dict(), sort_keys=True, separators=(",", ":")) for c in cells]

@@ -318,24 +318,35 @@ GOLDEN_CASES = {
     "job-cell.yaml": lambda: _first_cell("job", nodes=1),
     "pytorchjob-cell.yaml": lambda: _first_cell("pytorchjob", nodes=2),
     "trainjob-cell.yaml": lambda: _first_cell("trainjob", nodes=2),
-    "job-analysis.yaml": lambda: render.render_analysis_job(small()),
+    "job-analysis.yaml": lambda: render.render_documents(small())[-1],
 }
 
 
 def _first_cell(backend, nodes):
     grid = small(backend=backend, resources={**SMALL["resources"], "nodes": nodes})
-    return render.render_cell(grid, grid.cells()[0])
+    return render.render_documents(grid, analysis=False)[0]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden(name):
-    text = render.dump_object(GOLDEN_CASES[name]())
+    text = GOLDEN_CASES[name]().text
     path = GOLDEN / name
     if UPDATE_GOLDEN:
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert path.is_file(), f"missing {path}; regenerate with CRITBATCH_UPDATE_GOLDEN=1"
     assert text == path.read_text(), f"{name} changed; if intended, regenerate with CRITBATCH_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
+def test_grid_documents_equal_rendering_each_cell_alone(backend):
+    grid = small(backend=backend, resources={**SMALL["resources"], "nodes": 1 if backend == "job" else 2})
+    docs = render.render_documents(grid)
+    assert len(docs) == len(grid.cells()) + 1
+    for doc, cell in zip(docs, grid.cells()):
+        alone = render._CELL_DOCUMENTS[backend](grid, cell.id, render.cell_json(cell))
+        assert doc.text == alone.text
+        assert doc.obj == alone.obj == yaml.safe_load(doc.text) == render.render_cell(grid, cell)
 
 
 def test_rerender_is_byte_identical(tmp_path, capsys):
