@@ -307,13 +307,12 @@ class Trainer:
             "base_total_steps": self.base_total, "warmup_steps": warmup_steps(cell, self.spe),
             "world_size": dist.world, "micro_batch": self.micro,
         }
-        self.noise_mode = self._noise_mode()
-
         self._configure_backends()
         self.raw_model = model.to(device)
         if self.channels_last:
             self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.noise_mode = self._noise_mode()
         opt = cell.optimizer
         self.optimizer = torch.optim.SGD(
             self.params, lr=cell.base_lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
@@ -365,9 +364,13 @@ class Trainer:
                step's full gradient (B = m, all-reduced when there are several ranks);
         rank   several ranks, no accumulation: the local gradient (b = m / world) against the
                all-reduced one (B = m); the measured steps reduce by hand after a no_sync backward;
-        half   one process, no accumulation: an extra forward/backward on the first half of the
-               batch (b = m // 2) against the step's gradient (B = m); it runs with a forked RNG and
-               restored buffers, so the training trajectory is the same as without measuring.
+        split  one process, no accumulation, even m, no BatchNorm, a per-example mean loss: the
+               measured step runs as two micro-batches of m / 2 (b = m / 2, B = m). Without BatchNorm
+               the update is the full-batch one (up to the order of the sum) and costs nothing extra;
+        half   one process, no accumulation otherwise: an extra forward/backward on the first half
+               of the batch (b = m // 2) against the step's gradient (B = m), costing half a step per
+               measurement; it runs with a forked RNG and restored buffers, so BatchNorm statistics
+               and the training trajectory are the same as without measuring.
         """
         if self.cell.noise.every <= 0:
             return None
@@ -375,10 +378,16 @@ class Trainer:
             return "micro"
         if self.dist.active:
             return "rank"
-        return "half" if self.m >= 2 else None
+        if self.m < 2:
+            return None
+        batch_norm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in self.raw_model.modules())
+        if self.m % 2 == 0 and not batch_norm and self.task != "segmentation":
+            return "split"
+        return "half"
 
     def _noise_batches(self) -> tuple[int, int]:
-        small = {"micro": self.micro, "rank": self.per_rank, "half": self.m // 2}[self.noise_mode]
+        small = {"micro": self.micro, "rank": self.per_rank, "split": self.m // 2, "half": self.m // 2}
+        small = small[self.noise_mode]
         return small, self.m
 
     def _print_arithmetic(self) -> None:
@@ -576,23 +585,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        xs, ys = (x.chunk(self.acc), y.chunk(self.acc)) if self.acc > 1 else ((x,), (y,))
+        parts = 2 if measure and self.noise_mode == "split" else self.acc
+        xs, ys = (x.chunk(parts), y.chunk(parts)) if parts > 1 else ((x,), (y,))
         manual_reduce = measure and self.noise_mode == "rank"
         loss_sum: Tensor | None = None
         g_small: Tensor | None = None
         for i, (xm, ym) in enumerate(zip(xs, ys)):
-            last = i == self.acc - 1
+            last = i == parts - 1
             # DDP all-reduces in the last micro-batch's backward only; earlier ones accumulate locally.
             sync = self.dist.active and last and not manual_reduce
             with (self.model.no_sync() if self.dist.active and not sync else nullcontext()):
                 with self.autocast:
                     loss = self.loss_fn(self.model(self._prepare(xm)), ym)
-                (loss / self.acc if self.acc > 1 else loss).backward()
+                (loss / parts if parts > 1 else loss).backward()
             loss = loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
-            if measure and i == 0 and self.noise_mode == "micro":
-                # After the first micro-batch .grad holds g_1 / acc: |G_b|^2 = acc^2 |grad|^2.
-                g_small = gradient_sq_norm(self.params) * self.acc**2
+            if measure and i == 0 and self.noise_mode in ("micro", "split"):
+                # After the first micro-batch .grad holds g_1 / parts: |G_b|^2 = parts^2 |grad|^2.
+                g_small = gradient_sq_norm(self.params) * parts**2
         noise = None
         if measure:
             if self.noise_mode == "rank":
@@ -605,7 +615,7 @@ class Trainer:
         if self.cell.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.params, self.cell.clip_grad)
         self.optimizer.step()
-        mean_loss = loss_sum / self.acc if self.acc > 1 else loss_sum
+        mean_loss = loss_sum / parts if parts > 1 else loss_sum
         return mean_loss, noise
 
     def _half_batch_grad_sq(self, x: Tensor, y: Tensor) -> Tensor:

@@ -102,9 +102,16 @@ def _digits_model_keys():
     return build_model(cell, load_task_data(cell, ".")).state_dict().items()
 
 
-@pytest.mark.parametrize("accumulation, mode", [(1, "half"), (2, "micro")])
-def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_env, accumulation, mode):
-    """|G_b|^2 is the first 32 rows' gradient, |G_B|^2 the batch's, both before the update."""
+@pytest.mark.parametrize("accumulation, batch_norm, mode", [(1, False, "split"), (2, False, "micro"),
+                                                            (1, True, "half")])
+def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_env, accumulation, batch_norm, mode):
+    """|G_b|^2 is the first 32 rows' gradient, |G_B|^2 the batch's, both before the update.
+
+    split: the measured step runs as two halves (no BatchNorm); micro: the first of two micro-batches;
+    half: an extra pass on the first half, after which BatchNorm's running statistics are as if it never ran.
+    """
+    from torch import nn
+
     from critbatch.jobs.data import load_task_data
     from critbatch.jobs.distributed import Dist
     from critbatch.jobs.models import build_model, loss_fn
@@ -113,19 +120,25 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
 
     cell = Cell.from_json(cell_json(accumulation=accumulation))
     data = load_task_data(cell, ".")
-    torch.manual_seed(0)
-    model = build_model(cell, data)
-    reference = build_model(cell, data)
-    reference.load_state_dict(model.state_dict())
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        if batch_norm:
+            return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * 64, 10))
+        return build_model(cell, data)
+
+    model, reference, once = make(), make(), make()
     trainer = Trainer(cell, LocalStore(tmp_path / "store"), data, model, torch.device("cpu"), Dist(),
                       flush_steps=10, flush_seconds=1.0, checkpoint_seconds=60.0, checkpoint_steps=0,
                       progress="none")
     assert trainer.noise_mode == mode
     x, y = next(data.train_batches(0, 64, seed=0))
+    criterion = loss_fn("classification")
 
     def grad_sq(rows: slice) -> float:
         reference.zero_grad()
-        loss_fn("classification")(reference(x[rows]), y[rows]).backward()
+        criterion(reference(x[rows]), y[rows]).backward()
         return float(sum(p.grad.double().pow(2).sum() for p in reference.parameters()))
 
     small, big = grad_sq(slice(0, 32)), grad_sq(slice(0, 64))
@@ -134,9 +147,10 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
     assert float(noise[2]) == pytest.approx(small, rel=1e-5)
     assert float(noise[3]) == pytest.approx(big, rel=1e-5)
     with torch.no_grad():
-        assert float(loss) == pytest.approx(float(loss_fn("classification")(reference(x), y)), rel=1e-6)
-    # The update itself used the full-batch gradient.
-    assert not torch.equal(model.state_dict()["classifier.3.bias"], reference.state_dict()["classifier.3.bias"])
+        assert float(loss) == pytest.approx(float(criterion(once(x), y)), rel=1e-5)  # the batch's mean loss
+    if batch_norm:  # one full-batch forward's worth of running statistics, not two
+        assert torch.equal(model[1].running_mean, once[1].running_mean)
+        assert int(model[1].num_batches_tracked) == 1
 
 
 def test_accumulation_gives_the_full_batch_update(tmp_path, cpu_env):
