@@ -10,6 +10,10 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# auto: install torch and torchvision when the base lacks them; never: keep the base's as they are
+# (a base with a CPU-only torch and no torchvision still runs every model but the torchvision ones).
+ARG INSTALL_TORCH=auto
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -24,7 +28,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV"
 
 COPY images/requirements.txt images/requirements-torch.txt /opt/critbatch/
-RUN if ! python -c "import torch, torchvision" 2>/dev/null; then \
+RUN if [ "$INSTALL_TORCH" = auto ] && ! python -c "import torch, torchvision" 2>/dev/null; then \
         pip install -r /opt/critbatch/requirements-torch.txt; \
     fi \
     && pip install -r /opt/critbatch/requirements.txt
