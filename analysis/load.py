@@ -4,8 +4,9 @@ A cell's step log can hold 10^5 rows or more, and a sweep 10^3 cells, so the
 rows are never held together: each cell's parts are read, deduplicated on
 step (a later part wins, as after a resume), reduced to a few curves of at
 most a few thousand points (:class:`CellSummary`), and dropped. Cells are
-reduced in a small thread pool, which hides S3 latency; memory stays at
-``workers`` cells' rows plus the summaries.
+reduced in a thread pool, which hides S3 latency (or, for a large local
+sweep, a process pool, which uses every core); memory stays at one cell's
+rows per worker plus the summaries.
 
 What cannot be read is skipped and named: a part that is not a whole Arrow
 file (corrupt, truncated), a cell without ``cell.json``. A cell without
@@ -19,7 +20,8 @@ import functools
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,13 +31,15 @@ import pyarrow as pa
 from critbatch.jobs.config import Cell
 from critbatch.jobs.errors import ConfigError
 from critbatch.jobs.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
-from critbatch.jobs.store import S3Store, Store
+from critbatch.jobs.store import LocalStore, S3Store, Store
 
 #: Points of a cell's dense log-spaced grid: consecutive steps differ by at most 0.5 %, so a threshold
 #: crossing read off the running mean of minibatch losses is within 0.5 % of the step where it happens.
 GRID_RATIO = 1.005
 
 INCOMPLETE = "incomplete"
+#: From this many cells on, a local store's cells are reduced in one process per CPU.
+PROCESS_MIN_CELLS = 64
 
 _STEP_COLUMNS = ("step", "samples_seen", "train_loss", "wall_time_s",
                  "noise_b_small", "noise_b_big", "noise_g_small_sq", "noise_g_big_sq")
@@ -123,11 +127,14 @@ class Loaded:
 
 
 def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: int | None = None,
-                warn: Callable[[str], None] | None = None) -> Loaded:
+                processes: bool | None = None, warn: Callable[[str], None] | None = None) -> Loaded:
     """Read and reduce every cell of ``sweeps``.
 
     A sweep with no cell at all is a :class:`ConfigError` (the name or the
     store is probably wrong). ``warn`` receives one line per skipped item.
+    Cells are reduced by ``workers`` threads (S3: 16), or by one process per
+    CPU for a local store of ``PROCESS_MIN_CELLS`` cells or more
+    (``processes`` forces either way).
     """
     if window < 1:
         raise ConfigError(f"--window: must be a positive number of steps, got {window}")
@@ -151,10 +158,20 @@ def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: i
     if problems:
         raise ConfigError(problems)
 
-    if workers is None:
-        workers = 16 if isinstance(store, S3Store) else min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda job: load_cell(store, *job, window=window), jobs))
+    cpus = available_cpus()
+    if processes is None:
+        processes = isinstance(store, LocalStore) and len(jobs) >= PROCESS_MIN_CELLS and cpus > 1
+    if processes:
+        # Decoding a cell's parts is mostly Python per part, which holds the GIL: processes use every core.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["critbatch.analysis.load"])
+        with ProcessPoolExecutor(max_workers=workers or cpus, mp_context=ctx) as pool:
+            results = list(pool.map(_load_job, [(store, *job, window) for job in jobs], chunksize=4))
+    else:
+        # Threads hide S3 latency (the GIL is released while waiting on the network).
+        workers = workers or (16 if isinstance(store, S3Store) else cpus)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(pool.map(lambda job: load_cell(store, *job, window=window), jobs))
 
     cells, skipped, seen = [], [], set()
     for summary, skips in results:
@@ -170,6 +187,18 @@ def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: i
         if warn:
             warn(f"skipped {item.key}: {item.reason}")
     return Loaded(store.url, list(sweeps), yaml, cells, skipped, window)
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:  # not on Linux
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _load_job(job: tuple) -> tuple[CellSummary | None, list[Skipped]]:
+    store, sweep, cell_id, keys, window = job
+    return load_cell(store, sweep, cell_id, keys, window=window)
 
 
 def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window: int = 50
@@ -208,6 +237,7 @@ def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window
 def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple[str, ...],
                 skipped: list[Skipped]) -> pa.Table | None:
     """The parts' rows (in part order), with unreadable parts skipped and named."""
+    want = pa.schema([schema.field(name) for name in columns])
     tables = []
     expected = 0
     for key in sorted(keys, key=part_index):
@@ -216,7 +246,7 @@ def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple
             skipped.append(Skipped(key, f"parts {expected:06d}..{index - 1:06d} are missing before it (read anyway)"))
         expected = index + 1
         try:
-            table = ipc_to_table(store.get_bytes(key))
+            table = ipc_to_table(_get(store, key))
         except KeyError:
             skipped.append(Skipped(key, "vanished while reading"))
             continue
@@ -224,7 +254,9 @@ def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple
             skipped.append(Skipped(key, f"corrupt or truncated Arrow file ({str(err).splitlines()[0][:120]})"))
             continue
         try:
-            table = pa.table([table.column(name).cast(schema.field(name).type) for name in columns], names=columns)
+            table = table.select(columns)
+            if not table.schema.equals(want):
+                table = pa.table([table.column(n).cast(want.field(n).type) for n in columns], names=columns)
         except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             skipped.append(Skipped(key, f"does not follow the log schema ({str(err).splitlines()[0][:120]})"))
             continue
@@ -232,6 +264,17 @@ def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple
     if not tables:
         return None
     return pa.concat_tables(tables)
+
+
+def _get(store: Store, key: str) -> bytes:
+    """A part's bytes; a local store's file is read directly (the store's path checks cost more than the read)."""
+    if isinstance(store, LocalStore):
+        try:
+            with open(os.path.join(store.url, key), "rb") as fh:
+                return fh.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
+    return store.get_bytes(key)
 
 
 def _np(table: pa.Table, name: str, dtype=float) -> np.ndarray:
@@ -243,7 +286,10 @@ def _np(table: pa.Table, name: str, dtype=float) -> np.ndarray:
 
 
 def _dedupe_last(order_keys: np.ndarray) -> tuple[np.ndarray, int]:
-    """Indices that sort ``order_keys`` keeping the last of equal keys; and how many were dropped."""
+    """Indices that sort ``order_keys`` keeping the last of equal keys; and how many were dropped.
+
+    Already strictly increasing keys (the usual case) give ``arange`` and 0.
+    """
     n = len(order_keys)
     if n == 0 or np.all(order_keys[1:] > order_keys[:-1]):
         return np.arange(n), 0
@@ -274,8 +320,8 @@ def _grid_targets(first: int, last: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def running_mean(loss: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the last ``window`` minibatch losses at every step (fewer at the start).
+def running_mean(loss: np.ndarray, window: int, at: np.ndarray | None = None) -> np.ndarray:
+    """Mean of the last ``window`` minibatch losses at every step (fewer at the start), or at the indices ``at``.
 
     A non-finite loss makes every window that contains it +inf: a diverged
     cell's curve does not recover by averaging the divergence away.
@@ -283,7 +329,7 @@ def running_mean(loss: np.ndarray, window: int) -> np.ndarray:
     bad = ~np.isfinite(loss)
     cs = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, loss))])
     cb = np.concatenate([[0], np.cumsum(bad)])
-    i = np.arange(1, len(loss) + 1)
+    i = np.arange(1, len(loss) + 1) if at is None else np.asarray(at) + 1
     lo = np.maximum(0, i - window)
     mean = (cs[i] - cs[lo]) / (i - lo)
     mean[(cb[i] - cb[lo]) > 0] = np.inf
@@ -307,25 +353,24 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
         idx, duplicates = _dedupe_last(step)
         if duplicates:
             notes.append(f"{duplicates} duplicate step rows dropped (the later part kept)")
-        step = step[idx]
-        loss = _np(steps, "train_loss")[idx]
+            step = step[idx]
+
+        def column(name: str, dtype=float) -> np.ndarray:
+            values = _np(steps, name, dtype)
+            return values[idx] if duplicates else values
+
+        loss = column("train_loss")
         bad = np.flatnonzero(~np.isfinite(loss))
         if len(bad):
             diverged_at = int(step[bad[0]])
-        mean = running_mean(loss, window)
         g = dense_grid(step)
         grid_steps = step[g].astype(float)
-        grid_wall = _np(steps, "wall_time_s")[idx][g]
-        grid_samples = _np(steps, "samples_seen")[idx][g].astype(float)
-        run = Curve(grid_steps, mean[g])
+        grid_wall = column("wall_time_s")[g]
+        grid_samples = column("samples_seen", np.int64)[g].astype(float)
+        run = Curve(grid_steps, running_mean(loss, window, at=g))
         last_step = int(step[-1])
-        noise = [_np(steps, name)[idx] for name in ("noise_g_small_sq", "noise_g_big_sq",
-                                                    "noise_b_small", "noise_b_big")]
-        measured = np.isfinite(noise[0]) & np.isfinite(noise[1]) & np.isfinite(noise[2]) & np.isfinite(noise[3])
-        noise_points = int(measured.sum())
-        if noise_points:
-            b_simple = _b_simple(*(a[measured] for a in noise), notes=notes)
-        del step, loss, mean, noise, measured
+        noise_points, b_simple = _noise(steps, idx if duplicates else None, notes)
+        del step, loss
 
     train_eval = test_eval = test_metric = None
     metric = TASK_METRIC.get(_task(cell), "none")
@@ -365,6 +410,30 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
     )
 
 
+_NOISE_COLUMNS = ("noise_g_small_sq", "noise_g_big_sq", "noise_b_small", "noise_b_big")
+
+
+def _noise(steps: pa.Table, idx: np.ndarray | None, notes: list[str]) -> tuple[int, float]:
+    """(measured steps, B_simple) from the noise columns; ``idx`` reorders/deduplicates rows when given."""
+    valid = None
+    for name in _NOISE_COLUMNS:
+        col = steps.column(name)
+        if col.null_count == len(col):
+            return 0, math.nan
+        ok = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        valid = ok if valid is None else valid & ok
+    if idx is not None:
+        valid = valid[idx]
+    rows = np.flatnonzero(valid)
+    if not len(rows):
+        return 0, math.nan
+    tail = rows[-NOISE_TAIL:]
+    if idx is not None:
+        tail = idx[tail]
+    values = [np.asarray(steps.column(name).take(pa.array(tail)).to_numpy(), dtype=float) for name in _NOISE_COLUMNS]
+    return len(rows), _b_simple(*values, notes=notes)
+
+
 #: The EMA decay of B_simple (jobs.noise.b_simple's default).
 NOISE_BETA = 0.95
 #: B_simple is the ratio of two EMAs read at the last measurement; measurements older than this many
@@ -375,9 +444,8 @@ NOISE_TAIL = int(math.ceil(math.log(1e-17) / math.log(NOISE_BETA)))
 def _b_simple(g_small_sq, g_big_sq, b_small, b_big, *, notes: list[str]) -> float:
     from critbatch.jobs.noise import b_simple
 
-    tail = slice(-NOISE_TAIL, None)
     try:
-        return float(b_simple(g_small_sq[tail], g_big_sq[tail], b_small[tail], b_big[tail], beta=NOISE_BETA))
+        return float(b_simple(g_small_sq, g_big_sq, b_small, b_big, beta=NOISE_BETA))
     except ValueError as err:
         notes.append(f"B_simple not computed: {err}")
         return math.nan

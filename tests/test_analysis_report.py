@@ -160,3 +160,17 @@ def test_s3_store_end_to_end(s3_url, tmp_path, capsys):
     assert part_key(cell_prefix("sw", truth.cells[0].id), "steps", 0) in html
     assert (tmp_path / "copy" / "index.html").read_text() == html
     shutil.rmtree(tmp_path / "copy")
+
+
+def test_process_pool_loads_the_same_as_threads(tmp_path):
+    from critbatch.analysis.load import load_sweeps
+
+    store = LocalStore(tmp_path / "store")
+    write_sweep(store, "sw", batch_sizes=[16, 64], seeds=[0, 1], groups=[GroupSpec(b_noise=30.0)], epochs=0.5)
+    threads = load_sweeps(store, ["sw"], processes=False)
+    procs = load_sweeps(store, ["sw"], processes=True, workers=2)
+    assert [c.id for c in threads.cells] == [c.id for c in procs.cells]
+    for a, b in zip(threads.cells, procs.cells):
+        assert a.b_simple == b.b_simple == pytest.approx(30.0)
+        assert (a.train_eval.values == b.train_eval.values).all()
+        assert (a.running_mean.values == b.running_mean.values).all()
