@@ -288,7 +288,8 @@ def render_documents(grid: Grid, *, backend: str | None = None, analysis: bool =
     make = _CELL_DOCUMENTS[backend or grid.backend]
     cells = grid.cells()
     docs: list[Document] = []
-    if _ID_TOKEN in json.dumps(grid.raw) or _JSON_TOKEN in json.dumps(grid.raw):  # pragma: no cover
+    raw = json.dumps(grid.raw, default=str)
+    if _ID_TOKEN in raw or _JSON_TOKEN in raw:  # pragma: no cover - a grid that spells a stand-in
         docs = [make(grid, cell.id, cell_json(cell)) for cell in cells]
     elif cells:
         proto = make(grid, _ID_TOKEN, _JSON_TOKEN)
