@@ -1,164 +1,351 @@
 #!/usr/bin/env bash
-# Build the critbatch image on this machine and run one digits cell in it against a loopback S3 server.
+# Build the critbatch image on a locally made Debian base and run one digits cell in it against an S3 server
+# on loopback, the way a cell pod runs it (torchrun, non-root, read-only root filesystem, writable tmpfs
+# scratch). Slow (a multi-GB torch install inside the build), so it only runs when asked:
 #
-#   CRITBATCH_IMAGE_TESTS=1 tests/image/run_image_test.sh      # minutes and a few GB of disk; run as root
+#   CRITBATCH_IMAGE_TESTS=1 tests/image/run_image_test.sh
 #
-# Opt-in (without CRITBATCH_IMAGE_TESTS=1 it only says so): no registry is reachable here, so it
-#   1. starts its own dockerd (vfs storage, no bridge, no iptables) on a private socket,
-#   2. makes a base image: debootstrap a bookworm minbase with python3, venv, pip and ca-certificates,
-#      copies this machine's CA bundle over the rootfs's, adds a CPU-only torch wheel from /opt/wheels
-#      when there is one, and `docker import`s it,
-#   3. builds the repository's Dockerfile on that base (`docker build --network host`),
-#   4. runs one shortened digits cell the way the cell Job does (torchrun --standalone, user 1000,
-#      read-only root filesystem, scratch on tmpfs) against a SeaweedFS S3 server on loopback,
-#      with --network host, and checks the cell's _SUCCESS in the store,
-#   5. stops the S3 server and dockerd by their pids.
-# The base image is kept in the work directory's docker data root for the next run
-# (CRITBATCH_IMAGE_WORK, default /var/tmp/critbatch-image-test; delete it to start afresh).
+# Needs root (it starts its own dockerd and runs debootstrap) and the repository's .venv (the S3 server and
+# the store checks run on the host). No image registry is needed: the base is debootstrapped and imported.
+#
+# Environment:
+#   CRITBATCH_IMAGE_WORKDIR         work dir: base rootfs cache, docker data root, logs (/var/tmp/critbatch-image)
+#   CRITBATCH_IMAGE_STORAGE_DRIVER  dockerd storage driver; default overlay2, falling back to vfs if it fails
+#   CRITBATCH_IMAGE_KEEP=1          keep the docker data root (and so the image) afterwards; default: remove it
+#   CRITBATCH_DEBIAN_MIRROR         mirror for debootstrap (its default otherwise)
+#   CRITBATCH_PYTHON                host Python with critbatch installed (default: <repo>/.venv/bin/python)
 set -euo pipefail
 
 if [[ "${CRITBATCH_IMAGE_TESTS:-0}" != 1 ]]; then
-  echo "image test skipped: set CRITBATCH_IMAGE_TESTS=1 to build and run the image (minutes, a few GB)"
+  echo "critbatch image test: skipped: set CRITBATCH_IMAGE_TESTS=1 to build and run the image (slow)"
   exit 0
 fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-python="${PYTHON:-$repo/.venv/bin/python}"
-work="${CRITBATCH_IMAGE_WORK:-/var/tmp/critbatch-image-test}"
-base_image="critbatch-test-base:bookworm"
-image="critbatch:image-test"
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-bucket="image-test-$(date +%s)"
-store="s3://$bucket/runs"
+work="${CRITBATCH_IMAGE_WORKDIR:-/var/tmp/critbatch-image}"
+py="${CRITBATCH_PYTHON:-$repo/.venv/bin/python}"
+driver="${CRITBATCH_IMAGE_STORAGE_DRIVER:-}"
+base_image="critbatch-base:bookworm"
+image="critbatch:test"
+store="s3://critbatch-image-test/runs"
+# 22 steps per epoch at batch 64 on digits' 1437 training images; 50 steps in three log parts of <= 20.
+cell='{"dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 64,
+"base_lr": 0.05, "base_batch": 32, "epochs": 3, "warmup_epochs": 1, "sweep": "image-test",
+"eval": {"points": 8, "train_subset": 300}, "noise": {"every": 10}, "max_steps": 50}'
+cell="$(tr -d '\n' <<<"$cell")"
+min_free_gb=25
+
+logs="$work/logs"
+docker_root="$work/docker"
 dockerd_pid=""
 s3_pid=""
+s3_dir=""
+started=$SECONDS
+current=""
+phase_t0=$SECONDS
+timings=()
+checks=()
+failed=0
+image_size="?"
+base_size="?"
 
-log() { printf '\n==> %s\n' "$*" >&2; }
+say() { printf '==> %s\n' "$*"; }
 
-cleanup() {
-  if [[ -n "$s3_pid" ]]; then
-    kill -TERM "$s3_pid" 2>/dev/null || true
-    wait "$s3_pid" 2>/dev/null || true
-  fi
-  if [[ -n "$dockerd_pid" ]]; then
-    kill -TERM "$dockerd_pid" 2>/dev/null || true
-    wait "$dockerd_pid" 2>/dev/null || true
-  fi
-  if mountpoint -q "$work/rootfs/proc" 2>/dev/null; then
-    umount "$work/rootfs/proc"
+check() {  # check NAME ok|fail [DETAIL]
+  if [[ "$2" == ok ]]; then
+    checks+=("  ok    $1${3:+: $3}")
+  else
+    checks+=("  FAIL  $1${3:+: $3}")
+    failed=1
   fi
 }
-trap cleanup EXIT
 
-for tool in dockerd docker debootstrap; do
-  command -v "$tool" >/dev/null || { echo "run_image_test.sh: $tool missing (apt-get install docker.io debootstrap)" >&2; exit 2; }
-done
-mkdir -p "$work"
-export DOCKER_HOST="unix://$work/docker.sock"
+# phase NAME CMD...: one step, timed; under set -e a failing command ends the run, and the EXIT trap
+# names the step it happened in.
+phase() {
+  phase_t0=$SECONDS
+  current="$1"
+  shift
+  say "$current"
+  "$@"
+  timings+=("$current $((SECONDS - phase_t0))")
+  current=""
+}
 
-log "dockerd (vfs, no bridge, no iptables) on $DOCKER_HOST"
-dockerd --storage-driver=vfs --bridge=none --iptables=false \
-  --data-root "$work/docker" --exec-root "$work/exec" --pidfile "$work/dockerd.pid" \
-  --host "$DOCKER_HOST" >"$work/dockerd.log" 2>&1 &
-dockerd_pid=$!
-for _ in $(seq 60); do
-  docker info >/dev/null 2>&1 && break
-  kill -0 "$dockerd_pid" 2>/dev/null || { tail -20 "$work/dockerd.log" >&2; exit 1; }
-  sleep 1
-done
-docker info --format 'docker {{.ServerVersion}}, storage {{.Driver}}'
+show_log() {  # the end of a log, indented, for a failing step
+  echo "--- last lines of $1" >&2
+  tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2
+}
 
-if docker image inspect "$base_image" >/dev/null 2>&1; then
-  log "base image $base_image (kept from an earlier run)"
-else
-  log "base image: debootstrap bookworm minbase"
-  rootfs="$work/rootfs"
-  rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-    bookworm "$rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
-  # pip inside the build verifies TLS against this bundle, not the rootfs's own.
-  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
-  cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
-  wheel=""
-  for candidate in /opt/wheels/torch-*+cpu-cp311-*.whl; do
-    [[ -e "$candidate" ]] && wheel="$candidate"
+unmount_under() {  # unmount_under DIR: whatever a killed dockerd or debootstrap left mounted there, deepest first
+  local mnt
+  awk -v d="$1" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do
+    umount -l "$mnt" || true
   done
-  if [[ -n "$wheel" ]]; then
-    log "base image: CPU torch from $(basename "$wheel")"
-    cp "$wheel" "$rootfs/tmp/"
-    mount -t proc proc "$rootfs/proc"
-    chroot "$rootfs" python3 -m pip install --break-system-packages --no-cache-dir --root-user-action=ignore \
-      "/tmp/$(basename "$wheel")"
-    umount "$rootfs/proc"
-    rm -f "$rootfs/tmp/$(basename "$wheel")"
+}
+
+stop_pid() {  # stop_pid PID SECONDS: TERM, wait, then KILL
+  local pid="$1" grace="$2"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq "$((grace * 5))"); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.2
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+summary() {
+  local line total=$((SECONDS - started)) status=PASS
+  [[ $failed == 0 ]] || status=FAIL
+  echo
+  echo "critbatch image test: $status"
+  echo "  image: $image $image_size (base $base_image $base_size, storage driver ${driver:-none})"
+  printf '  phases (s):'
+  for line in "${timings[@]}"; do printf ' %s %s;' "${line% *}" "${line##* }"; done
+  printf ' total %s\n' "$total"
+  for line in "${checks[@]}"; do echo "$line"; done
+  echo "RESULT: $status"
+}
+
+cleanup() {
+  local rc=$?
+  if [[ -n "$current" ]]; then
+    timings+=("$current $((SECONDS - phase_t0))")
+    check "$current" fail "exit code $rc; logs in $logs"
   fi
-  tar -C "$rootfs" -c . | docker import - "$base_image"
-  rm -rf "$rootfs"
-fi
+  [[ $rc == 0 ]] || failed=1
+  if [[ -n "$s3_pid" ]]; then
+    stop_pid "$s3_pid" 20
+    wait "$s3_pid" 2>/dev/null || true
+  fi
+  [[ -z "$s3_dir" ]] || rm -rf "$s3_dir"
+  if [[ -n "$dockerd_pid" ]]; then
+    stop_pid "$dockerd_pid" 60
+    wait "$dockerd_pid" 2>/dev/null || true
+  fi
+  unmount_under "$work/docker-exec"
+  if [[ "${CRITBATCH_IMAGE_KEEP:-0}" != 1 ]]; then
+    unmount_under "$docker_root"
+    rm -rf --one-file-system "$docker_root" "$work/docker-exec"
+  fi
+  summary
+  if [[ $failed != 0 ]]; then exit 1; fi
+  exit 0
+}
 
-log "docker build --network host on $base_image"
-install_torch=auto
-if docker run --rm --network host --entrypoint python3 "$base_image" -c "import torch" 2>/dev/null; then
-  install_torch=never  # keep the base's CPU torch; digits needs no torchvision
-fi
-started=$(date +%s)
-docker build --network host --build-arg BASE_IMAGE="$base_image" --build-arg INSTALL_TORCH="$install_torch" \
-  --tag "$image" "$repo"
-echo "built $image in $(( $(date +%s) - started )) s"
-docker image ls "$image"
+# ---- prerequisites -------------------------------------------------------------------------------------
 
-log "S3 server on loopback"
-"$python" -u - >"$work/s3.env" 2>"$work/s3.log" <<'PY' &
-import json, signal, sys, tempfile, time
+prerequisites() {
+  if [[ "$(id -u)" != 0 ]]; then
+    echo "needs root: it starts dockerd and runs debootstrap" >&2
+    return 1
+  fi
+  if [[ ! -x "$py" ]] || ! "$py" -c "import critbatch.jobs.s3server" 2>/dev/null; then
+    echo "no host Python with critbatch at $py (make test creates .venv; or set CRITBATCH_PYTHON)" >&2
+    return 1
+  fi
+  if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null || ! command -v debootstrap >/dev/null; then
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; } \
+        >"$logs/apt.log" 2>&1; then
+      show_log "$logs/apt.log"
+      return 1
+    fi
+  fi
+  local free_gb
+  free_gb="$(df --output=avail -BG "$work" | tail -n 1 | tr -dc '0-9')"
+  if ((free_gb < min_free_gb)); then
+    echo "only ${free_gb} GB free under $work; the build needs about $min_free_gb GB" >&2
+    return 1
+  fi
+}
+
+# ---- dockerd -------------------------------------------------------------------------------------------
+
+# A private dockerd (own data root, exec root and socket) so nothing of the machine's Docker setup is
+# touched. No bridge and no iptables: every container and build uses the host's network.
+start_dockerd_with() {
+  local drv="$1"
+  mkdir -p "$docker_root" "$work/docker-exec"
+  dockerd --data-root "$docker_root" --exec-root "$work/docker-exec" --pidfile "$work/dockerd.pid" \
+    -H "unix://$work/docker.sock" --storage-driver="$drv" --bridge=none --iptables=false \
+    >"$logs/dockerd-$drv.log" 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 120); do
+    if docker info >/dev/null 2>&1; then
+      driver="$drv"
+      return 0
+    fi
+    kill -0 "$dockerd_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  stop_pid "$dockerd_pid" 10
+  wait "$dockerd_pid" 2>/dev/null || true
+  dockerd_pid=""
+  show_log "$logs/dockerd-$drv.log" 10
+  return 1
+}
+
+start_dockerd() {
+  export DOCKER_HOST="unix://$work/docker.sock"
+  if [[ -n "$driver" ]]; then
+    start_dockerd_with "$driver"
+  else
+    # overlay2 stores each layer once; vfs copies the whole tree per layer (many times the image size).
+    start_dockerd_with overlay2 || { echo "overlay2 failed; trying vfs" >&2; start_dockerd_with vfs; }
+  fi
+}
+
+# ---- base image ----------------------------------------------------------------------------------------
+
+make_base() {
+  local rootfs="$work/rootfs"
+  if [[ ! -x "$rootfs/usr/bin/python3" ]]; then
+    unmount_under "$rootfs.partial"
+    rm -rf --one-file-system "$rootfs.partial"
+    # shellcheck disable=SC2086  # an unset mirror is no argument at all
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+      bookworm "$rootfs.partial" ${CRITBATCH_DEBIAN_MIRROR:-} >"$logs/debootstrap.log" 2>&1 \
+      || { show_log "$logs/debootstrap.log"; return 1; }
+    mv "$rootfs.partial" "$rootfs"
+  else
+    echo "debootstrap: cached in $rootfs"
+  fi
+  # Without this machine's CA bundle pip inside the build fails TLS verification.
+  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+  tar -C "$rootfs" -c . | docker import - "$base_image" >/dev/null
+  base_size="$(human "$(docker image inspect -f '{{.Size}}' "$base_image")")"
+}
+
+human() { numfmt --to=si --suffix=B --format='%.1f' "$1"; }
+
+# ---- build ---------------------------------------------------------------------------------------------
+
+build_image() {
+  DOCKER_BUILDKIT=0 "$repo/images/build.sh" --tag "$image" --base "$base_image" --network host \
+    >"$logs/build.log" 2>&1 || { show_log "$logs/build.log" 40; return 1; }
+  tail -n 1 "$logs/build.log"
+  image_size="$(human "$(docker image inspect -f '{{.Size}}' "$image")")"
+}
+
+# ---- S3 server on loopback -----------------------------------------------------------------------------
+
+# SeaweedFS through critbatch's own S3Server (free port pairs, readiness probe); it runs until SIGTERM and
+# then stops weed itself, so only this helper's pid is ours to stop.
+start_s3() {
+  s3_dir="$(mktemp -d "$work/s3.XXXXXX")"
+  "$py" -c '
+import signal, sys
 from critbatch.jobs.s3server import S3Server
-server = S3Server(tempfile.mkdtemp(prefix="critbatch-image-s3-"))
-server.start()
-signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
-print(json.dumps(server.env()), flush=True)
-while True:
-    time.sleep(1)
-PY
-s3_pid=$!
-for _ in $(seq 60); do
-  [[ -s "$work/s3.env" ]] && break
-  kill -0 "$s3_pid" 2>/dev/null || { cat "$work/s3.log" >&2; exit 1; }
-  sleep 1
-done
-env_args=()
-while IFS= read -r line; do
-  env_args+=(--env "$line")
-done < <("$python" -c 'import json,sys; [print(f"{k}={v}") for k, v in json.load(sys.stdin).items()]' <"$work/s3.env")
+server = S3Server(sys.argv[1]).start()
+def stop(*_):
+    server.stop()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+with open(sys.argv[2], "w") as f:
+    f.write(server.endpoint)
+signal.pause()
+' "$s3_dir/data" "$s3_dir/endpoint" >"$logs/s3.log" 2>&1 &
+  s3_pid=$!
+  for _ in $(seq 240); do
+    if [[ -s "$s3_dir/endpoint" ]]; then
+      export AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID=critbatch AWS_SECRET_ACCESS_KEY=critbatch-secret
+      export AWS_DEFAULT_REGION=us-east-1
+      AWS_ENDPOINT_URL="$(cat "$s3_dir/endpoint")"
+      echo "S3 at $AWS_ENDPOINT_URL"
+      return 0
+    fi
+    kill -0 "$s3_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  show_log "$logs/s3.log"
+  return 1
+}
 
-log "one digits cell in the container, as the cell Job runs it"
-cell="$("$python" - <<'PY'
-import json
-from critbatch.jobs.grid import load_grid
-cell = load_grid("digits").cells()[0]
-data = cell.to_dict()
-data.update(sweep="image-test", max_steps=40, epochs=2.0)
-data["eval"]["points"] = 4
-print(json.dumps(data, sort_keys=True, separators=(",", ":")))
-PY
-)"
-docker run --rm --network host --user 1000:1000 --read-only \
-  --tmpfs /tmp:exec --tmpfs /home/critbatch --tmpfs /var/cache/critbatch \
-  --env HOME=/home/critbatch --env TMPDIR=/tmp --env MPLCONFIGDIR=/var/cache/critbatch/matplotlib \
-  "${env_args[@]}" --env CRITBATCH_STORE="$store" \
-  --entrypoint torchrun "$image" --standalone --nproc-per-node=1 \
-  -m critbatch.jobs.cli train --cell "$cell" --store "$store" --progress lines
+# ---- the cell in the container -------------------------------------------------------------------------
 
-log "the cell's _SUCCESS in the store"
-set -a
-# shellcheck disable=SC1090
-source <("$python" -c 'import json,sys; [print(f"{k}={v}") for k, v in json.load(sys.stdin).items()]' <"$work/s3.env")
-set +a
-"$python" - "$store" "$cell" <<'PY'
+# What the cell Job's pod has: uid 1000, read-only root, all capabilities dropped, no privilege escalation,
+# writable emptyDirs (here tmpfs) for /tmp, HOME and the caches, /dev/shm, and credentials in the env.
+scratch="rw,nosuid,nodev,mode=1777"
+pod=(run --rm --network host --user 1000:1000 --read-only --cap-drop ALL
+  --security-opt no-new-privileges --shm-size 1g
+  --tmpfs "/tmp:$scratch" --tmpfs "/home/critbatch:$scratch" --tmpfs "/var/cache/critbatch:$scratch"
+  -e AWS_ENDPOINT_URL -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION
+  -e HOME=/home/critbatch -e TMPDIR=/tmp -e MPLCONFIGDIR=/var/cache/critbatch/matplotlib
+  -e TORCHINDUCTOR_CACHE_DIR=/var/cache/critbatch/torchinductor -e TRITON_CACHE_DIR=/var/cache/critbatch/triton
+  -e OMP_NUM_THREADS=1 -e PYTHONUNBUFFERED=1)
+
+# The pod's command: torchrun --standalone -m critbatch.jobs.cli train.
+run_cell() {
+  timeout 900 docker "${pod[@]}" --entrypoint torchrun "$image" --standalone --nproc-per-node=1 \
+    -m critbatch.jobs.cli train --cell "$cell" --store "$store" --progress lines --flush-steps 20 \
+    >"$logs/cell.log" 2>&1 || { show_log "$logs/cell.log"; return 1; }
+  grep -E "total steps|steps/epoch" "$logs/cell.log" | head -n 2 || true
+  check "cell ran in the container (torchrun, uid 1000, read-only root)" ok
+}
+
+# From the host, through the store: _SUCCESS says done and every step 1..50 is logged once.
+check_store() {
+  local out
+  out="$("$py" - "$cell" "$store" <<'EOF'
 import json, sys
 from critbatch.jobs.config import Cell
-from critbatch.jobs.store import open_store, success_key
-store, cell = open_store(sys.argv[1]), Cell.from_json(sys.argv[2])
+from critbatch.jobs.logschema import ipc_to_table
+from critbatch.jobs.store import cell_prefix, open_store, success_key
+
+cell, store = Cell.from_json(sys.argv[1]), open_store(sys.argv[2])
 summary = json.loads(store.get_text(success_key(cell.sweep, cell.id)))
-print(json.dumps(summary, indent=1, sort_keys=True)[:1500])
-assert summary["status"] in ("done", "diverged"), summary
-print(f"image test passed: cell {cell.id} -> {summary['status']}")
-PY
+prefix = cell_prefix(cell.sweep, cell.id)
+parts = store.list(f"{prefix}/steps/")
+steps = [r["step"] for key in parts for r in ipc_to_table(store.get_bytes(key)).to_pylist()]
+evals = sum(ipc_to_table(store.get_bytes(k)).num_rows for k in store.list(f"{prefix}/evals/"))
+print(f"cell_id={cell.id} status={summary['status']} steps={len(steps)} parts={len(parts)} evals={evals} "
+      f"ordered={steps == list(range(1, cell.max_steps + 1))}")
+EOF
+)" || { echo "$out"; check "store holds the cell's logs" fail "could not read them"; return 0; }
+  echo "$out"
+  if [[ "$out" == *"status=done"* && "$out" == *"steps=50 "* && "$out" == *"ordered=True"* \
+        && "$out" != *"parts=0 "* && "$out" != *"evals=0 "* ]]; then
+    check "store: _SUCCESS done, steps 1..50 once" ok "$out"
+  else
+    check "store: _SUCCESS done, steps 1..50 once" fail "$out"
+  fi
+}
+
+# The image's entrypoint: --help, and the same cell again through `critbatch train`, which finds its
+# _SUCCESS in the store and does nothing.
+check_entrypoint() {
+  local out
+  out="$(docker "${pod[@]}" "$image" --help 2>&1)" || true
+  if [[ "$out" == *"usage: critbatch"* && "$out" == *"train"* && "$out" == *"analyze"* ]]; then
+    check "entrypoint: critbatch --help" ok
+  else
+    check "entrypoint: critbatch --help" fail "$(head -n 3 <<<"$out")"
+  fi
+  out="$(docker "${pod[@]}" "$image" --version 2>&1)" || true
+  check "entrypoint: critbatch --version" "$([[ "$out" == critbatch* ]] && echo ok || echo fail)" "$out"
+  out="$(timeout 300 docker "${pod[@]}" "$image" train --cell "$cell" --store "$store" --progress none 2>&1)" || true
+  if [[ "$out" == *"already finished (done)"* ]]; then
+    check "entrypoint: train again skips the finished cell" ok
+  else
+    check "entrypoint: train again skips the finished cell" fail "$(tail -n 3 <<<"$out")"
+  fi
+}
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+mkdir -p "$work" "$logs"
+exec 9>"$work/lock"
+if ! flock -n 9; then
+  echo "critbatch image test: another run holds $work/lock" >&2
+  exit 1
+fi
+trap cleanup EXIT
+
+phase prerequisites prerequisites
+phase dockerd start_dockerd
+phase base make_base
+phase build build_image
+phase s3 start_s3
+phase cell run_cell
+phase store check_store
+phase entrypoint check_entrypoint
