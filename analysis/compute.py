@@ -65,6 +65,8 @@ LINEAR_EFFICIENCY = 0.8
 STAGNATION_GAIN = 1.10
 DEFAULT_QUANTILE = 25.0
 DEFAULT_THRESHOLD = "q25"
+#: A threshold at or above this fraction of the initial loss is flagged: it measures only the first steps.
+NEAR_INITIAL = 0.9
 BOOTSTRAP_SEED = 0
 
 
@@ -194,6 +196,18 @@ def default_threshold(group: Group) -> tuple[float, int | None, bool]:
     return lower_quartile(values), m, provisional
 
 
+def initial_loss(group: Group) -> float:
+    """Median over the group's cells of the first value of their training-loss curve (usually step 0)."""
+    firsts = []
+    for c in group.cells:
+        cv = curve_of(c, group.source)
+        if cv is not None and len(cv):
+            ok = np.flatnonzero(np.isfinite(cv.values))
+            if len(ok):
+                firsts.append(float(cv.values[ok[0]]))
+    return float(np.median(firsts)) if firsts else math.nan
+
+
 # ---- steps to threshold ------------------------------------------------------------
 
 def steps_to_threshold(groups: list[Group], explicit: Iterable[float] = ()) -> tuple[Table, Table]:
@@ -206,12 +220,16 @@ def steps_to_threshold(groups: list[Group], explicit: Iterable[float] = ()) -> t
     rows: Table = []
     for g in groups:
         eps_q, from_m, provisional = default_threshold(g)
+        initial = initial_loss(g)
         choices = [(DEFAULT_THRESHOLD, eps_q)] + [(f"eps={e:g}", float(e)) for e in explicit]
         for name, eps in choices:
             thresholds.append({
                 "group": g.label, "threshold": name, "eps": eps, "source": g.source,
                 "from_batch_size": from_m if name == DEFAULT_THRESHOLD else None,
                 "provisional": provisional if name == DEFAULT_THRESHOLD else False,
+                "initial_loss": initial,
+                # A threshold this close to the starting loss measures only the first few steps.
+                "near_initial": bool(eps >= NEAR_INITIAL * initial) if math.isfinite(eps * initial) else False,
             })
             for c in g.cells:
                 rows.append(cell_crossing(g, c, name, eps))

@@ -53,8 +53,12 @@ def table_csv(rows: Table, columns: list[str] | None = None) -> bytes:
 
 
 def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (float, np.floating)):
+        return "" if math.isnan(v) else repr(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
     return "" if v is None else v
 
 
@@ -249,15 +253,26 @@ def _contour(ax, fig, group: Group, which: str, trials: dict[int, str] | None, r
     lo = max(float(pos.min()), hi * CONTOUR_DECADES)
     if hi <= lo:
         hi = lo * 1.01
-    levels = np.geomspace(lo, hi, 15)
-    cs = ax.contourf(ms, steps, np.ma.masked_less_equal(Zm, 0).clip(lo, None), levels=levels, norm=LogNorm(lo, hi),
-                     cmap=CONTOUR_CMAP)
+    norm = LogNorm(lo, hi)
+    Zc = np.ma.masked_less_equal(Zm, 0).clip(lo, None)
+    # Colour: one column per batch size over its whole run (a filled contour would drop the part of a
+    # column that runs longer than its neighbour); lines: the level curves, interpolated between columns.
+    mesh = ax.pcolormesh(_edges(ms), _edges(steps), Zc, norm=norm, cmap=CONTOUR_CMAP, shading="flat")
+    ax.contour(ms, steps, Zc, levels=np.geomspace(lo, hi, 10)[1:-1], norm=norm, colors="white", linewidths=0.6)
+    cs = mesh
     fig.colorbar(cs, ax=ax, label=f"{which} loss", format="%.2g")
     ax.set_yscale("log")
     _log2_axis(ax, ms)
     ax.set_xlabel("batch size m")
     ax.set_ylabel("iterations")
     return True
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around log-spaced centres: geometric midpoints, extended by half a step at both ends."""
+    c = np.asarray(centres, dtype=float)
+    mid = np.sqrt(c[1:] * c[:-1])
+    return np.concatenate([[c[0] ** 2 / mid[0]], mid, [c[-1] ** 2 / mid[-1]]])
 
 
 CONTOUR_COLUMNS = ["group", "split", "batch_size", "step", "loss"]
@@ -279,8 +294,9 @@ def problem_groups(groups: list[Group]) -> list[Group]:
 def train_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) -> Artifact:
     art = Artifact("fig1_train_loss_contours", "Fig. 1: training loss over batch size and iterations",
                    "Training loss (colour, log scale; lighter is lower) against batch size and iterations, one "
-                   "panel per problem (its BLR group where present); curves interpolated onto a shared log-spaced "
-                   "step grid, geometric mean over seeds; blank past a batch size's last step.",
+                   "panel per problem (its BLR group where present): one column per batch size, its curve "
+                   "interpolated onto a shared log-spaced step grid (geometric mean over seeds), blank past its last "
+                   "step; white lines: level curves interpolated between batch sizes.",
                    columns=CONTOUR_COLUMNS)
     probs = [g for g in problem_groups(groups) if len(g.batch_sizes) >= 2][:MAX_PANELS]
     if not probs:
@@ -296,8 +312,8 @@ def train_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]])
 
 def test_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) -> Artifact:
     art = Artifact("fig5_test_loss_contours", "Fig. 5: test loss, BLR beside LSR",
-                   "Test loss (colour, log scale; lighter is lower) over batch size and iterations; BLR on the "
-                   "left, LSR on the right, one row per problem.", columns=CONTOUR_COLUMNS)
+                   "Test loss (colour, log scale; lighter is lower) over batch size and iterations, drawn as in "
+                   "Fig. 1; BLR on the left, LSR on the right, one row per problem.", columns=CONTOUR_COLUMNS)
     pairs = []
     for fam in families(groups, "strategy"):
         by = {g.fields["strategy"]: g for g in fam}

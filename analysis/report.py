@@ -245,6 +245,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         })
     diverged = [c for c in cells if c.status == "diverged"]
     nodata = [r for r in a.crossings if r["threshold"] == a.primary and r["use"] == "no data"]
+    near = [t for t in a.thresholds if t["near_initial"]]
     return {
         "title": "critbatch report: " + ", ".join(a.loaded.sweeps),
         "sweeps": a.loaded.sweeps,
@@ -266,6 +267,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "incomplete": [c for c in cells if c.status == INCOMPLETE],
         "diverged": diverged,
         "nodata": nodata,
+        "near": [{**t, "eps_text": fmt(t["eps"]), "initial_text": fmt(t["initial_loss"])} for t in near],
         "notes": [(c, n) for c in cells for n in c.notes],
         "files": files,
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
@@ -328,6 +330,10 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
         out.append(f"- {f['title']}: " + " ".join(links))
     if ctx["missing"]:
         out += ["", "Not in this sweep: " + "; ".join(f"{f['name']} ({f['missing']})" for f in ctx["missing"])]
+    if ctx["near"]:
+        out += ["", "## Thresholds to read with care", ""]
+        out += [f"- {t['group']}, {t['threshold']}: eps = {t['eps_text']} is at least 90 % of the initial loss "
+                f"({t['initial_text']}); speedups there measure the first steps only" for t in ctx["near"]]
     if ctx["skipped"]:
         out += ["", "## Skipped", ""] + [f"- `{s.key}`: {s.reason}" for s in ctx["skipped"]]
     if ctx["incomplete"]:
@@ -367,6 +373,7 @@ img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;p
 {% if text %}<pre>{{ text }}</pre>{% else %}<p>no sweep.yaml in the store; the cells' own fields are in cells.csv and below.</p>{% endif %}</details>
 {% endfor %}
 <p class="small">{{ definitions }}</p>
+{% if near %}<h2>Thresholds to read with care</h2><ul class="warn">{% for t in near %}<li>{{ t.group }}, {{ t.threshold }}: eps = {{ t.eps_text }} is at least 90 % of the initial loss ({{ t.initial_text }}){% if t.from_batch_size %}; the largest batch size (m={{ t.from_batch_size }}) barely trained{% endif %}. Speedups at this threshold measure the first steps only; give a lower --threshold.</li>{% endfor %}</ul>{% endif %}
 {% if skipped or incomplete or diverged or nodata %}<h2>What was skipped or is incomplete</h2>
 {% if skipped %}<p class="warn">Skipped ({{ skipped|length }}):</p><ul>{% for s in skipped %}<li><code>{{ s.key }}</code>: {{ s.reason }}</li>{% endfor %}</ul>{% endif %}
 {% if incomplete %}<p class="warn">Incomplete cells, no _SUCCESS ({{ incomplete|length }}); used only for thresholds they already crossed:</p><ul>{% for c in incomplete %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: {{ c.last_step }} steps logged</li>{% endfor %}</ul>{% endif %}

@@ -162,3 +162,13 @@ def test_figure_families_follow_what_varies(tmp_path):
     assert [len(f) for f in fams["model"]] == [2]
     assert [len(f) for f in fams["dataset"]] == [2]
     assert [len(f) for f in fams["fraction"]] == [2]
+
+
+def test_a_threshold_near_the_initial_loss_is_flagged(exact):
+    _, a = exact
+    flags = {t["threshold"]: t["near_initial"] for t in a.thresholds}
+    assert flags == {"q25": False, "eps=0.5": False}
+    assert all(t["initial_loss"] == pytest.approx(LOSS_0) for t in a.thresholds)
+    g = a.groups[0]
+    thresholds, _ = compute.steps_to_threshold([g], [1.9])  # 95 % of the initial loss 2
+    assert [t["near_initial"] for t in thresholds] == [False, True]
