@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import jinja2
+import yaml
 
 from critbatch.analysis import compute, plots
 from critbatch.analysis.compute import CurveResult, Group
@@ -92,7 +93,7 @@ def compute_all(loaded: Loaded, *, thresholds: list[float] | None = None, effici
 
 
 def make_artifacts(a: Analysis) -> list[Artifact]:
-    """Plot step: every figure and table of the report (drawn in a thread pool; Agg canvases are independent)."""
+    """Plot step: every figure and table of the report."""
     primary = {r.group.label: r for r in a.primary_results()}
     trials = {label: {x["batch_size"]: x["trial"] for x in r.per_m} for label, r in primary.items()}
     jobs: list[Callable[[], Artifact]] = [
@@ -122,8 +123,8 @@ def make_artifacts(a: Analysis) -> list[Artifact]:
         lambda: plots.critical_table(a.results),
         lambda: plots.time_figure(a.primary_results()),
     ]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda job: job(), jobs))
+    # One after the other: matplotlib does not promise thread safety, and the GIL would serialise it anyway.
+    return [job() for job in jobs]
 
 
 def analyze(store: Store, sweeps: list[str], *, thresholds: list[float] | None = None, efficiency: float = 0.5,
@@ -255,14 +256,13 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "cell_versions": sorted(versions.items()),
         "status": {k: status.get(k, 0) for k in ("done", "diverged", INCOMPLETE)},
         "ncells": len(cells),
-        "sweep_yaml": [(s, a.loaded.sweep_yaml.get(s)) for s in a.loaded.sweeps],
+        "sweep_yaml": [(s, *_spec_text(a.loaded.sweep_yaml.get(s))) for s in a.loaded.sweeps],
         "settings": a.settings,
         "primary": a.primary,
         "window": a.loaded.window,
         "figures": figures,
         "missing": [f for f in figures if f["missing"]],
         "groups": groups,
-        "crit": [{**r.summary, "text": {k: fmt(v) for k, v in r.summary.items()}} for r in a.results],
         "skipped": a.loaded.skipped,
         "incomplete": [c for c in cells if c.status == INCOMPLETE],
         "diverged": diverged,
@@ -273,6 +273,20 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
                                            bootstrap=a.settings["bootstrap"]),
     }
+
+
+def _spec_text(text: str | None) -> tuple[str | None, str | None]:
+    """(the grid spec as written, the whole sweep.yaml): a sweep.yaml holding ``spec`` and every expanded
+    cell shows the spec at the top and the cells folded away."""
+    if not text:
+        return None, None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text, None
+    if isinstance(doc, dict) and isinstance(doc.get("spec"), dict):
+        return yaml.safe_dump(doc["spec"], sort_keys=False, default_flow_style=None, width=110), text
+    return text, None
 
 
 def _source_text(source: str, window: int) -> str:
@@ -369,8 +383,9 @@ img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;p
 <tr><th>cell code versions</th><td>{% for v, n in cell_versions %}{{ v }} ({{ n }}){% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
 <tr><th>figures use</th><td>threshold {{ primary }}; efficiency level {{ settings.efficiency }}; {{ settings.bootstrap }} bootstrap resamples (seed {{ settings.bootstrap_seed }}); running-mean window {{ window }} steps</td></tr>
 </table>
-{% for name, text in sweep_yaml %}<details{% if loop.first %} open{% endif %}><summary>configuration of {{ name }} (sweep.yaml)</summary>
-{% if text %}<pre>{{ text }}</pre>{% else %}<p>no sweep.yaml in the store; the cells' own fields are in cells.csv and below.</p>{% endif %}</details>
+{% for name, spec, full in sweep_yaml %}<h3>Configuration of {{ name }}</h3>
+{% if spec %}<pre>{{ spec }}</pre>{% else %}<p>no sweep.yaml in the store; each cell's fields are in its cell.json.</p>{% endif %}
+{% if full %}<details><summary>sweep.yaml with every cell it expanded to</summary><pre>{{ full }}</pre></details>{% endif %}
 {% endfor %}
 <p class="small">{{ definitions }}</p>
 {% if near %}<h2>Thresholds to read with care</h2><ul class="warn">{% for t in near %}<li>{{ t.group }}, {{ t.threshold }}: eps = {{ t.eps_text }} is at least 90 % of the initial loss ({{ t.initial_text }}){% if t.from_batch_size %}; the largest batch size (m={{ t.from_batch_size }}) barely trained{% endif %}. Speedups at this threshold measure the first steps only; give a lower --threshold.</li>{% endfor %}</ul>{% endif %}
@@ -382,7 +397,7 @@ img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;p
 {% endif %}
 {% if notes %}<details><summary>notes ({{ notes|length }})</summary><ul>{% for c, n in notes %}<li><code>{{ c.id }}</code>: {{ n }}</li>{% endfor %}</ul></details>{% endif %}
 <h2>Groups</h2>
-<table><tr><th>group</th><th>cells</th><th>batch sizes</th><th>seeds</th><th>trials</th><th>loss curve</th><th>threshold {{ primary }}</th></tr>
+<table><tr><th>group</th><th>cells</th><th>batch sizes</th><th>seed values</th><th>trials</th><th>loss curve</th><th>threshold {{ primary }}</th></tr>
 {% for g in groups %}<tr><td>{{ g.label }}</td><td>{{ g.cells }}</td><td>{{ g.batch_sizes }}</td><td>{{ g.seeds }}</td><td>{{ g.trials }}</td><td>{{ g.source }}</td><td>{{ g.eps }}{% if g.eps_from %} (from m={{ g.eps_from }}){% endif %}{% if g.provisional %} provisional{% endif %}</td></tr>
 {% endfor %}</table>
 {% for f in figures if not f.missing %}<figure id="{{ f.name }}"><h2>{{ f.title }}</h2>

@@ -174,3 +174,14 @@ def test_process_pool_loads_the_same_as_threads(tmp_path):
         assert a.b_simple == b.b_simple == pytest.approx(30.0)
         assert (a.train_eval.values == b.train_eval.values).all()
         assert (a.running_mean.values == b.running_mean.values).all()
+
+
+def test_sweep_yaml_with_expanded_cells_shows_the_spec_first():
+    from critbatch.analysis.report import _spec_text
+
+    text = "spec:\n  sweep: sw\n  batch_size: [8, 16]\ncells:\n- id: abc\n  cell: {batch_size: 8}\n"
+    spec, full = _spec_text(text)
+    assert spec.startswith("sweep: sw\nbatch_size: [8, 16]") and "cells" not in spec
+    assert full == text
+    assert _spec_text("sweep: sw\n") == ("sweep: sw\n", None)
+    assert _spec_text(None) == (None, None)
