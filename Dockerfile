@@ -24,25 +24,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # A virtual environment that sees the base image's packages: the base's torch (built for its CUDA) is
-# used as is, and pip never touches the system Python (PEP 668).
-RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV"
-
+# used as is, and pip never touches the system Python (PEP 668). Dependencies first, in their own layer,
+# so a change to the code rebuilds only the last steps.
 COPY images/requirements.txt images/requirements-torch.txt /opt/critbatch/
-RUN if [ "$INSTALL_TORCH" = auto ] && ! python -c "import torch, torchvision" 2>/dev/null; then \
+RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
+    && if [ "$INSTALL_TORCH" = auto ] && ! python -c "import torch, torchvision" 2>/dev/null; then \
         pip install -r /opt/critbatch/requirements-torch.txt; \
     fi \
     && pip install -r /opt/critbatch/requirements.txt
 
+# The package (.dockerignore lets through only pyproject.toml, README.md, jobs/, analysis/, k8s/, images/),
+# and the non-root user the manifests run as (runAsUser/runAsGroup 1000). Some bases already have
+# uid 1000 (Ubuntu 24.04's "ubuntu"): then that account is the one used.
 WORKDIR /opt/critbatch/src
-COPY pyproject.toml README.md ./
-COPY jobs ./jobs
-COPY analysis ./analysis
-COPY k8s ./k8s
-RUN pip install --no-deps . && critbatch --version
-
-# The non-root user the manifests run as (runAsUser/runAsGroup 1000); HOME and caches are emptyDirs there.
-# Some bases already have uid 1000 (Ubuntu 24.04's "ubuntu"): then that account is the one used.
-RUN if ! getent group 1000 >/dev/null; then groupadd --gid 1000 critbatch; fi \
+COPY . ./
+RUN pip install --no-deps . \
+    && critbatch --version \
+    && if ! getent group 1000 >/dev/null; then groupadd --gid 1000 critbatch; fi \
     && if ! getent passwd 1000 >/dev/null; then \
         useradd --uid 1000 --gid 1000 --home-dir /home/critbatch --create-home --shell /usr/sbin/nologin critbatch; \
     fi
