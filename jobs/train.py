@@ -220,7 +220,8 @@ def _install_sigterm(trainer: "Trainer"):
 def spool_dir(store: Store) -> Path:
     """Local folder where log parts wait for upload: $CRITBATCH_SPOOL, else under the temp dir, per store."""
     base = os.environ.get("CRITBATCH_SPOOL") or os.path.join(tempfile.gettempdir(), "critbatch-spool")
-    return Path(base) / hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    where = store.url if "://" in store.url else os.path.abspath(store.url)
+    return Path(base) / hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 # ---- the trainer ---------------------------------------------------------------------

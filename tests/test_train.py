@@ -212,7 +212,7 @@ def _no_aws(monkeypatch, tmp_path):
         ({"dataset": {"name": "digits", "fraction": 0.0}}, {}, None, [], r"cell\.dataset\.fraction: 0\.0 is outside"),
         ({"batch_size": 2048}, {}, None, [], r"cell\.batch_size: 2048 is larger than the training set"),
         ({"dataset": {"name": "cifar10"}, "model": "resnet34"}, {}, None, ["--data-root", "/nonexistent/data"],
-         r"cifar10"),
+         r"dataset 'cifar10' not found: looked for .* under /nonexistent/data.*critbatch data stage cifar10"),
         ({"strategy": "fastest"}, {}, None, [], r"cell\.strategy: unknown strategy 'fastest'; allowed: blr"),
         ({}, {}, "s3://critbatch-test/runs", [], r"no S3 credentials"),
         ({}, {}, "ftp://host/x", [], r"unsupported scheme"),
