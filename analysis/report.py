@@ -296,17 +296,18 @@ def _source_text(source: str, window: int) -> str:
 
 
 _DEFINITIONS = (
-    "Training-loss curve: the train-split evaluations when at least half the group's cells have them (cells without "
-    "have no curve), else the running mean of minibatch losses over {window} steps. k(m; eps): first step where the curve is <= eps, interpolated "
-    "in log(loss) between the bracketing logged points. Default threshold (q25, paper 4.3): lower quartile of the "
-    "curve values of the group's largest batch size with a finished cell (seeds and trials pooled). k(m): mean over "
-    "seeds of the winning trial (fewest mean steps); a batch size with any seed that never reached eps is censored "
-    "(shown as a bound, left out of the fit). Speedup s = k(m0)/k(m), m0 the smallest batch size that reached eps; "
-    "efficiency e = s m0/m. Regimes: linear while e >= 0.8, stagnation from the first doubling that gains < 10 %, "
-    "diminishing returns between. Critical batch size (a): largest m with e >= {level:g}; (b) least squares of k "
-    "against 1/m: k = S_min (1 + B_crit/m), E_min = S_min B_crit. Intervals: 95 % percentile bootstrap over seeds "
-    "({bootstrap} resamples, per batch size). Cells still running count only once they crossed eps. B_simple: the "
-    "ratio of bias-corrected EMAs (0.95) of tr(Sigma) and |G|^2 at each cell's last measurement, mean over cells."
+    "Training-loss curve: the train-split evaluations when at least half the group's cells have them (cells "
+    "without have no curve), else the running mean of minibatch losses over {window} steps. k(m; eps): first step "
+    "where the curve is <= eps, interpolated in log(loss) between the bracketing logged points. Default threshold "
+    "(q25, paper 4.3): lower quartile of the curve values of the group's largest batch size with a finished cell "
+    "(seeds and trials pooled). k(m): mean over seeds of the winning trial (fewest mean steps); a batch size with "
+    "any seed that never reached eps is censored (shown as a bound, left out of the fit). Speedup s = k(m0)/k(m), "
+    "m0 the smallest batch size that reached eps; efficiency e = s m0/m. Regimes: linear while e >= 0.8, "
+    "stagnation from the first doubling that gains < 10 %, diminishing returns between. Critical batch size (a): "
+    "largest m with e >= {level:g}; (b) least squares of k against 1/m: k = S_min (1 + B_crit/m), E_min = S_min "
+    "B_crit. Intervals: 95 % percentile bootstrap over seeds ({bootstrap} resamples, per batch size). Cells still "
+    "running count only once they crossed eps. B_simple: the ratio of bias-corrected EMAs (0.95) of tr(Sigma) and "
+    "|G|^2 at each cell's last measurement, mean over cells."
 )
 
 
@@ -365,11 +366,13 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""<!DOCTYPE html>
+_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                               lstrip_blocks=True).from_string("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}
 img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;padding:.5em;overflow:auto}
 .warn{color:#a40}.small{font-size:13px}
@@ -379,39 +382,130 @@ img{max-width:100%}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;p
 <tr><th>store</th><td>{{ store }}</td></tr>
 <tr><th>sweeps</th><td>{{ sweeps|join(", ") }}</td></tr>
 <tr><th>analysed</th><td>{{ created }} by critbatch {{ analysis_version }}</td></tr>
-<tr><th>cells</th><td>{{ ncells }} ({% for k, v in status.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %})</td></tr>
-<tr><th>cell code versions</th><td>{% for v, n in cell_versions %}{{ v }} ({{ n }}){% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
-<tr><th>figures use</th><td>threshold {{ primary }}; efficiency level {{ settings.efficiency }}; {{ settings.bootstrap }} bootstrap resamples (seed {{ settings.bootstrap_seed }}); running-mean window {{ window }} steps</td></tr>
+<tr><th>cells</th><td>{{ ncells }} (
+  {%- for k, v in status.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %})</td></tr>
+<tr><th>cell code versions</th><td>
+  {%- for v, n in cell_versions %}{{ v }} ({{ n }}){% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+<tr><th>figures use</th><td>threshold {{ primary }}; efficiency level {{ settings.efficiency }};
+  {{ settings.bootstrap }} bootstrap resamples (seed {{ settings.bootstrap_seed }});
+  running-mean window {{ window }} steps</td></tr>
 </table>
-{% for name, spec, full in sweep_yaml %}<h3>Configuration of {{ name }}</h3>
-{% if spec %}<pre>{{ spec }}</pre>{% else %}<p>no sweep.yaml in the store; each cell's fields are in its cell.json.</p>{% endif %}
-{% if full %}<details><summary>sweep.yaml with every cell it expanded to</summary><pre>{{ full }}</pre></details>{% endif %}
+{% for name, spec, full in sweep_yaml %}
+<h3>Configuration of {{ name }}</h3>
+{% if spec %}
+<pre>{{ spec }}</pre>
+{% else %}
+<p>no sweep.yaml in the store; each cell's fields are in its cell.json.</p>
+{% endif %}
+{% if full %}
+<details><summary>sweep.yaml with every cell it expanded to</summary><pre>{{ full }}</pre></details>
+{% endif %}
 {% endfor %}
 <p class="small">{{ definitions }}</p>
-{% if near %}<h2>Thresholds to read with care</h2><ul class="warn">{% for t in near %}<li>{{ t.group }}, {{ t.threshold }}: eps = {{ t.eps_text }} is at least 90 % of the initial loss ({{ t.initial_text }}){% if t.from_batch_size %}; the largest batch size (m={{ t.from_batch_size }}) barely trained{% endif %}. Speedups at this threshold measure the first steps only; give a lower --threshold.</li>{% endfor %}</ul>{% endif %}
-{% if skipped or incomplete or diverged or nodata %}<h2>What was skipped or is incomplete</h2>
-{% if skipped %}<p class="warn">Skipped ({{ skipped|length }}):</p><ul>{% for s in skipped %}<li><code>{{ s.key }}</code>: {{ s.reason }}</li>{% endfor %}</ul>{% endif %}
-{% if incomplete %}<p class="warn">Incomplete cells, no _SUCCESS ({{ incomplete|length }}); used only for thresholds they already crossed:</p><ul>{% for c in incomplete %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: {{ c.last_step }} steps logged</li>{% endfor %}</ul>{% endif %}
-{% if nodata %}<p class="warn">Cells without the group's training-loss curve, not used ({{ nodata|length }}):</p><ul>{% for r in nodata %}<li><code>{{ r.sweep }}/{{ r.cell_id }}</code> ({{ r.group }}) m={{ r.batch_size }} seed={{ r.seed }}</li>{% endfor %}</ul>{% endif %}
-{% if diverged %}<p class="warn">Diverged cells ({{ diverged|length }}):</p><ul>{% for c in diverged %}<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: diverged at step {{ c.diverged_at }}</li>{% endfor %}</ul>{% endif %}
+{% if near %}
+<h2>Thresholds to read with care</h2>
+<ul class="warn">
+{% for t in near %}
+<li>{{ t.group }}, {{ t.threshold }}: eps = {{ t.eps_text }} is at least 90 % of the initial loss
+  ({{ t.initial_text }}){% if t.from_batch_size %}; the largest batch size (m={{ t.from_batch_size }}) barely
+  trained{% endif %}. Speedups at this threshold measure the first steps only; give a lower --threshold.</li>
+{% endfor %}
+</ul>
 {% endif %}
-{% if notes %}<details><summary>notes ({{ notes|length }})</summary><ul>{% for c, n in notes %}<li><code>{{ c.id }}</code>: {{ n }}</li>{% endfor %}</ul></details>{% endif %}
+{% if skipped or incomplete or diverged or nodata %}
+<h2>What was skipped or is incomplete</h2>
+{% if skipped %}
+<p class="warn">Skipped ({{ skipped|length }}):</p>
+<ul>
+{% for s in skipped %}
+<li><code>{{ s.key }}</code>: {{ s.reason }}</li>
+{% endfor %}
+</ul>
+{% endif %}
+{% if incomplete %}
+<p class="warn">Incomplete cells, no _SUCCESS ({{ incomplete|length }}); used only for thresholds they already
+  crossed:</p>
+<ul>
+{% for c in incomplete %}
+<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}: {{ c.last_step }} steps logged</li>
+{% endfor %}
+</ul>
+{% endif %}
+{% if nodata %}
+<p class="warn">Cells without the group's training-loss curve, not used ({{ nodata|length }}):</p>
+<ul>
+{% for r in nodata %}
+<li><code>{{ r.sweep }}/{{ r.cell_id }}</code> ({{ r.group }}) m={{ r.batch_size }} seed={{ r.seed }}</li>
+{% endfor %}
+</ul>
+{% endif %}
+{% if diverged %}
+<p class="warn">Diverged cells ({{ diverged|length }}):</p>
+<ul>
+{% for c in diverged %}
+<li><code>{{ c.sweep }}/{{ c.id }}</code> m={{ c.batch_size }} seed={{ c.seed }}:
+  diverged at step {{ c.diverged_at }}</li>
+{% endfor %}
+</ul>
+{% endif %}
+{% endif %}
+{% if notes %}
+<details><summary>notes ({{ notes|length }})</summary>
+<ul>
+{% for c, n in notes %}
+<li><code>{{ c.id }}</code>: {{ n }}</li>
+{% endfor %}
+</ul></details>
+{% endif %}
 <h2>Groups</h2>
-<table><tr><th>group</th><th>cells</th><th>batch sizes</th><th>seed values</th><th>trials</th><th>loss curve</th><th>threshold {{ primary }}</th></tr>
-{% for g in groups %}<tr><td>{{ g.label }}</td><td>{{ g.cells }}</td><td>{{ g.batch_sizes }}</td><td>{{ g.seeds }}</td><td>{{ g.trials }}</td><td>{{ g.source }}</td><td>{{ g.eps }}{% if g.eps_from %} (from m={{ g.eps_from }}){% endif %}{% if g.provisional %} provisional{% endif %}</td></tr>
-{% endfor %}</table>
-{% for f in figures if not f.missing %}<figure id="{{ f.name }}"><h2>{{ f.title }}</h2>
-{% if f.table %}{{ f.table|safe }}{% endif %}
-{% if f.img %}<img src="{{ f.img }}" alt="{{ f.title }}">{% endif %}
-<figcaption>{{ f.caption }} Data: <a href="{{ f.csv }}">{{ f.csv }}</a>{% if f.png %}, <a href="{{ f.png }}">{{ f.png }}</a>{% endif %}{% if f.md %}, <a href="{{ f.md }}">{{ f.md }}</a>{% endif %}.</figcaption></figure>
+<table>
+<tr><th>group</th><th>cells</th><th>batch sizes</th><th>seed values</th><th>trials</th><th>loss curve</th>
+  <th>threshold {{ primary }}</th></tr>
+{% for g in groups %}
+<tr><td>{{ g.label }}</td><td>{{ g.cells }}</td><td>{{ g.batch_sizes }}</td><td>{{ g.seeds }}</td>
+  <td>{{ g.trials }}</td><td>{{ g.source }}</td><td>{{ g.eps }}
+  {%- if g.eps_from %} (from m={{ g.eps_from }}){% endif %}{% if g.provisional %} provisional{% endif %}</td></tr>
 {% endfor %}
-{% if missing %}<h2>Not in this sweep</h2><ul>{% for f in missing %}<li>{{ f.title }} ({{ f.name }}): {{ f.missing }}</li>{% endfor %}</ul>{% endif %}
+</table>
+{% for f in figures if not f.missing %}
+<figure id="{{ f.name }}"><h2>{{ f.title }}</h2>
+{% if f.table %}
+{{ f.table|safe }}
+{% endif %}
+{% if f.img %}
+<img src="{{ f.img }}" alt="{{ f.title }}">
+{% endif %}
+<figcaption>{{ f.caption }} Data: <a href="{{ f.csv }}">{{ f.csv }}</a>
+  {%- if f.png %}, <a href="{{ f.png }}">{{ f.png }}</a>{% endif %}
+  {%- if f.md %}, <a href="{{ f.md }}">{{ f.md }}</a>{% endif %}.</figcaption></figure>
+{% endfor %}
+{% if missing %}
+<h2>Not in this sweep</h2>
+<ul>
+{% for f in missing %}
+<li>{{ f.title }} ({{ f.name }}): {{ f.missing }}</li>
+{% endfor %}
+</ul>
+{% endif %}
 <h2>Speedup per group (threshold {{ primary }})</h2>
-{% for g in groups if g.rows %}<details><summary>{{ g.label }}</summary><table>
-<tr><th>m</th><th>trial</th><th>seeds reached</th><th>k(m)</th><th>sd</th><th>censored: k &gt;</th><th>speedup</th><th>95 % interval</th><th>efficiency</th><th>regime</th><th>seconds</th><th>samples</th></tr>
-{% for x in g.rows %}<tr><td>{{ x.batch_size }}</td><td>{{ x.trial }}</td><td>{{ x.seeds_reached }}/{{ x.seeds }}</td><td>{{ x.k_mean }}</td><td>{{ x.k_sd }}</td><td>{{ x.k_lower_bound }}</td><td>{{ x.speedup }}</td><td>{{ x.speedup_lo }}–{{ x.speedup_hi }}</td><td>{{ x.efficiency }}</td><td>{{ x.regime }}</td><td>{{ x.wall_s }}</td><td>{{ x.samples }}</td></tr>
-{% endfor %}</table></details>
+{% for g in groups if g.rows %}
+<details><summary>{{ g.label }}</summary>
+<table>
+<tr><th>m</th><th>trial</th><th>seeds reached</th><th>k(m)</th><th>sd</th><th>censored: k &gt;</th><th>speedup</th>
+  <th>95 % interval</th><th>efficiency</th><th>regime</th><th>seconds</th><th>samples</th></tr>
+{% for x in g.rows %}
+<tr><td>{{ x.batch_size }}</td><td>{{ x.trial }}</td><td>{{ x.seeds_reached }}/{{ x.seeds }}</td>
+  <td>{{ x.k_mean }}</td><td>{{ x.k_sd }}</td><td>{{ x.k_lower_bound }}</td><td>{{ x.speedup }}</td>
+  <td>{{ x.speedup_lo }}–{{ x.speedup_hi }}</td><td>{{ x.efficiency }}</td><td>{{ x.regime }}</td>
+  <td>{{ x.wall_s }}</td><td>{{ x.samples }}</td></tr>
 {% endfor %}
-<h2>Files</h2><ul class="small">{% for f in files %}<li><a href="{{ f }}">{{ f }}</a></li>{% endfor %}</ul>
+</table></details>
+{% endfor %}
+<h2>Files</h2>
+<ul class="small">
+{% for f in files %}
+<li><a href="{{ f }}">{{ f }}</a></li>
+{% endfor %}
+</ul>
 </body></html>
 """)

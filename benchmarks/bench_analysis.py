@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             print(f"{res['cells']:5d} cells, {res['rows']:.1e} step rows: {res['total_s']:6.1f} s "
                   f"(load {res['load_s']:.1f}, compute {res['compute_s']:.1f}, plot {res['plot_s']:.1f}, "
-                  f"write {res['write_s']:.1f}; CPU {res['cpu_s']:.1f} s incl. workers), peak {res['peak_rss_mib']:.0f} MiB, "
+                  f"write {res['write_s']:.1f}; CPU {res['cpu_s']:.1f} s incl. workers), "
+                  f"peak {res['peak_rss_mib']:.0f} MiB, "
                   f"{res['rows'] / res['total_s'] / 1e6:.1f} M rows/s (machine load before: "
                   f"{res['loadavg_before']:.1f})", flush=True)
         print(json.dumps(results))
