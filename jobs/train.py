@@ -7,7 +7,8 @@ Launch (the same entrypoint everywhere; the cell is a JSON file or inline JSON):
 
     # two data-parallel processes on one machine (gloo on CPU, nccl on GPUs), S3 store
     AWS_ENDPOINT_URL=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=k AWS_SECRET_ACCESS_KEY=s \\
-        torchrun --standalone --nproc-per-node=2 -m critbatch.jobs.cli train --cell cell.json --store s3://critbatch/runs
+        torchrun --standalone --nproc-per-node=2 -m critbatch.jobs.cli train --cell cell.json \\
+            --store s3://critbatch/runs
 
     # on a cluster: one Job (or PyTorchJob/TrainJob) per cell, each running the torchrun line above in a pod
     critbatch render grid.yaml | kubectl apply -f -
@@ -109,7 +110,11 @@ def read_cell(text: str) -> Cell:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``critbatch train``: validate cell, store and data, then train; 0 done/diverged/skipped, 2 bad input, 143 SIGTERM."""
+    """``critbatch train``: validate cell, store and data, then train.
+
+    Exit codes: 0 done, diverged or already finished; 2 bad input (nothing written); 143 stopped by SIGTERM
+    after a checkpoint.
+    """
     cell = read_cell(args.cell)
     dist = dist_from_env()
     problems = cell.problems(world_size=dist.world)
@@ -671,7 +676,8 @@ class Trainer:
                 break
             self._last_loss = loss
         if self.progress is not None and pending:
-            self.progress.update(pending[-1].step, self._last_loss, pending[-1].lr, force=pending[-1].step == self.total)
+            last = pending[-1]
+            self.progress.update(last.step, self._last_loss, last.lr, force=last.step == self.total)
         return flags_out[0] > 0, flags_out[1] > 0
 
     def _eval_batch_size(self) -> int:
