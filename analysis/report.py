@@ -56,8 +56,12 @@ class Analysis:
         return [r for r in self.results if r.threshold == self.primary]
 
 
-def validate_options(thresholds: list[float] | None, efficiency: float, bootstrap: int, window: int) -> None:
+def validate_options(thresholds: list[float] | None, efficiency: float, bootstrap: int, window: int,
+                     sweeps: list[str] = ()) -> None:
     problems = []
+    for sweep in sweeps:
+        if not sweep or "/" in sweep or sweep.startswith("."):
+            problems.append(f"--sweep: {sweep!r} is not a sweep name (a DNS-1123 label such as cifar10-resnet34)")
     for eps in thresholds or []:
         if not (math.isfinite(eps) and eps > 0):
             problems.append(f"--threshold: must be a positive loss value, got {eps}")
@@ -131,7 +135,8 @@ def analyze(store: Store, sweeps: list[str], *, thresholds: list[float] | None =
             bootstrap: int = 1000, window: int = 50, workers: int | None = None,
             warn: Callable[[str], None] | None = None) -> Analysis:
     """Load, compute and plot; returns the analysis with its artifacts (nothing is written)."""
-    validate_options(thresholds, efficiency, bootstrap, window)
+    sweeps = list(dict.fromkeys(sweeps))  # a sweep named twice is analysed once
+    validate_options(thresholds, efficiency, bootstrap, window, sweeps)
     loaded = load_sweeps(store, sweeps, window=window, workers=workers, warn=warn)
     a = compute_all(loaded, thresholds=thresholds, efficiency=efficiency, bootstrap=bootstrap)
     a.artifacts = make_artifacts(a)

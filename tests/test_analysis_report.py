@@ -114,6 +114,7 @@ def test_duplicate_parts_count_once(tmp_path, capsys):
         (["--sweep", "sw", "--efficiency", "1.5"], "--efficiency: must be in (0, 1]"),
         (["--sweep", "sw", "--threshold", "-1"], "--threshold: must be a positive loss value"),
         (["--sweep", "sw", "--window", "0"], "--window: must be a positive number"),
+        (["--sweep", "../sw"], "--sweep: '../sw' is not a sweep name"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
