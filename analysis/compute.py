@@ -183,17 +183,47 @@ def curve_of(cell: CellSummary, source: str) -> Curve | None:
 def default_threshold(group: Group) -> tuple[float, int | None, bool]:
     """(eps, the batch size it comes from, provisional): the paper's lower quartile (section 4.3).
 
-    Taken from the largest batch size with a finished cell; if no cell of the
-    group has finished, from the largest with any data, marked provisional.
+    The quartile is of the loss values the largest batch size reaches over its
+    run, weighted uniformly in iterations (its curve interpolated onto an even
+    grid of steps): evaluations are log-spaced, and their raw values would
+    over-weight the first steps and put the threshold near the initial loss.
+
+    Taken from the largest batch size whose cell finished and learned (status
+    done, last loss below ``LEARNED_FRACTION`` of its first): a cell that
+    diverged or stayed at chance (LSR at the largest batch sizes) reached no
+    loss worth comparing, and its batch size is shown as censored. Failing
+    that, from the largest finished cell; if none has finished, from the
+    largest with any data, marked provisional.
     """
     with_data = [c for c in group.cells if (cv := curve_of(c, group.source)) is not None and len(cv)]
     finished = [c for c in with_data if c.status != INCOMPLETE]
-    pool, provisional = (finished, False) if finished else (with_data, True)
+    learned = [c for c in finished if c.status == "done" and _learned(curve_of(c, group.source))]
+    pool, provisional = (learned or finished, False) if finished else (with_data, True)
     if not pool:
         return math.nan, None, provisional
     m = max(c.batch_size for c in pool)
-    values = np.concatenate([curve_of(c, group.source).values for c in pool if c.batch_size == m])
+    values = np.concatenate([uniform_values(curve_of(c, group.source)) for c in pool if c.batch_size == m])
     return lower_quartile(values), m, provisional
+
+
+#: A cell "learned" when its last training loss is below this fraction of its first.
+LEARNED_FRACTION = 0.9
+#: Points of the even step grid the default threshold's quartile is taken over.
+UNIFORM_POINTS = 1024
+
+
+def uniform_values(curve: Curve) -> np.ndarray:
+    """The curve's finite values interpolated onto ``UNIFORM_POINTS`` evenly spaced steps."""
+    ok = np.isfinite(curve.values)
+    steps, values = np.asarray(curve.steps, dtype=float)[ok], np.asarray(curve.values, dtype=float)[ok]
+    if len(steps) < 2:
+        return values
+    return np.interp(np.linspace(steps[0], steps[-1], UNIFORM_POINTS), steps, values)
+
+
+def _learned(curve: Curve) -> bool:
+    ok = np.flatnonzero(np.isfinite(curve.values))
+    return len(ok) >= 2 and curve.values[ok[-1]] < LEARNED_FRACTION * curve.values[ok[0]]
 
 
 def initial_loss(group: Group) -> float:

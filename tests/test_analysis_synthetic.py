@@ -36,7 +36,10 @@ def exact(tmp_path_factory):
 def test_default_threshold_is_the_lower_quartile_of_the_largest_batch(exact):
     truth, a = exact
     largest = [c for c in truth.cells if c.batch_size == MS[-1]]
-    expected = np.percentile(np.concatenate([c.loss(c.eval_steps) for c in largest]), 25)
+    # Over the run evenly in iterations: the evaluations interpolated onto an even step grid.
+    even = [np.interp(np.linspace(c.eval_steps[0], c.eval_steps[-1], 1024), c.eval_steps, c.loss(c.eval_steps))
+            for c in largest]
+    expected = np.percentile(np.concatenate(even), 25)
     row = next(t for t in a.thresholds if t["threshold"] == "q25")
     assert row["eps"] == pytest.approx(expected, rel=1e-12)
     assert row["from_batch_size"] == MS[-1] and row["source"] == "train_eval" and not row["provisional"]
@@ -172,3 +175,21 @@ def test_a_threshold_near_the_initial_loss_is_flagged(exact):
     g = a.groups[0]
     thresholds, _ = compute.steps_to_threshold([g], [1.9])  # 95 % of the initial loss 2
     assert [t["near_initial"] for t in thresholds] == [False, True]
+
+
+def test_default_threshold_skips_a_largest_batch_that_diverged(tmp_path):
+    # The largest batch size diverges early (as LSR does at 8192+ in the paper): its few losses are no
+    # threshold worth comparing; the next largest batch size, which finished, gives it instead.
+    store = LocalStore(tmp_path)
+    ms = [16, 32, 64, 128]
+    truth = write_sweep(store, "dv", batch_sizes=ms, groups=[GroupSpec(b_crit=64.0, b_noise=40.0)], epochs=4,
+                        diverge={(0, 128, 0): 3})
+    a = _analyse(store, "dv", bootstrap=0)
+    row = next(t for t in a.thresholds if t["threshold"] == "q25")
+    assert row["from_batch_size"] == 64
+    c64 = next(c for c in truth.cells if c.batch_size == 64)
+    even = np.interp(np.linspace(c64.eval_steps[0], c64.eval_steps[-1], 1024), c64.eval_steps,
+                     c64.loss(c64.eval_steps))
+    assert row["eps"] == pytest.approx(np.percentile(even, 25), rel=1e-12)
+    crossing = next(r for r in a.crossings if r["threshold"] == "q25" and r["batch_size"] == 128)
+    assert crossing["use"] != "reached"
