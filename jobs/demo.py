@@ -93,7 +93,13 @@ def _analyze(store: Store, grid: Grid) -> str:
     from critbatch.analysis.report import analyze, write_report
 
     output = f"critbatch-demo-report/{grid.sweep}" if store.url.startswith("s3://") else None
-    analysis = analyze(store, [grid.sweep], bootstrap=500, warn=lambda line: print(line, file=sys.stderr))
+    # The options the grid gives its analysis Job (analysis.args), read by the same parser.
+    from critbatch.jobs.cli import build_parser
+
+    opts = build_parser().parse_args(["analyze", "--sweep", grid.sweep, *map(str, grid.analysis.args)])
+    analysis = analyze(store, [grid.sweep], thresholds=opts.threshold, efficiency=opts.efficiency,
+                       bootstrap=min(opts.bootstrap, 500), window=opts.window,
+                       warn=lambda line: print(line, file=sys.stderr))
     index = write_report(store, analysis, output=output, log=lambda line: print(line, file=sys.stderr))
     print(f"report: {store.join(index)}")
     return summary_line(grid, analysis.primary_results(), _derived(store, grid))
@@ -113,6 +119,8 @@ def summary_line(grid: Grid, results: list, derived: dict[str, Any]) -> str:
     for r in results:
         s = r.summary
         label = r.group.label.split("/")[-1]
+        if s.get("censored"):
+            label += f" (never reached eps at m = {s['censored']})"
         parts.append(f"{label} {_fmt(s.get('b_crit_eff_interp'))} (efficiency >= {s.get('level', 0.5):g}), "
                      f"{_fmt(s.get('b_crit_fit'))} (McCandlish fit)")
     text = f"{grid.sweep}: critical batch size " + ("; ".join(parts) if parts else "not found (no speedup curve)")
