@@ -25,13 +25,22 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # A virtual environment that sees the base image's packages: the base's torch (built for its CUDA) is
 # used as is, and pip never touches the system Python (PEP 668). Dependencies first, in their own layer,
-# so a change to the code rebuilds only the last steps.
+# so a change to the code rebuilds only the last steps. The cell Jobs run `torchrun`: when torch comes
+# from the base, the base's torchrun would start the base's Python, which cannot see this environment,
+# so the environment gets a torchrun of its own (checked before the step ends).
 COPY images/requirements.txt images/requirements-torch.txt /opt/critbatch/
 RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
     && if [ "$INSTALL_TORCH" = auto ] && ! python -c "import torch, torchvision" 2>/dev/null; then \
         pip install -r /opt/critbatch/requirements-torch.txt; \
     fi \
-    && pip install -r /opt/critbatch/requirements.txt
+    && pip install -r /opt/critbatch/requirements.txt \
+    && if [ ! -e "$VIRTUAL_ENV/bin/torchrun" ]; then \
+        printf '#!%s/bin/python\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
+            "$VIRTUAL_ENV" > "$VIRTUAL_ENV/bin/torchrun" \
+        && chmod 755 "$VIRTUAL_ENV/bin/torchrun"; \
+    fi \
+    && python -c "import shutil, sys; w = shutil.which('torchrun'); \
+assert open(w).readline()[2:].strip().startswith(sys.prefix + '/'), w"
 
 # The package (.dockerignore lets through only pyproject.toml, README.md, jobs/, analysis/, k8s/, images/),
 # and the non-root user the manifests run as (runAsUser/runAsGroup 1000). Some bases already have
