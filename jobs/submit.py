@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -40,12 +41,16 @@ def api_client():
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    # KUBECONFIG is read here, not when the kubernetes package was imported (it caches the variable then).
+    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     try:
-        config.load_kube_config()
-    except (ConfigException, FileNotFoundError, OSError, TypeError):
+        config.load_kube_config(config_file=path)
+    except (ConfigException, OSError, TypeError) as err:
         try:
             config.load_incluster_config()
         except ConfigException:
+            if any(os.path.isfile(p) for p in path.split(os.pathsep)):
+                raise ConfigError(f"kubernetes: cannot use the kube config {path}: {err}") from None
             raise ConfigError("kubernetes: no kube config found (~/.kube/config or KUBECONFIG) and not running "
                               "in a cluster; point KUBECONFIG at a cluster, or use `critbatch render` and "
                               "kubectl") from None

@@ -332,3 +332,34 @@ def test_submit_without_any_cluster_config_is_one_clear_error(tmp_path, monkeypa
 def test_submit_refuses_a_local_store(capsys, tmp_path):
     assert cli.main(["submit", "table1-wikitext2-lstm", "--store", str(tmp_path)]) == 2
     assert "pods cannot reach" in capsys.readouterr().err
+
+
+def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api_server.host}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    spec = tmp_path / "g.yaml"
+    spec.write_text(json.dumps(SPEC))
+    assert cli.main(["submit", str(spec), "--store", s3_url, "--max-active", "4"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 4 and all(line.startswith("created critbatch-sub-") for line in out.out.splitlines())
+    assert "created 4, already there 0, done in store 0, held by the cap 2" in out.err
+    assert open_store(s3_url).exists("sub/sweep.yaml")
+    assert cli.main(["status", str(spec), "--store", s3_url]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1] == "done 0  diverged 0  running 0  pending 6  failed 0  (total 6)"
+    assert sum(" created " in line for line in table) == 4 and sum(" absent " in line for line in table) == 2
+
+
+def test_a_broken_kubeconfig_is_named(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "config"
+    bad.write_text("apiVersion: v1\nkind: Config\ncurrent-context: nowhere\n")
+    monkeypatch.setenv("KUBECONFIG", str(bad))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(submit.ConfigError, match=f"cannot use the kube config {bad}"):
+        submit.api_client()
