@@ -113,6 +113,13 @@ def test_kubernetes_validate_ships_the_stated_version():
     assert kubernetes_validate.validate(render.render_analysis_job(small()), KUBE_VERSION, strict=True) == KUBE_VERSION
 
 
+def test_jobs_also_validate_for_the_newest_version_shipped():
+    latest = kubernetes_validate.latest_version()
+    grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1})
+    for obj in (render.render_cell(grid, grid.cells()[0]), render.render_analysis_job(grid)):
+        assert kubernetes_validate.validate(obj, latest, strict=True) == kubernetes_validate.utils.major_minor(latest)
+
+
 @needs_schemas
 @pytest.mark.parametrize("kind", sorted(CRDS))
 def test_strict_crd_schema_rejects_an_unknown_field(kind):
