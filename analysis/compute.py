@@ -15,8 +15,10 @@ Definitions, stated once (the report repeats them):
   step it logged. A cell still running (no ``_SUCCESS``) counts only once it
   has crossed eps (a crossing is final; not having crossed yet is not).
 - Default threshold (paper 4.3): the lower quartile (numpy's linear
-  percentile) of the curve values logged by the cells of the group's largest
-  batch size with a finished cell, all seeds and trials pooled.
+  percentile) of the loss values the group's largest batch size reaches over
+  its run, evenly weighted in iterations (the curve interpolated onto an even
+  step grid), all seeds and trials pooled; taken from the largest batch size
+  whose cell finished and learned (see :func:`default_threshold`).
 - Several values of a metaparameter (base_lr, momentum) at one batch size are
   trials; per batch size the trial with the fewest mean steps over its seeds
   wins (Shallue et al.'s steps-to-result), and its seeds give k(m).
