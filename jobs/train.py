@@ -81,8 +81,15 @@ from critbatch.jobs.strategies import base_total_steps, eval_steps, lr_at, peak_
 EXIT_PREEMPTED = 143
 #: Steps between host syncs of the logged figures on a GPU (on the CPU: every step).
 GPU_SYNC_EVERY = 25
-#: Seconds to wait for log parts to reach the store before a checkpoint is skipped.
-CHECKPOINT_LOG_TIMEOUT_S = 120.0
+#: Seconds to wait for log parts to reach the store before a periodic checkpoint is skipped (the
+#: store is down: training goes on, the parts wait in the spool, the next checkpoint tries again),
+#: and before the SIGTERM checkpoint gives up (torchrun kills its workers 30 s after forwarding it).
+CHECKPOINT_LOG_TIMEOUT_S = 5.0
+#: ... and while the store is known to be down (the previous checkpoint was skipped).
+CHECKPOINT_LOG_TIMEOUT_DOWN_S = 0.5
+SIGTERM_LOG_TIMEOUT_S = 20.0
+#: Seconds the final writes (model.pt, _SUCCESS) wait out a store outage before the run fails.
+STORE_PATIENCE_S = 1800.0
 #: Seconds between progress lines when the output is not a terminal.
 PROGRESS_LINE_SECONDS = 10.0
 
@@ -343,6 +350,7 @@ class Trainer:
         self._batches: Iterator[tuple[Tensor, Tensor]] | None = None
         self._clock: float | None = None
         self._last_checkpoint = time.monotonic()
+        self._store_down = False  # the last checkpoint was skipped for an unreachable store
         self._last_loss = math.nan
         self.progress: Progress | None = None
 
@@ -373,10 +381,11 @@ class Trainer:
         split  one process, no accumulation, even m, no BatchNorm, a per-example mean loss: the
                measured step runs as two micro-batches of m / 2 (b = m / 2, B = m). Without BatchNorm
                the update is the full-batch one (up to the order of the sum) and costs nothing extra;
-        half   one process, no accumulation otherwise: an extra forward/backward on the first half
-               of the batch (b = m // 2) against the step's gradient (B = m), costing half a step per
-               measurement; it runs with a forked RNG and restored buffers, so BatchNorm statistics
-               and the training trajectory are the same as without measuring.
+        extra  one process, no accumulation otherwise: an extra forward/backward on the first quarter
+               of the batch (b = max(1, m // 4)) against the step's gradient (B = m), costing a quarter
+               of a step per measurement (2.5 % at every = 10); it runs with a forked RNG and restored
+               buffers, so BatchNorm statistics and the training trajectory are the same as without
+               measuring.
         """
         if self.cell.noise.every <= 0:
             return None
@@ -389,10 +398,10 @@ class Trainer:
         batch_norm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in self.raw_model.modules())
         if self.m % 2 == 0 and not batch_norm and self.task != "segmentation":
             return "split"
-        return "half"
+        return "extra"
 
     def _noise_batches(self) -> tuple[int, int]:
-        small = {"micro": self.micro, "rank": self.per_rank, "split": self.m // 2, "half": self.m // 2}
+        small = {"micro": self.micro, "rank": self.per_rank, "split": self.m // 2, "extra": max(1, self.m // 4)}
         small = small[self.noise_mode]
         return small, self.m
 
@@ -571,7 +580,7 @@ class Trainer:
             if self.step == self.total:
                 break
             if at_checkpoint or due or stop:
-                saved = self._checkpoint()
+                saved = self._checkpoint(stopping=stop)
                 if stop:
                     self._stop_clock()
                     if self.logs is not None:
@@ -614,8 +623,8 @@ class Trainer:
             if self.noise_mode == "rank":
                 g_small = gradient_sq_norm(self.params)  # this rank's gradient, before the all-reduce
                 average_gradients_(self.params, self.dist)
-            elif self.noise_mode == "half":
-                g_small = self._half_batch_grad_sq(x, y)
+            elif self.noise_mode == "extra":
+                g_small = self._small_batch_grad_sq(x, y)
             b_small, b_big = self._noise_batches()
             noise = (b_small, b_big, g_small, gradient_sq_norm(self.params))
         if self.cell.clip_grad is not None:
@@ -624,14 +633,14 @@ class Trainer:
         mean_loss = loss_sum / parts if parts > 1 else loss_sum
         return mean_loss, noise
 
-    def _half_batch_grad_sq(self, x: Tensor, y: Tensor) -> Tensor:
-        """|G_b|^2 of the first half of the batch, at the step's weights, without touching the trajectory."""
-        half = self.m // 2
+    def _small_batch_grad_sq(self, x: Tensor, y: Tensor) -> Tensor:
+        """|G_b|^2 of the batch's first b rows, at the step's weights, without touching the trajectory."""
+        b = self._noise_batches()[0]
         buffers = [b.detach().clone() for b in self.raw_model.buffers()]
         devices = [self.device] if self.cuda else []
         with torch.random.fork_rng(devices=devices):
             with self.autocast:
-                loss = self.loss_fn(self.raw_model(self._prepare(x[:half])), y[:half])
+                loss = self.loss_fn(self.raw_model(self._prepare(x[:b])), y[:b])
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         with torch.no_grad():
             for b, saved in zip(self.raw_model.buffers(), buffers):
@@ -704,18 +713,20 @@ class Trainer:
         self.last_eval = result
         self._start_clock()
 
-    def _checkpoint(self) -> bool:
+    def _checkpoint(self, stopping: bool = False) -> bool:
         """Save the trainer's state; the logs are synced first so their part indices cover every step so far."""
         self._stop_clock()
         rngs = all_gather_object(self.rng_state(), self.dist)
         saved = False
         if self.dist.is_main:
             try:
-                parts = self.logs.sync(timeout=CHECKPOINT_LOG_TIMEOUT_S)
-                buffer_state = self.state_dict(rngs, parts)
-                self.checkpointer.save(self.step, buffer_state)
-                saved = True
+                timeout = (SIGTERM_LOG_TIMEOUT_S if stopping else
+                           CHECKPOINT_LOG_TIMEOUT_DOWN_S if self._store_down else CHECKPOINT_LOG_TIMEOUT_S)
+                parts = self.logs.sync(timeout=timeout)
+                self.checkpointer.save(self.step, self.state_dict(rngs, parts))
+                saved, self._store_down = True, False
             except StoreUnavailable as err:
+                self._store_down = True
                 print(f"critbatch train: checkpoint at step {self.step} skipped, store unavailable ({err})",
                       file=sys.stderr, flush=True)
         self._last_checkpoint = time.monotonic()
@@ -737,23 +748,46 @@ class Trainer:
             error, details = self._linear_approx_error()
             final["lin_approx_error"] = _finite_or_none(error)
             final["lin_approx"] = {k: _finite_or_none(v) for k, v in details.items()}
-            if self.dist.is_main:
-                buf = io.BytesIO()
-                torch.save(self.raw_model.state_dict(), buf)
-                self.store.put_bytes(f"{self.prefix}/model.pt", buf.getvalue())
         summary = success_summary(
             cell_id=self.cell.id, status=status, steps=steps, samples_seen=steps * self.m,
             wall_time_s=self.wall, final=final, code_version=code_version(), reason=reason,
         )
         if self.dist.is_main:
+            # Logs first (close() waits until every part is in the store, however long an outage
+            # lasts), then the final weights, then _SUCCESS: its presence means everything is there.
             if self.logs is not None:
                 self.logs.close()
                 self.logs = None
-            if self.progress is not None and self.diverged:
+            if not self.diverged:
+                buf = io.BytesIO()
+                torch.save(self.raw_model.state_dict(), buf)
+                self._put_patiently(f"{self.prefix}/model.pt", buf.getvalue())
+            else:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
-            self.store.put_text(success_key(self.cell.sweep, self.cell.id), json.dumps(summary, indent=2) + "\n")
+            self._put_patiently(success_key(self.cell.sweep, self.cell.id),
+                                (json.dumps(summary, indent=2) + "\n").encode())
         distributed.barrier(self.dist)
         return summary
+
+    def _put_patiently(self, key: str, data: bytes) -> None:
+        """Write a final object, waiting out a store outage (up to STORE_PATIENCE_S).
+
+        A store that stays down longer is a crash (exit 1, the pod is retried and resumes from the
+        last checkpoint), not bad input: StoreUnavailable would map to exit code 2, which fails the Job.
+        """
+        deadline = time.monotonic() + STORE_PATIENCE_S
+        delay = 1.0
+        while True:
+            try:
+                self.store.put_bytes(key, data)
+                return
+            except StoreUnavailable as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"store still unreachable after {STORE_PATIENCE_S:.0f} s: {err}") from err
+                print(f"critbatch train: cannot write {key} yet ({err}); retrying in {delay:.0f} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(60.0, delay * 2)
 
     def _linear_approx_error(self) -> tuple[float, dict]:
         """Paper 4.2 at the final weights, with g_m the gradient of one global batch of m examples.

@@ -20,7 +20,7 @@ import torch
 from critbatch.jobs.checkpoint import Checkpointer
 from critbatch.jobs.config import Cell
 from critbatch.jobs.store import cell_prefix, open_store
-from test_train import final_weights, read_rows, read_success
+from test_train import final_weights, read_rows, read_success, train
 
 CELL = json.dumps({
     "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 32,
@@ -119,3 +119,33 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference):
     key = lambda r: (r["step"], r["split"])  # noqa: E731
     assert sorted(map(key, evals)) == sorted(map(key, ref_evals))  # no evaluation twice or missing
     assert {key(r): r["loss"] for r in evals} == {key(r): r["loss"] for r in ref_evals}
+
+
+def test_store_outage_mid_run_loses_no_row(tmp_path, cpu_env, s3_server, s3_url):
+    """The S3 server goes down after the first checkpoint and comes back: the run finishes, every step logged once."""
+    import threading
+
+    cell = json.dumps({**json.loads(CELL), "max_steps": 200, "noise": {"every": 0}, "sweep": "t"})
+    prefix = cell_prefix("t", Cell.from_json(cell).id)
+    watcher = open_store(s3_url)
+    seen: dict[str, bool] = {}
+
+    def outage() -> None:
+        deadline = time.monotonic() + 120
+        while not Checkpointer(watcher, prefix).complete_steps() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen["running_when_stopped"] = not watcher.exists(f"{prefix}/_SUCCESS")
+        s3_server.stop()
+        time.sleep(1.0)
+        s3_server.start()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    try:
+        assert train(cell, s3_url, "--checkpoint-steps", "30", "--flush-steps", "20", "--flush-seconds", "0.2") == 0
+    finally:
+        thread.join()
+    assert seen["running_when_stopped"]
+    store = open_store(s3_url)
+    assert [r["step"] for r in read_rows(store, prefix, "steps")] == list(range(1, 201))
+    assert read_success(store, prefix)["status"] == "done"

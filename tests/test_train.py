@@ -102,13 +102,15 @@ def _digits_model_keys():
     return build_model(cell, load_task_data(cell, ".")).state_dict().items()
 
 
-@pytest.mark.parametrize("accumulation, batch_norm, mode", [(1, False, "split"), (2, False, "micro"),
-                                                            (1, True, "half")])
-def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_env, accumulation, batch_norm, mode):
-    """|G_b|^2 is the first 32 rows' gradient, |G_B|^2 the batch's, both before the update.
+@pytest.mark.parametrize("accumulation, batch_norm, mode, b_small", [(1, False, "split", 32), (2, False, "micro", 32),
+                                                                     (1, True, "extra", 16)])
+def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_env, accumulation, batch_norm, mode,
+                                                                 b_small):
+    """|G_b|^2 is the first b rows' gradient, |G_B|^2 the batch's (64), both before the update.
 
     split: the measured step runs as two halves (no BatchNorm); micro: the first of two micro-batches;
-    half: an extra pass on the first half, after which BatchNorm's running statistics are as if it never ran.
+    extra: an extra pass on the first quarter (16 rows), after which BatchNorm's running statistics are as if
+    it never ran.
     """
     from torch import nn
 
@@ -141,9 +143,9 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
         criterion(reference(x[rows]), y[rows]).backward()
         return float(sum(p.grad.double().pow(2).sum() for p in reference.parameters()))
 
-    small, big = grad_sq(slice(0, 32)), grad_sq(slice(0, 64))
+    small, big = grad_sq(slice(0, b_small)), grad_sq(slice(0, 64))
     loss, noise = trainer._update(x, y, 0.1, measure=True)
-    assert noise[:2] == (32, 64)
+    assert noise[:2] == (b_small, 64)
     assert float(noise[2]) == pytest.approx(small, rel=1e-5)
     assert float(noise[3]) == pytest.approx(big, rel=1e-5)
     with torch.no_grad():
@@ -287,3 +289,4 @@ def test_linreg_oracle_cell(tmp_path, cpu_env):
     evals = [r for r in read_rows(store, prefix, "evals") if r["split"] == "train"]
     assert evals[-1]["loss"] < 0.5 * evals[0]["loss"]
     assert {r["metric"] for r in evals} == {"none"}
+
