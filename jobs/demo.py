@@ -80,7 +80,7 @@ def cli_demo(args) -> int:
         took = time.monotonic() - started
         if args.s3:
             # The server goes away with the demo: keep a copy of the reports on disk.
-            print(f"critbatch demo: the S3 server stops now; the reports were copied to ./critbatch-demo-report/",
+            print("critbatch demo: the S3 server stops now; the reports were copied to ./critbatch-demo-report/",
                   file=sys.stderr)
     print(f"critbatch demo: finished in {took / 60:.1f} min")
     for line in lines:
@@ -101,7 +101,10 @@ def _analyze(store: Store, grid: Grid) -> str:
                        bootstrap=min(opts.bootstrap, 500), window=opts.window,
                        warn=lambda line: print(line, file=sys.stderr))
     index = write_report(store, analysis, output=output, log=lambda line: print(line, file=sys.stderr))
-    print(f"report: {store.join(index)}")
+    if output:  # the loopback server stops with the demo: point at the copy that stays
+        print(f"report: {output}/index.html (copied from {store.join(index)})")
+    else:
+        print(f"report: {store.join(index)}")
     return summary_line(grid, analysis.primary_results(), _derived(store, grid))
 
 
