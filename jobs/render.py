@@ -404,20 +404,23 @@ def write_directory(docs: list[Document], directory: str | Path) -> list[Path]:
     return paths
 
 
-def grid_for_command(args: argparse.Namespace) -> Grid:
-    """The grid named on the command line, with the run settings its options override."""
+def grid_for_command(args: argparse.Namespace, *, cluster_store: bool = False) -> Grid:
+    """The grid named on the command line, with the run settings its options override.
+
+    ``cluster_store``: the store must be one pods can reach (S3), not a local directory.
+    """
     grid = load_grid(args.grid)
     overrides = {k: getattr(args, k, None) for k in ("store", "image", "namespace", "backend")}
     if any(v is not None for v in overrides.values()):
         grid = grid.with_overrides(**overrides)
+    if cluster_store and not grid.store.startswith("s3://"):
+        raise ConfigError(f"store: {grid.store!r} is a local directory, which pods cannot reach; "
+                          "use s3://BUCKET/PREFIX (the grid's store, or --store)")
     return grid
 
 
 def cli_render(args: argparse.Namespace) -> int:
-    grid = grid_for_command(args)
-    if not grid.store.startswith("s3://"):
-        raise ConfigError(f"store: {grid.store!r} is a local directory, which pods cannot reach; "
-                          "use s3://BUCKET/PREFIX (the grid's store, or --store)")
+    grid = grid_for_command(args, cluster_store=True)
     docs = render_documents(grid, analysis=not args.no_analysis)  # everything rendered before anything is written
     if args.output in ("-", ""):
         sys.stdout.write(dump_stream(docs))

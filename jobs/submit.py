@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 from critbatch.jobs import k8s
 from critbatch.jobs.errors import ConfigError, StoreUnavailable
-from critbatch.jobs.grid import Grid, load_grid
-from critbatch.jobs.render import render_analysis_job, render_cell
+from critbatch.jobs.grid import Grid
+from critbatch.jobs.render import grid_for_command, render_analysis_job, render_cell
 from critbatch.jobs.store import Store, open_store, success_key
 
 #: What ``status`` calls a cell, in the order of its counts line.
@@ -244,19 +244,8 @@ def _store_for(grid: Grid, url: str | None) -> Store:
     return store
 
 
-def grid_for_cluster(args: argparse.Namespace) -> Grid:
-    grid = load_grid(args.grid)
-    overrides = {"namespace": getattr(args, "namespace", None), "store": getattr(args, "store", None)}
-    if any(v is not None for v in overrides.values()):
-        grid = grid.with_overrides(**overrides)
-    return grid
-
-
 def cli_submit(args: argparse.Namespace) -> int:
-    grid = grid_for_cluster(args)
-    if not grid.store.startswith("s3://"):
-        raise ConfigError(f"store: {grid.store!r} is a local directory, which pods cannot reach; "
-                          "use s3://BUCKET/PREFIX (the grid's store, or --store)")
+    grid = grid_for_command(args, cluster_store=True)
     if args.max_active < 0:
         raise ConfigError(f"--max-active: must be >= 0 (0 = no cap), got {args.max_active}")
     max_active = args.max_active or grid.max_active
@@ -322,7 +311,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cli_status(args: argparse.Namespace) -> int:
-    grid = grid_for_cluster(args)
+    grid = grid_for_command(args)
     try:
         store = _store_for(grid, None)
     except StoreUnavailable as err:
