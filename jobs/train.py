@@ -583,9 +583,7 @@ class Trainer:
                 saved = self._checkpoint(stopping=stop)
                 if stop:
                     self._stop_clock()
-                    if self.logs is not None:
-                        self.logs.close()
-                        self.logs = None
+                    self._abandon_logs()  # synced by the checkpoint; only stops the threads
                     raise Preempted(self.step, saved)
         self._stop_clock()
 

@@ -290,3 +290,37 @@ def test_linreg_oracle_cell(tmp_path, cpu_env):
     assert evals[-1]["loss"] < 0.5 * evals[0]["loss"]
     assert {r["metric"] for r in evals} == {"none"}
 
+
+
+@pytest.mark.parametrize(
+    "dataset, options, model, batch, metric",
+    [
+        ("wikitext2", {}, "lstm", 8, "perplexity"),  # (N, 35) tokens, clipping 0.25
+        ("cityscapes", {"size": [64, 128]}, "drn_d_22", 2, "miou"),  # (N, 19, H, W) logits, 255 = ignore
+        ("cifar10", {}, "resnet34", 8, "accuracy"),  # BatchNorm: the extra-pass noise measurement
+    ],
+    ids=["wikitext2-lstm", "cityscapes-drn", "cifar10-resnet34"],
+)
+def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, model, batch, metric):
+    """A few steps of each task on tiny files in the dataset's real format: logs, evaluations, metric, _SUCCESS."""
+    from datafiles import write_dataset
+
+    root = tmp_path / "data" / dataset
+    write_dataset(dataset, root)
+    cell = json.dumps({
+        "dataset": {"name": dataset, "options": options}, "model": model, "strategy": "blr", "batch_size": batch, "base_lr": 0.01,
+        "base_batch": batch, "epochs": 1, "max_steps": 3, "sweep": "t", "eval": {"points": 2, "train_subset": 8},
+        "noise": {"every": 2}, "clip_grad": 0.25 if model == "lstm" else None,
+    })
+    url = str(tmp_path / "store")
+    assert train(cell, url, "--data-root", str(tmp_path / "data")) == 0
+    store = open_store(url)
+    prefix = cell_prefix("t", Cell.from_json(cell).id)
+    steps = read_rows(store, prefix, "steps")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[1]["noise_g_small_sq"] > 0 and steps[1]["noise_b_big"] == batch
+    evals = read_rows(store, prefix, "evals")
+    assert {r["metric"] for r in evals} == {metric} and {r["step"] for r in evals} == {0, 1, 3}
+    assert all(r["loss"] > 0 and r["value"] == r["value"] for r in evals)  # finite, not NaN
+    done = read_success(store, prefix)
+    assert done["status"] == "done" and done["final"]["metric"] == metric
