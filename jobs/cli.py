@@ -22,7 +22,7 @@ import sys
 from typing import Callable
 
 from critbatch.jobs import __version__
-from critbatch.jobs.errors import EXIT_CONFIG, ConfigError, StoreUnavailable
+from critbatch.jobs.errors import EXIT_CONFIG, EXIT_STORE_UNAVAILABLE, ConfigError, StoreUnavailable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except StoreUnavailable as err:
         print(f"critbatch {args.command}: error: store unreachable: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        # In a pod, a store outage is worth a retry (which resumes); exit code 2 would fail the Job for good.
+        return EXIT_STORE_UNAVAILABLE if args.command == "train" else EXIT_CONFIG
     except FileNotFoundError as err:
         print(f"critbatch {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
         return EXIT_CONFIG

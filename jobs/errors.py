@@ -12,6 +12,11 @@ from __future__ import annotations
 EXIT_CONFIG = 2
 
 
+#: Exit code of ``critbatch train`` when the store stays unreachable (EX_TEMPFAIL): unlike a bad
+#: configuration, a retry can help, so the manifests' failure policy lets the Job retry it.
+EXIT_STORE_UNAVAILABLE = 75
+
+
 class ConfigError(ValueError):
     """One or more problems with user input, each naming its field."""
 

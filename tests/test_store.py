@@ -80,3 +80,20 @@ def test_s3_server_outage_and_recovery(s3_server, s3_url):
     store.put_bytes("before", b"1")
     s3_server.restart()
     assert store.get_bytes("before") == b"1"
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["analyze", "--store", "s3://bucket/p", "--sweep", "x"], 2),  # a user at a terminal: one line, exit 2
+    (["train", "--cell", '{"dataset": {"name": "linreg"}, "model": "linear", "strategy": "oracle", "batch_size": 4,'
+      ' "base_lr": 1.0, "base_batch": 4, "epochs": 1}', "--store", "s3://bucket/p"], 75),  # a pod: retryable
+])
+def test_unreachable_store_exit_codes(argv, code, monkeypatch, capsys):
+    from critbatch.jobs.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "store unreachable" in err and "Traceback" not in err
