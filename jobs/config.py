@@ -290,6 +290,15 @@ class _Invalid:
 _BAD = object()
 
 
+#: Scalar field types: what a value must be, and how the error names it. A bool is never an int or float.
+_SCALARS: dict[type, tuple[Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     origin = get_origin(tp)
     if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
@@ -306,11 +315,13 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: must be a mapping, got {type(value).__name__}")
             return _BAD
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{path}: must be true or false, got {value!r}")
+    if tp in _SCALARS:
+        accepts, wanted = _SCALARS[tp]
+        if not accepts(value):
+            problems.append(f"{path}: must be {wanted}, got {value!r}")
             return _BAD
-        return value
+        return float(value) if tp is float else value
+    return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{path}: must be an integer, got {value!r}")

@@ -8,6 +8,15 @@ from critbatch.jobs.errors import ConfigError, StoreUnavailable
 from critbatch.jobs.store import LocalStore, S3Store, open_store, with_retries
 
 
+@pytest.fixture
+def unreachable_s3(monkeypatch):
+    """S3 settings that point at the discard port on loopback, where nothing listens."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
 def test_roundtrip_list_delete(any_store_url):
     store = open_store(any_store_url)
     store.check()
@@ -42,11 +51,7 @@ def test_open_store_rejects_unknown_scheme():
         open_store("s3://")
 
 
-def test_unreachable_s3_raises_store_unavailable(monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def test_unreachable_s3_raises_store_unavailable(unreachable_s3):
     store = S3Store("bucket", "p", retries=2)
     with pytest.raises(StoreUnavailable, match="cannot put"):
         store.put_bytes("k", b"v")
@@ -87,13 +92,9 @@ def test_s3_server_outage_and_recovery(s3_server, s3_url):
     (["train", "--cell", '{"dataset": {"name": "linreg"}, "model": "linear", "strategy": "oracle", "batch_size": 4,'
       ' "base_lr": 1.0, "base_batch": 4, "epochs": 1}', "--store", "s3://bucket/p"], 75),  # a pod: retryable
 ])
-def test_unreachable_store_exit_codes(argv, code, monkeypatch, capsys):
+def test_unreachable_store_exit_codes(argv, code, unreachable_s3, capsys):
     from critbatch.jobs.cli import main
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     assert main(argv) == code
     err = capsys.readouterr().err
     assert "store unreachable" in err and "Traceback" not in err
