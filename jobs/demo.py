@@ -69,7 +69,7 @@ def cli_demo(args) -> int:
             cells.extend(grid.cells())
         print(f"critbatch demo: {len(cells)} cells ({', '.join(f'{g.sweep}: {len(g.cells())}' for g in grids)}) "
               f"-> {store.url}, {args.parallel} at a time", file=sys.stderr)
-        result = run_cells(cells, store_url, parallel=args.parallel, label="demo",
+        result = run_cells(cells, store, parallel=args.parallel, label="demo",
                            data_root=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"))
         if result.failed:
             print(f"critbatch demo: {len(result.failed)} cells failed; see the messages above", file=sys.stderr)

@@ -88,7 +88,7 @@ def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list
 
 def run_cells(
     cells: Sequence[Cell],
-    store_url: str,
+    store: Store,
     *,
     parallel: int = 1,
     data_root: str = "~/.cache/critbatch/data",
@@ -98,11 +98,10 @@ def run_cells(
     label: str = "cells",
     extra_args: Sequence[str] = (),
 ) -> RunResult:
-    """Train every unfinished cell, ``parallel`` at a time; return what happened."""
+    """Train every unfinished cell of ``store`` (already checked), ``parallel`` at a time; return what happened."""
     if parallel < 1:
         raise ConfigError(f"--parallel: must be at least 1, got {parallel}")
-    store = open_store(store_url)
-    store.check()
+    store_url = store.url
     todo, finished = pending_cells(cells, store)
     result = RunResult(skipped=[c.id for c in finished])
     logs = Path(log_dir) if log_dir else _default_log_dir(store_url)
@@ -268,7 +267,7 @@ def cli_run(args) -> int:
     nproc = grid.world_size
     print(f"critbatch run: {len(cells)} cells of sweep {grid.sweep!r} -> {store.url} "
           f"({args.parallel} at a time{f', {nproc} processes each' if nproc > 1 else ''})", file=sys.stderr)
-    result = run_cells(cells, store_url, parallel=args.parallel, data_root=args.data_root,
+    result = run_cells(cells, store, parallel=args.parallel, data_root=args.data_root,
                        log_dir=args.log_dir, nproc=nproc, label=grid.sweep)
     print(f"critbatch run: {len(result.done)} trained, {len(result.skipped)} already done, "
           f"{len(result.failed)} failed", file=sys.stderr)
