@@ -45,6 +45,10 @@ assert open(w).readline()[2:].strip().startswith(sys.prefix + '/'), w"
 # The package (.dockerignore lets through only pyproject.toml, README.md, jobs/, analysis/, k8s/, images/),
 # and the non-root user the manifests run as (runAsUser/runAsGroup 1000). Some bases already have
 # uid 1000 (Ubuntu 24.04's "ubuntu"): then that account is the one used.
+# CRITBATCH_COMMIT: the commit the image is built from (images/build.sh passes `git describe`), so every
+# cell.json and _SUCCESS written in a pod says which code ran.
+ARG CRITBATCH_COMMIT=""
+ENV CRITBATCH_COMMIT=${CRITBATCH_COMMIT}
 WORKDIR /opt/critbatch/src
 COPY . ./
 RUN pip install --no-deps . \

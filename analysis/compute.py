@@ -48,7 +48,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from critbatch.analysis.load import INCOMPLETE, CellSummary, Curve
+from .load import INCOMPLETE, CellSummary, Curve
 
 Table = list[dict[str, Any]]
 

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
 from critbatch.jobs.store import LocalStore, S3Store, Store
 
 #: Points of a cell's dense log-spaced grid: consecutive steps differ by at most 0.5 %, so a threshold
@@ -105,7 +105,7 @@ class CellSummary:
 
 
 def _task(cell: dict[str, Any]) -> str:
-    from critbatch.jobs.config import DATASETS
+    from critbatch.jobs.cell.spec import DATASETS
 
     return DATASETS[cell["dataset"]["name"]]["task"]
 
@@ -442,7 +442,7 @@ NOISE_TAIL = int(math.ceil(math.log(1e-17) / math.log(NOISE_BETA)))
 
 
 def _b_simple(g_small_sq, g_big_sq, b_small, b_big, *, notes: list[str]) -> float:
-    from critbatch.jobs.noise import b_simple
+    from .noise import b_simple
 
     try:
         return float(b_simple(g_small_sq, g_big_sq, b_small, b_big, beta=NOISE_BETA))

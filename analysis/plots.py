@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from critbatch.analysis.compute import CurveResult, Group, Table, contour_grid, families
+from .compute import CurveResult, Group, Table, contour_grid, families
 
 MAX_PANELS = 12
 #: Lighter colours for lower loss, as in the paper's contour plots.

@@ -29,13 +29,14 @@ from typing import Callable
 import jinja2
 import yaml
 
-from critbatch.analysis import compute, plots
-from critbatch.analysis.compute import CurveResult, Group
-from critbatch.analysis.load import INCOMPLETE, Loaded, load_sweeps
-from critbatch.analysis.plots import Artifact, fmt
-from critbatch.jobs.config import code_version
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.store import S3Store, Store, open_store, report_prefix
+from . import compute, plots
+from .compute import CurveResult, Group
+from .load import INCOMPLETE, Loaded, load_sweeps
+from .plots import Artifact, fmt
+from critbatch.jobs.cell.version import code_version
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.store import S3Store, Store, open_store
+from critbatch.jobs.cell.layout import report_prefix
 
 
 @dataclass

@@ -33,8 +33,8 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from critbatch.jobs.config import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
-from critbatch.jobs.logschema import (
+from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
+from critbatch.jobs.cell.logschema import (
     EVALS_SCHEMA,
     STATUS_DIVERGED,
     STATUS_DONE,
@@ -44,7 +44,8 @@ from critbatch.jobs.logschema import (
     success_summary,
     table_to_ipc,
 )
-from critbatch.jobs.store import LocalStore, Store, cell_prefix, success_key
+from critbatch.jobs.store import LocalStore, Store
+from critbatch.jobs.cell.layout import cell_prefix, success_key
 
 #: Initial loss of every synthetic cell (a in L(k) = a exp(-k / tau)).
 LOSS_0 = 2.0

@@ -7,7 +7,7 @@ Both sides read the same synthetic CIFAR-10 written in its real pickle format
 and produce the same thing: normalised float batches after a random crop with
 padding 4 and a horizontal flip. The DataLoader applies RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor and Normalize to each sample in ``--workers``
-worker processes; the in-memory pipeline (critbatch.jobs.data) does it on whole
+worker processes; the in-memory pipeline (critbatch.jobs.data.datasets) does it on whole
 batches of one uint8 tensor. Samples per second are measured over one epoch
 after a few warm-up batches. Goal: >= 5x.
 """
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from datafiles import write_cifar10  # noqa: E402
 
-from critbatch.jobs.config import Cell  # noqa: E402
-from critbatch.jobs.data import _torchvision_datasets, load_task_data  # noqa: E402
+from critbatch.jobs.cell.spec import Cell  # noqa: E402
+from critbatch.jobs.data.datasets import _torchvision_datasets, load_task_data  # noqa: E402
 
 WARMUP = 5  # batches before the clock starts (worker start-up, first allocations)
 

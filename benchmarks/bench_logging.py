@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from critbatch.jobs.logschema import STEPS_SCHEMA, ipc_to_table
-from critbatch.jobs.logstream import LogStream
+from critbatch.jobs.cell.logschema import STEPS_SCHEMA, ipc_to_table
+from critbatch.jobs.store.logstream import LogStream
 from critbatch.jobs.store import LocalStore
 
 PREFIX = "bench/cells/0123456789ab"

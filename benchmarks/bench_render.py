@@ -21,8 +21,8 @@ import argparse
 import json
 import time
 
-from critbatch.jobs.grid import load_grid
-from critbatch.jobs.render import dump_stream, render_documents
+from critbatch.jobs.sweep.grid import load_grid
+from critbatch.jobs.sweep.render import dump_stream, render_documents
 
 
 def grid_spec(cells: int, backend: str) -> dict:

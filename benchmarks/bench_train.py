@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_train.py --device cuda                     # where a GPU exists
 
 Workloads: the digits CNN at batch 64 on the built-in digits set, and the
-CIFAR-format ResNet-34 of critbatch.jobs.models at batch 128 on synthetic
+CIFAR-format ResNet-34 of critbatch.jobs.models.zoo at batch 128 on synthetic
 CIFAR-shaped data (uint8 32x32x3, crop-and-flip augmentation, as CIFAR-10 is
 loaded). Both loops use the same model initialisation, the same data resident
 on the device and the same batches (``TaskData.train_batches``), so the ratio
@@ -46,12 +46,12 @@ from pathlib import Path
 
 import torch
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.data import TaskData, load_task_data
-from critbatch.jobs.distributed import Dist
-from critbatch.jobs.models import build_model, loss_fn
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.data.datasets import TaskData, load_task_data
+from critbatch.jobs.train.distributed import Dist
+from critbatch.jobs.models.zoo import build_model, loss_fn
 from critbatch.jobs.store import LocalStore
-from critbatch.jobs.train import Trainer
+from critbatch.jobs.train.trainer import Trainer
 
 
 def synthetic_cifar(n: int, seed: int = 0) -> TaskData:

@@ -31,7 +31,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-args=(build --tag "$tag" --file "$repo/Dockerfile")
+commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || true)"
+args=(build --tag "$tag" --file "$repo/Dockerfile" --build-arg "CRITBATCH_COMMIT=$commit")
 if [[ -n "$base" ]]; then
   args+=(--build-arg "BASE_IMAGE=$base")
 fi

@@ -1,3 +1,13 @@
-"""critbatch.jobs: everything a cell runs, and the grid -> cells -> manifests generator."""
+"""critbatch.jobs: everything a cell runs, and the grid -> cells -> manifests generator.
 
-__version__ = "0.1.0"
+Sub-packages by concern: ``cell`` (the contract every part reads), ``store``,
+``data``, ``models``, ``train`` (one cell), ``sweep`` (grids, manifests, the
+cluster client), ``local`` (executor, demo, loopback S3); ``cli`` on top.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("critbatch")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"

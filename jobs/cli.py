@@ -21,8 +21,9 @@ import os
 import sys
 from typing import Callable
 
-from critbatch.jobs import __version__
-from critbatch.jobs.errors import EXIT_CONFIG, EXIT_STORE_UNAVAILABLE, ConfigError, StoreUnavailable
+from . import __version__
+from critbatch.jobs.cell.analysis_args import add_analyze_options
+from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_STORE_UNAVAILABLE, ConfigError, StoreUnavailable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # ---- train: one cell ---------------------------------------------------
-    p = _command(sub, "train", "critbatch.jobs.train:main", "train one cell and stream its logs to the store")
+    p = _command(sub, "train", "critbatch.jobs.train.trainer:main", "train one cell and stream its logs to the store")
     p.add_argument("--cell", required=True, help="the cell: a JSON file, or inline JSON starting with '{'")
     _store_arg(p)
     p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress display: a bar on a terminal, periodic lines otherwise")
 
     # ---- data: staging datasets into the store ------------------------------
-    p = _command(sub, "data", "critbatch.jobs.data:cli_main", "stage datasets into the store for clusters without internet")
+    p = _command(sub, "data", "critbatch.jobs.data.datasets:cli_main", "stage datasets into the store for clusters without internet")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
     s = dsub.add_parser("stage", help="upload a dataset's files to <store>/datasets/NAME", formatter_class=_FMT)
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(s)
 
     # ---- render / submit / status: Kubernetes --------------------------------
-    p = _command(sub, "render", "critbatch.jobs.render:cli_render", "render a grid to Kubernetes manifests")
+    p = _command(sub, "render", "critbatch.jobs.sweep.render:cli_render", "render a grid to Kubernetes manifests")
     p.add_argument("grid", help="grid spec YAML, or the name of a preset (see `critbatch presets`)")
     p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
     p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="override the grid's image")
     p.add_argument("--namespace", default=None, help="override the grid's namespace")
 
-    p = _command(sub, "submit", "critbatch.jobs.submit:cli_submit", "create a grid's objects on the cluster")
+    p = _command(sub, "submit", "critbatch.jobs.sweep.cluster:cli_submit", "create a grid's objects on the cluster")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--max-active", type=int, default=0, help="cap on cells running at once (0: no cap)")
@@ -109,19 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
     p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
 
-    p = _command(sub, "status", "critbatch.jobs.submit:cli_status", "one table of every cell's cluster and store state")
+    p = _command(sub, "status", "critbatch.jobs.sweep.cluster:cli_status", "one table of every cell's cluster and store state")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--store", default=None, help="override the grid's store")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 
-    p = _command(sub, "presets", "critbatch.jobs.grid:cli_presets", "list the grid presets shipped with critbatch")
+    p = _command(sub, "presets", "critbatch.jobs.sweep.grid:cli_presets", "list the grid presets shipped with critbatch")
 
-    p = _command(sub, "cells", "critbatch.jobs.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
+    p = _command(sub, "cells", "critbatch.jobs.sweep.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
     p.add_argument("grid", help="grid spec YAML or preset name")
 
     # ---- run: local executor --------------------------------------------------
-    p = _command(sub, "run", "critbatch.jobs.executor:cli_run", "run a grid's cells on this machine")
+    p = _command(sub, "run", "critbatch.jobs.local.executor:cli_run", "run a grid's cells on this machine")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--store", default=None,
                    help="directory or s3://BUCKET/PREFIX (default: the grid's store if local, else ./critbatch-out)")
@@ -134,15 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "analyze", "critbatch.analysis.report:cli_analyze", "aggregate a sweep's logs into the report")
     _store_arg(p)
     p.add_argument("--sweep", action="append", required=True, help="sweep name; repeat to analyse several together")
-    p.add_argument("--threshold", type=float, action="append", default=None,
-                   help="explicit loss threshold eps (repeatable); default: the paper's lower quartile")
-    p.add_argument("--efficiency", type=float, default=0.5, help="efficiency level that defines the critical batch size")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over seeds")
-    p.add_argument("--window", type=int, default=50, help="running-mean window (steps) when no full-set evaluation exists")
+    add_analyze_options(p)
     p.add_argument("--output", default=None, help="also copy the report to this local directory")
 
     # ---- demo ------------------------------------------------------------------------
-    p = _command(sub, "demo", "critbatch.jobs.demo:cli_demo", "run the digits and linreg sweeps and write the report")
+    p = _command(sub, "demo", "critbatch.jobs.local.demo:cli_demo", "run the digits and linreg sweeps and write the report")
     p.add_argument("--store", default=None, help="directory for the demo (default ./critbatch-out)")
     p.add_argument("--s3", action="store_true", help="use an S3 server started on loopback (SeaweedFS) instead")
     p.add_argument("--parallel", type=int, default=2, help="cells at once")

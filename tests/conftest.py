@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from critbatch.jobs.s3server import S3Server
+from critbatch.jobs.local.s3server import S3Server
 from critbatch.jobs.store import LocalStore, S3Store
 
 

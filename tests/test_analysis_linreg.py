@@ -20,7 +20,7 @@ import pytest
 
 from critbatch.analysis.report import analyze, write_report
 from critbatch.jobs.cli import main
-from critbatch.jobs.grid import load_grid
+from critbatch.jobs.sweep.grid import load_grid
 from critbatch.jobs.store import open_store
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,9 @@ import pytest
 
 from critbatch.analysis.synthetic import GroupSpec, corrupt_part, remove_success, truncate_part, write_sweep
 from critbatch.jobs.cli import main
-from critbatch.jobs.logschema import part_key
-from critbatch.jobs.store import LocalStore, cell_prefix, open_store
+from critbatch.jobs.cell.logschema import part_key
+from critbatch.jobs.store import LocalStore, open_store
+from critbatch.jobs.cell.layout import cell_prefix
 
 MS = [16, 32, 64, 128, 256]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from critbatch.jobs.checkpoint import Checkpointer
+from critbatch.jobs.train.checkpoint import Checkpointer
 from critbatch.jobs.store import open_store
 
 PREFIX = "sweep/cells/abc123"

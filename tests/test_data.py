@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.data import TaskData, load_task_data, random_crop
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.data.datasets import TaskData, load_task_data, random_crop
 
 
 def make_cell(dataset: str, model: str, batch_size: int = 32, **ds) -> Cell:
@@ -143,7 +143,7 @@ def test_linreg_depends_on_seed_only():
     ({"spikes": 500}, r"options.spikes: 500 exceeds d = 128"),
 ])
 def test_linreg_bad_options(options, match):
-    from critbatch.jobs.errors import ConfigError
+    from critbatch.jobs.cell.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         load_task_data(linreg_cell(1, **options), "/x")
@@ -176,8 +176,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from datafiles import CITYSCAPES_IDS, write_dataset  # noqa: E402
 
 from critbatch.jobs.cli import main as cli  # noqa: E402
-from critbatch.jobs.data import LAYOUTS, stage_dataset, subset_size  # noqa: E402
-from critbatch.jobs.errors import ConfigError  # noqa: E402
+from critbatch.jobs.data.datasets import LAYOUTS, stage_dataset, subset_size  # noqa: E402
+from critbatch.jobs.cell.errors import ConfigError  # noqa: E402
 from critbatch.jobs.store import open_store  # noqa: E402
 
 MODEL_OF = {"mnist": "resnet34", "cifar10": "resnet34", "cifar100": "vgg16", "svhn": "alexnet",

@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.store import cell_prefix, open_store
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import cell_prefix
 from test_train import read_rows, read_success, train
 
 STEPS = 40

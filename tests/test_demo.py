@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from critbatch.jobs.cli import main
-from critbatch.jobs.demo import QUICK, SWEEPS, demo_grids
+from critbatch.jobs.local.demo import QUICK, SWEEPS, demo_grids
 from critbatch.jobs.store import open_store
 
 

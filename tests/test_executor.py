@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from critbatch.jobs.cli import main
-from critbatch.jobs.grid import load_grid
-from critbatch.jobs.logschema import ipc_to_table
-from critbatch.jobs.store import open_store, success_key
+from critbatch.jobs.sweep.grid import load_grid
+from critbatch.jobs.cell.logschema import ipc_to_table
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import success_key
 
 TINY = {
     "sweep": "tiny",

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from critbatch.jobs import cli
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.grid import MAX_CELLS, load_grid, max_sweep_length, preset_names
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid, max_sweep_length, preset_names
 
 BASE = {
     "sweep": "t",

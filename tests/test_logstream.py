@@ -8,9 +8,9 @@ import uuid
 import pyarrow as pa
 import pytest
 
-from critbatch.jobs.errors import StoreUnavailable
-from critbatch.jobs.logschema import EVALS_SCHEMA, STEPS_SCHEMA, ipc_to_table, part_key, table_to_ipc
-from critbatch.jobs.logstream import LogStream
+from critbatch.jobs.cell.errors import StoreUnavailable
+from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STEPS_SCHEMA, ipc_to_table, part_key, table_to_ipc
+from critbatch.jobs.store.logstream import LogStream
 from critbatch.jobs.store import S3Store, open_store
 
 PREFIX = "sweep/cells/c0ffee"

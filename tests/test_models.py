@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.data import load_task_data
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.models import build_model, loss_fn, metric_name
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.data.datasets import load_task_data
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.models.zoo import build_model, loss_fn, metric_name
 
 
 def make_cell(dataset: str, model: str, batch_size: int = 16, model_options=None, lr: float = 0.05, **ds) -> Cell:
@@ -90,8 +90,8 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from datafiles import write_dataset  # noqa: E402
 
-from critbatch.jobs.drn import DRND22  # noqa: E402
-from critbatch.jobs.models import MODEL_OPTIONS  # noqa: E402
+from critbatch.jobs.models.drn import DRND22  # noqa: E402
+from critbatch.jobs.models.zoo import MODEL_OPTIONS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_channels_last_gives_the_same_outputs(disk_root, model, dataset, shape):
 
 
 def test_resnet34_is_cifar_sized():
-    from critbatch.jobs.models import resnet34
+    from critbatch.jobs.models.zoo import resnet34
 
     net = resnet34(3, 10)
     assert sum(p.numel() for p in net.parameters()) == 21_282_122
@@ -195,7 +195,7 @@ def test_drn_d_22_structure():
 
 
 def test_lstm_options_and_tied_weights():
-    from critbatch.jobs.models import LSTMLanguageModel
+    from critbatch.jobs.models.zoo import LSTMLanguageModel
 
     net = LSTMLanguageModel(50, emsize=16, nhid=16, nlayers=2, dropout=0.0, tied=True)
     assert net.decoder.weight is net.encoder.weight
@@ -221,6 +221,6 @@ def test_bad_model_options(disk_root, model, dataset, options, match):
 
 
 def test_every_model_has_options_listed():
-    from critbatch.jobs.config import MODELS
+    from critbatch.jobs.cell.spec import MODELS
 
     assert set(MODEL_OPTIONS) == set(MODELS)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from critbatch.jobs.noise import (
+from critbatch.analysis.noise import (
     b_simple,
     bias_corrected_ema,
     expected_components,

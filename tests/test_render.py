@@ -21,8 +21,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from critbatch.jobs import cli, k8s, render
-from critbatch.jobs.grid import load_grid, max_sweep_length, preset_names
+from critbatch.jobs import cli
+from critbatch.jobs.sweep import k8s, render
+from critbatch.jobs.sweep.grid import load_grid, max_sweep_length, preset_names
 
 #: The Kubernetes version the batch/v1 objects are validated for (the oldest one supported).
 KUBE_VERSION = "1.31"

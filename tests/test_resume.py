@@ -17,9 +17,10 @@ import time
 import pytest
 import torch
 
-from critbatch.jobs.checkpoint import Checkpointer
-from critbatch.jobs.config import Cell
-from critbatch.jobs.store import cell_prefix, open_store
+from critbatch.jobs.train.checkpoint import Checkpointer
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import cell_prefix
 from test_train import final_weights, read_rows, read_success, train
 
 CELL = json.dumps({

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from critbatch.jobs.errors import ConfigError, StoreUnavailable
-from critbatch.jobs.store import LocalStore, S3Store, open_store, with_retries
+from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
+from critbatch.jobs.store import LocalStore, S3Store, open_store
+from critbatch.jobs.store.s3 import with_retries
 
 
 @pytest.fixture

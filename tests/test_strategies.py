@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.strategies import (
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.train.strategies import (
     base_total_steps,
     eval_steps,
     lr_at,

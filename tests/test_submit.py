@@ -17,9 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kubernetes import client
 
-from critbatch.jobs import cli, k8s, submit
-from critbatch.jobs.grid import load_grid
-from critbatch.jobs.store import open_store, success_key
+from critbatch.jobs import cli
+from critbatch.jobs.sweep import cluster as submit, k8s
+from critbatch.jobs.sweep.grid import load_grid
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import success_key
 
 SPEC = {
     "sweep": "sub",

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from critbatch.jobs.cli import main as cli_main
-from critbatch.jobs.config import Cell
-from critbatch.jobs.logschema import ipc_to_table
-from critbatch.jobs.store import Store, cell_prefix, open_store
-from critbatch.jobs.strategies import base_total_steps, eval_steps, lr_at, total_steps
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.logschema import ipc_to_table
+from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.layout import cell_prefix
+from critbatch.jobs.train.strategies import base_total_steps, eval_steps, lr_at, total_steps
 
 DIGITS = {
     "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 64,
@@ -95,8 +96,8 @@ def test_digits_cell_writes_the_log_contract(tmp_path, cpu_env, capsys):
 
 
 def _digits_model_keys():
-    from critbatch.jobs.data import load_task_data
-    from critbatch.jobs.models import build_model
+    from critbatch.jobs.data.datasets import load_task_data
+    from critbatch.jobs.models.zoo import build_model
 
     cell = Cell.from_json(cell_json())
     return build_model(cell, load_task_data(cell, ".")).state_dict().items()
@@ -114,11 +115,11 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
     """
     from torch import nn
 
-    from critbatch.jobs.data import load_task_data
-    from critbatch.jobs.distributed import Dist
-    from critbatch.jobs.models import build_model, loss_fn
+    from critbatch.jobs.data.datasets import load_task_data
+    from critbatch.jobs.train.distributed import Dist
+    from critbatch.jobs.models.zoo import build_model, loss_fn
     from critbatch.jobs.store import LocalStore
-    from critbatch.jobs.train import Trainer
+    from critbatch.jobs.train.trainer import Trainer
 
     cell = Cell.from_json(cell_json(accumulation=accumulation))
     data = load_task_data(cell, ".")

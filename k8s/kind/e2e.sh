@@ -84,7 +84,8 @@ docker run --rm --network host --user "$(id -u):$(id -g)" -v "$report_dir:/repor
   -e AWS_ENDPOINT_URL=http://127.0.0.1:18333 -e HOME=/tmp \
   --entrypoint python "$image" -c '
 import pathlib, sys
-from critbatch.jobs.store import open_store, report_prefix
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import report_prefix
 store, sweep = open_store(sys.argv[1]), sys.argv[2]
 for key in store.list(report_prefix(sweep)):
     path = pathlib.Path("/report") / key[len(report_prefix(sweep)) + 1:]

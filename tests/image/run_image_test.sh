@@ -140,7 +140,7 @@ prerequisites() {
     echo "needs root: it starts dockerd and runs debootstrap" >&2
     return 1
   fi
-  if [[ ! -x "$py" ]] || ! "$py" -c "import critbatch.jobs.s3server" 2>/dev/null; then
+  if [[ ! -x "$py" ]] || ! "$py" -c "import critbatch.jobs.local.s3server" 2>/dev/null; then
     echo "no host Python with critbatch at $py (make test creates .venv; or set CRITBATCH_PYTHON)" >&2
     return 1
   fi
@@ -235,7 +235,7 @@ start_s3() {
   s3_dir="$(mktemp -d "$work/s3.XXXXXX")"
   "$py" -c '
 import signal, sys
-from critbatch.jobs.s3server import S3Server
+from critbatch.jobs.local.s3server import S3Server
 server = S3Server(sys.argv[1]).start()
 def stop(*_):
     server.stop()
@@ -288,9 +288,10 @@ check_store() {
   local out
   out="$("$py" - "$cell" "$store" <<'EOF'
 import json, sys
-from critbatch.jobs.config import Cell
-from critbatch.jobs.logschema import ipc_to_table
-from critbatch.jobs.store import cell_prefix, open_store, success_key
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.logschema import ipc_to_table
+from critbatch.jobs.store import open_store
+from critbatch.jobs.cell.layout import cell_prefix, success_key
 
 cell, store = Cell.from_json(sys.argv[1]), open_store(sys.argv[2])
 summary = json.loads(store.get_text(success_key(cell.sweep, cell.id)))

@@ -25,10 +25,10 @@ from typing import Any
 import jinja2
 import yaml
 
-from critbatch.jobs import k8s
-from critbatch.jobs.config import Cell
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.grid import Grid, load_grid
+from . import k8s
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.errors import ConfigError
+from .grid import Grid, load_grid
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -6,7 +6,7 @@ never drift apart (the habit of Katib's SDK ``constants.py``).
 
 from __future__ import annotations
 
-from critbatch.jobs.errors import EXIT_CONFIG
+from critbatch.jobs.cell.errors import EXIT_CONFIG
 
 # ---- names -------------------------------------------------------------------
 APP_NAME = "critbatch"

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from critbatch.jobs.config import DATASETS, LINREG_DEFAULTS, Cell
-from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.cell.spec import DATASETS, LINREG_DEFAULTS, Cell
+from critbatch.jobs.cell.errors import ConfigError
 
 #: Seed of the fixed subsets (fraction, max_train, the train-eval subset, the
 #: digits split): the same examples for every cell, whatever its seed, so cells

@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.distributed import Dist, all_reduce_sum_
-from critbatch.jobs.models import IGNORE_INDEX, metric_name
+from .distributed import Dist, all_reduce_sum_
+from critbatch.jobs.models.zoo import IGNORE_INDEX, metric_name
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

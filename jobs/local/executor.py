@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.errors import ConfigError
-from critbatch.jobs.store import DEFAULT_STORE, Store, open_store, success_key
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.layout import DEFAULT_STORE, success_key
 
 #: Lines of a failed cell's log shown in the report.
 TAIL_LINES = 15
@@ -253,7 +254,7 @@ def write_sweep_spec(store: Store, sweep: str, text: str) -> None:
 
 
 def cli_run(args) -> int:
-    from critbatch.jobs.grid import load_grid
+    from critbatch.jobs.sweep.grid import load_grid
 
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")

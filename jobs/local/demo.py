@@ -22,9 +22,10 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from critbatch.jobs.executor import run_cells, write_sweep_spec
-from critbatch.jobs.grid import Grid, load_grid
-from critbatch.jobs.store import DEFAULT_STORE, Store, open_store
+from .executor import run_cells, write_sweep_spec
+from critbatch.jobs.sweep.grid import Grid, load_grid
+from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.layout import DEFAULT_STORE
 
 SWEEPS = ("digits", "linreg")
 DEMO_BUCKET = "s3://critbatch-demo/runs"
@@ -53,7 +54,7 @@ def cli_demo(args) -> int:
     grids = demo_grids(args.quick)
     with ExitStack() as stack:
         if args.s3:
-            from critbatch.jobs.s3server import S3Server
+            from .s3server import S3Server
 
             print("critbatch demo: starting an S3 server on loopback (SeaweedFS) ...", file=sys.stderr)
             server = stack.enter_context(S3Server())
@@ -94,9 +95,9 @@ def _analyze(store: Store, grid: Grid) -> str:
 
     output = f"critbatch-demo-report/{grid.sweep}" if store.url.startswith("s3://") else None
     # The options the grid gives its analysis Job (analysis.args), read by the same parser.
-    from critbatch.jobs.cli import build_parser
+    from critbatch.jobs.cell.analysis_args import parse_analyze_args
 
-    opts = build_parser().parse_args(["analyze", "--sweep", grid.sweep, *map(str, grid.analysis.args)])
+    opts = parse_analyze_args(grid.analysis.args)
     analysis = analyze(store, [grid.sweep], thresholds=opts.threshold, efficiency=opts.efficiency,
                        bootstrap=min(opts.bootstrap, 500), window=opts.window,
                        warn=lambda line: print(line, file=sys.stderr))

@@ -1,14 +1,7 @@
-"""One small object-store interface, two implementations: a local directory and S3.
+"""A store on S3 through boto3 and its standard configuration.
 
-Keys are '/'-separated paths relative to the store's root, for example
-``<sweep>/cells/<cell-id>/steps/part-000000.arrow`` (design section 5). Every
-write is whole or nothing: the local store writes a temporary file and renames
-it, S3 PUTs are atomic.
-
-S3 goes through boto3 and its standard configuration: ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and ``AWS_ENDPOINT_URL`` for
-any S3-compatible server (SeaweedFS, MinIO, AWS). A store URL is either
-``s3://bucket/prefix`` or a directory path (``file://`` optional).
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and
+``AWS_ENDPOINT_URL`` for any S3-compatible server (SeaweedFS, MinIO, AWS).
 """
 
 from __future__ import annotations
@@ -16,109 +9,13 @@ from __future__ import annotations
 import os
 import random
 import time
-from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Callable, TypeVar
 
-from critbatch.jobs.errors import ConfigError, StoreUnavailable
+from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
+
+from .base import Store
 
 T = TypeVar("T")
-
-#: Store URL used when none is given.
-DEFAULT_STORE = "./critbatch-out"
-
-
-class Store(ABC):
-    """Keyed bytes. Keys never start with '/'."""
-
-    url: str
-
-    @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """The object's bytes; ``KeyError`` if it does not exist."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def list(self, prefix: str) -> list[str]:
-        """Every key under ``prefix`` (a folder-like prefix), sorted."""
-
-    @abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove a key; a missing key is not an error."""
-
-    def check(self) -> None:
-        """Raise StoreUnavailable (or ConfigError) when the store cannot be used."""
-
-    def put_text(self, key: str, text: str) -> None:
-        self.put_bytes(key, text.encode())
-
-    def get_text(self, key: str) -> str:
-        return self.get_bytes(key).decode()
-
-    def join(self, key: str) -> str:
-        """A human-readable address of ``key`` (for messages)."""
-        return f"{self.url.rstrip('/')}/{key}"
-
-    def delete_prefix(self, prefix: str) -> None:
-        for key in self.list(prefix):
-            self.delete(key)
-
-
-class LocalStore(Store):
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).expanduser()
-        self.url = str(self.root)
-
-    def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"bad store key {key!r}")
-        return self.root / key
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    def get_bytes(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise KeyError(key) from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        if not base.is_dir():
-            return []
-        keys = []
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue
-                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
-        return sorted(keys)
-
-    def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
-
-    def check(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"store: {self.root} exists and is not a directory")
 
 
 class S3Store(Store):
@@ -264,33 +161,3 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
                 raise StoreUnavailable(f"cannot {what}: {err}") from err
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
             time.sleep(delay * (0.5 + random.random() / 2))
-
-
-def open_store(url: str | None = None, *, retries: int = 5) -> Store:
-    """A store from its URL: ``s3://bucket/prefix``, ``file:///dir`` or a directory path."""
-    url = url or os.environ.get("CRITBATCH_STORE") or DEFAULT_STORE
-    if url.startswith("s3://"):
-        rest = url[len("s3://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ConfigError(f"store: {url!r} names no bucket; expected s3://BUCKET[/PREFIX]")
-        return S3Store(bucket, prefix, retries=retries)
-    if "://" in url and not url.startswith("file://"):
-        raise ConfigError(f"store: unsupported scheme in {url!r}; allowed: s3://BUCKET/PREFIX, file://DIR or a path")
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    return LocalStore(url)
-
-
-# ---- the layout of design section 5 -----------------------------------------
-
-def cell_prefix(sweep: str, cell_id: str) -> str:
-    return f"{sweep}/cells/{cell_id}"
-
-
-def success_key(sweep: str, cell_id: str) -> str:
-    return f"{cell_prefix(sweep, cell_id)}/_SUCCESS"
-
-
-def report_prefix(sweep: str) -> str:
-    return f"{sweep}/report"

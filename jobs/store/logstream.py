@@ -32,9 +32,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from critbatch.jobs.errors import StoreUnavailable
-from critbatch.jobs.logschema import SCHEMAS, part_index, part_key, table_to_ipc
-from critbatch.jobs.store import Store
+from critbatch.jobs.cell.errors import StoreUnavailable
+from critbatch.jobs.cell.logschema import SCHEMAS, part_index, part_key, table_to_ipc
+from . import Store
 
 KINDS = ("steps", "evals")
 

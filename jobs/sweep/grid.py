@@ -33,9 +33,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from critbatch.jobs import k8s
-from critbatch.jobs.config import Cell, build
-from critbatch.jobs.errors import ConfigError
+from . import k8s
+from critbatch.jobs.cell.spec import Cell, build
+from critbatch.jobs.cell.errors import ConfigError
 
 #: Cell fields a grid may set (the sweep is the grid's own name).
 CELL_FIELDS = tuple(f.name for f in fields(Cell) if f.name != "sweep")
@@ -205,7 +205,7 @@ _Loader.add_implicit_resolver(
 
 def preset_dir():
     """The shipped presets (a Traversable: works from a checkout and from an installed wheel)."""
-    return importlib_resources.files("critbatch.jobs") / "presets"
+    return importlib_resources.files("critbatch.jobs.sweep") / "presets"
 
 
 def preset_names() -> list[str]:

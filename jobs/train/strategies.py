@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from critbatch.jobs.config import Cell
+from critbatch.jobs.cell.spec import Cell
 
 #: Step decay: the factor, and the fractions of training after which it applies.
 STEP_DECAY_FACTOR = 0.1

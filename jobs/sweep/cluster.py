@@ -26,11 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from critbatch.jobs import k8s
-from critbatch.jobs.errors import ConfigError, StoreUnavailable
-from critbatch.jobs.grid import Grid
-from critbatch.jobs.render import grid_for_command, render_analysis_job, render_cell
-from critbatch.jobs.store import Store, open_store, success_key
+from . import k8s
+from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
+from .grid import Grid
+from .render import grid_for_command, render_analysis_job, render_cell
+from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.layout import success_key
 
 #: What ``status`` calls a cell, in the order of its counts line.
 STATES = ("done", "diverged", "running", "pending", "failed")

@@ -64,18 +64,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs import distributed
-from critbatch.jobs.checkpoint import Checkpointer
-from critbatch.jobs.config import Cell, code_version
-from critbatch.jobs.data import TaskData, load_task_data, mix_seed
-from critbatch.jobs.distributed import Dist, all_gather_object, all_reduce_mean_, average_gradients_, dist_from_env
-from critbatch.jobs.errors import ConfigError, StoreUnavailable
-from critbatch.jobs.evaluate import evaluate, gradient_sq_norm, linear_approx_error
-from critbatch.jobs.logschema import STATUS_DIVERGED, STATUS_DONE, success_summary
-from critbatch.jobs.logstream import LogStream
-from critbatch.jobs.models import build_model, loss_fn, metric_name
-from critbatch.jobs.store import Store, cell_prefix, open_store, success_key
-from critbatch.jobs.strategies import base_total_steps, eval_steps, lr_at, peak_lr, total_steps, warmup_steps
+from . import distributed
+from .checkpoint import Checkpointer
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.version import code_version
+from critbatch.jobs.data.datasets import TaskData, load_task_data, mix_seed
+from .distributed import Dist, all_gather_object, all_reduce_mean_, average_gradients_, dist_from_env
+from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
+from .evaluate import evaluate, gradient_sq_norm, linear_approx_error
+from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, success_summary
+from critbatch.jobs.store.logstream import LogStream
+from critbatch.jobs.models.zoo import build_model, loss_fn, metric_name
+from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.layout import cell_prefix, success_key
+from .strategies import base_total_steps, eval_steps, lr_at, peak_lr, total_steps, warmup_steps
 
 #: Exit code after a SIGTERM-triggered checkpoint (128 + SIGTERM, what a killed process reports).
 EXIT_PREEMPTED = 143

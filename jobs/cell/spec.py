@@ -16,13 +16,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import subprocess
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from critbatch.jobs import __version__
-from critbatch.jobs.errors import ConfigError
+from .errors import ConfigError
 
 # What each dataset is, how many training examples it has at 100 %, and which
 # models fit it. Sizes are the standard train splits (SVHN ``extra`` adds
@@ -229,19 +226,6 @@ class Cell:
 
 #: Keys cell.json carries beside the cell's own fields.
 CELL_JSON_EXTRAS = ("id", "code_version", "derived", "created")
-
-
-def code_version() -> str:
-    """The package version, plus the git commit when run from a checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"{__version__}+{rev}" if rev else __version__
 
 
 # ---- strict construction of dataclasses from plain data -------------------

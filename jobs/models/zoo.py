@@ -2,7 +2,7 @@
 
 CIFAR-sized (32x32) ResNet-34, VGG-16, AlexNet and MobileNetV2 built from
 torchvision's models and blocks; word_language_model's 2-layer LSTM; DRN-D-22
-for Cityscapes (:mod:`critbatch.jobs.drn`); a small CNN for ``digits``; a
+for Cityscapes (:mod:`critbatch.jobs.models.drn`); a small CNN for ``digits``; a
 linear model for ``linreg``. ``build_model(cell, data)`` takes input channels,
 classes and vocabulary from the data, and extra knobs from
 ``cell.model_options`` (:data:`MODEL_OPTIONS`). Outputs:
@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.config import Cell
-from critbatch.jobs.data import TaskData
-from critbatch.jobs.errors import ConfigError
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.data.datasets import TaskData
+from critbatch.jobs.cell.errors import ConfigError
 
 IGNORE_INDEX = 255  # segmentation pixels outside the 19 train ids
 
@@ -225,7 +225,7 @@ def build_model(cell: Cell, data: TaskData) -> nn.Module:
     if name == "lstm":
         return LSTMLanguageModel(data.vocab_size, **opts)
     if name == "drn_d_22":
-        from critbatch.jobs.drn import DRND22
+        from .drn import DRND22
 
         return DRND22(data.num_classes, data.in_channels)
     if name == "digits_cnn":

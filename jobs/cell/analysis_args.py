@@ -1,0 +1,34 @@
+"""The options of ``critbatch analyze``, defined once.
+
+The command line, a grid's ``analysis.args`` (validated when the grid is
+loaded, before anything is rendered) and the demo all read them through this
+parser, so a grid cannot name an option the analysis Job would reject.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from .errors import ConfigError
+
+
+def add_analyze_options(p: argparse.ArgumentParser) -> None:
+    """The analysis options (not ``--store``/``--sweep``/``--output``, which say where, not how)."""
+    p.add_argument("--threshold", type=float, action="append", default=None,
+                   help="explicit loss threshold eps (repeatable); default: the paper's lower quartile")
+    p.add_argument("--efficiency", type=float, default=0.5, help="efficiency level that defines the critical batch size")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over seeds")
+    p.add_argument("--window", type=int, default=50, help="running-mean window (steps) when no full-set evaluation exists")
+
+
+class _Raising(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse API: raise instead of exiting
+        raise ConfigError(f"analysis.args: {message}")
+
+
+def parse_analyze_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``analysis.args`` as ``critbatch analyze`` reads them; ConfigError naming the problem otherwise."""
+    p = _Raising(prog="critbatch analyze", add_help=False)
+    add_analyze_options(p)
+    return p.parse_args([str(a) for a in argv])
