@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -350,8 +349,3 @@ def truncate_part(store: Store, key: str, keep: float = 0.5) -> None:
 def remove_success(store: Store, sweep: str, cell_id: str) -> None:
     """Make a finished cell look like one still running."""
     store.delete(success_key(sweep, cell_id))
-
-
-def disk_usage(path: str | os.PathLike[str]) -> int:
-    """Bytes under ``path`` (for the benchmark's report)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

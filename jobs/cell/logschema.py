@@ -82,11 +82,6 @@ def ipc_to_table(data: bytes) -> pa.Table:
     return pa.ipc.open_file(pa.BufferReader(data)).read_all()
 
 
-def rows_to_table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
-    schema = SCHEMAS[kind]
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 def success_summary(
     *,
     cell_id: str,

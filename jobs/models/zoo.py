@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import TaskData
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.logschema import TASK_METRIC
 
 IGNORE_INDEX = 255  # segmentation pixels outside the 19 train ids
 
@@ -252,7 +253,6 @@ _LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "segmentation": _seg_loss,
     "regression": _half_mse,
 }
-_METRICS = {"classification": "accuracy", "language_model": "perplexity", "segmentation": "miou", "regression": "none"}
 
 
 def loss_fn(task: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -264,7 +264,8 @@ def loss_fn(task: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def metric_name(task: str) -> str:
+    """The task's metric name, from the log contract (what the analysis reads back)."""
     try:
-        return _METRICS[task]
+        return TASK_METRIC[task]
     except KeyError:
-        raise ValueError(f"task {task!r}; allowed: {', '.join(_METRICS)}") from None
+        raise ValueError(f"task {task!r}; allowed: {', '.join(TASK_METRIC)}") from None
