@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="critbatch",
         description="Measure how SGD training speed scales with batch size and find the critical batch size.",
-        formatter_class=_FMT,
+        epilog="examples:\n"
+        "  critbatch demo                                   # two small sweeps on this machine, then their reports\n"
+        "  critbatch run digits --store ./out               # a preset's cells here, resuming what was interrupted\n"
+        "  critbatch render table2-cifar10-resnet34 | kubectl apply -f -   # a Kubernetes Job per cell, and the analysis",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"critbatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"critbatch {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader went away (`critbatch presets | head`): stop quietly, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"critbatch {args.command}: interrupted", file=sys.stderr)
         return 130
