@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from critbatch.jobs import cli
+from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.sweep import k8s, render
 from critbatch.jobs.sweep.grid import load_grid, max_sweep_length, preset_names
 
@@ -290,10 +291,65 @@ def test_every_kind_uses_the_same_security_profile():
     assert len(profiles) == 1
 
 
+#: Pod fields the other kinds set that a TrainJob's runtime patch cannot carry: Kubeflow Trainer lets a
+#: manager patch only some pod fields, and its CRD rejects the rest.
+TRAINJOB_OMITS = ("automountServiceAccountToken", "enableServiceLinks", "priorityClassName")
+
+
+def _pod_body(pod, omit=()):
+    """A pod spec without what each kind fills differently (the container's command, env, resources)."""
+    out = {k: v for k, v in pod.items() if k not in ("containers", "restartPolicy", *omit)}
+    out["containers"] = [{k: c[k] for k in ("securityContext", "volumeMounts")} for c in pod["containers"]]
+    return out
+
+
+@pytest.mark.parametrize("priority_class", [None, "research-high"])
+def test_every_cell_kind_runs_the_same_pod(priority_class):
+    resources = {**SMALL["resources"], "nodes": 1, "priority_class": priority_class}
+    pods = {backend: render.pod_specs(render.render_cell(grid := small(backend=backend, resources=resources),
+                                                         grid.cells()[0]))
+            for backend in ("job", "pytorchjob") + (("trainjob",) if priority_class is None else ())}
+    job = pods["job"][0]
+    assert job.get("priorityClassName") == priority_class
+    assert job["automountServiceAccountToken"] is False and job["enableServiceLinks"] is False
+    assert [_pod_body(p) for p in pods["pytorchjob"]] == [_pod_body(job)]
+    if "trainjob" in pods:
+        assert [_pod_body(p) for p in pods["trainjob"]] == [_pod_body(job, omit=TRAINJOB_OMITS)]
+        assert not set(TRAINJOB_OMITS) & set(pods["trainjob"][0])
+
+
+@needs_schemas
+@pytest.mark.parametrize("field,value", [("automountServiceAccountToken", False), ("enableServiceLinks", False),
+                                         ("priorityClassName", "research-high")])
+def test_trainjob_crd_rejects_the_pod_fields_it_omits(field, value):
+    assert field in TRAINJOB_OMITS
+    grid = small(backend="trainjob")
+    obj = render.render_cell(grid, grid.cells()[0])
+    render.pod_specs(obj)[0][field] = value
+    with pytest.raises(AssertionError, match=f"'{field}' was unexpected"):
+        validate(obj)
+
+
+def test_trainjob_refuses_a_priority_class(tmp_path, capsys):
+    changes = {"backend": "trainjob", "resources": {**SMALL["resources"], "priority_class": "research-high"}}
+    grid = small(**changes)
+    with pytest.raises(ConfigError, match=r"^resources.priority_class: a TrainJob cannot set .*'research-high'"):
+        render.render_cell(grid, grid.cells()[0])
+    spec = tmp_path / "g.yaml"
+    spec.write_text(yaml.safe_dump({**SMALL, **changes}))
+    assert cli.main(["render", str(spec), "-o", str(tmp_path / "out")]) == 2
+    assert "resources.priority_class" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ---- templates ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(TEMPLATES.glob("*.j2")), ids=lambda p: p.name)
+POD_MACROS = TEMPLATES / "_pod.yaml.j2"
+OBJECT_TEMPLATES = sorted(p for p in TEMPLATES.glob("*.j2") if p != POD_MACROS)
+
+
+@pytest.mark.parametrize("path", OBJECT_TEMPLATES, ids=lambda p: p.name)
 def test_template_header_lists_every_variable(path):
     source = path.read_text()
     assert source.startswith("{#"), "a template opens with its header"
@@ -303,6 +359,24 @@ def test_template_header_lists_every_variable(path):
     listed = set(re.findall(r"^\s{4}(\w+)\s+(?:str|int|list|dict|bool|float)\b", header, re.M))
     assert used == listed, (used - listed, listed - used)
     assert "sh" not in re.findall(r'"(\w+)"', source.split("#}", 1)[1]), "no shell in a template"
+    assert '{% import "_pod.yaml.j2" as pod' in source, "the pod body comes from the shared macros"
+
+
+def test_pod_macros_header_lists_every_macro_and_argument():
+    source = POD_MACROS.read_text()
+    header = source[: source.index("#}")]
+    ast = render._environment().parse(source)
+    assert jinja2.meta.find_undeclared_variables(ast) == set(), "a macro sees only its arguments"
+    defined = {m.name: {a.name for a in m.args} for m in ast.find_all(jinja2.nodes.Macro)}
+    listed: dict[str, set[str]] = {}
+    for line in header.splitlines():
+        if macro := re.match(r" {4}(\w+)\(", line):
+            current = listed.setdefault(macro.group(1), set())
+        elif arg := re.match(r" {6}(\w+)\s+(?:str|int|list|dict|bool)\b", line):
+            current.add(arg.group(1))
+    assert listed == defined
+    called = {name for path in OBJECT_TEMPLATES for name in re.findall(r"\bpod\.(\w+)\(", path.read_text())}
+    assert called == set(defined), "every macro is used, and only macros that exist are called"
 
 
 def test_strict_undefined_rejects_a_missing_variable():

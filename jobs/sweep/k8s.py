@@ -6,6 +6,8 @@ never drift apart (the habit of Katib's SDK ``constants.py``).
 
 from __future__ import annotations
 
+import re
+
 from critbatch.jobs.cell.errors import EXIT_CONFIG
 
 # ---- names -------------------------------------------------------------------
@@ -15,6 +17,10 @@ NAME_PREFIX = "critbatch"
 MAX_NAME = 63
 #: Label values are limited to 63 characters as well.
 MAX_LABEL_VALUE = 63
+#: An RFC 1123 DNS label (object names, the sweep); the length limit is MAX_NAME, checked apart.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: A label value: empty, or alphanumerics at both ends with -, _ and . between; at most MAX_LABEL_VALUE.
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 CONTAINER_NAME = "critbatch"
 DEFAULT_NAMESPACE = "critbatch"
 DEFAULT_SERVICE_ACCOUNT = "critbatch"
@@ -63,8 +69,6 @@ SCRATCH_DIRS = (
     ("inductor-cache", "/var/cache/critbatch/torchinductor", "TORCHINDUCTOR_CACHE_DIR"),
     ("triton-cache", "/var/cache/critbatch/triton", "TRITON_CACHE_DIR"),
 )
-#: Where a cell keeps log parts before upload (a scratch emptyDir).
-SPOOL_DIR = "/tmp/critbatch-spool"
 #: The image's non-root user (images/Dockerfile creates it with this uid/gid).
 RUN_AS_USER = 1000
 RUN_AS_GROUP = 1000

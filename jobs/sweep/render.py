@@ -4,7 +4,8 @@
     critbatch render my-grid.yaml -o manifests/          # one file per object
     critbatch render my-grid.yaml --backend trainjob     # multi-node cells on Kubeflow Trainer
 
-Each object comes from one template in ``k8s/templates`` (``<kind>-<purpose>.yaml.j2``), rendered by Jinja
+Each object comes from one template in ``k8s/templates`` (``<kind>-<purpose>.yaml.j2``; every one imports
+the pod body they share, the macros of ``_pod.yaml.j2``, so the kinds cannot drift), rendered by Jinja
 with ``StrictUndefined`` (a missing variable is an error, never an empty string) and every value passed
 through ``|tojson``. The render functions load what they rendered and check it before returning it: names
 and labels within Kubernetes' limits, the restricted security profile on every container, credentials only
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +32,6 @@ from .grid import Grid, load_grid
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 #: Environment variables that may only come from a Secret, never as a literal value in a manifest.
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -203,6 +201,11 @@ def _pytorchjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
 
 
 def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
+    if grid.resources.priority_class:
+        # A TrainJob's runtime patch carries only the pod fields Kubeflow Trainer lets a manager set, and
+        # priorityClassName is not one of them: refuse rather than drop the grid's setting.
+        raise ConfigError(f"resources.priority_class: a TrainJob cannot set a pod priority class "
+                          f"({grid.resources.priority_class!r}); unset it, or use backend job or pytorchjob")
     ctx = _pod_context(grid, cell_id)
     ctx["runtime"] = k8s.TRAINJOB_RUNTIME
     ctx["patch_manager"] = k8s.TRAINJOB_PATCH_MANAGER
@@ -213,21 +216,6 @@ def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
     ctx["command"] = ["torchrun"]
     ctx["args"] = _train_args(grid, cell_arg)
     return _render("trainjob-cell.yaml.j2", ctx)
-
-
-def render_cell_job(grid: Grid, cell: Cell) -> dict:
-    """The cell as a batch/v1 Job on one node: ``torchrun --standalone --nproc-per-node=<gpus>``."""
-    return _job_document(grid, cell.id, cell_json(cell)).obj
-
-
-def render_cell_pytorchjob(grid: Grid, cell: Cell) -> dict:
-    """The cell as a kubeflow.org/v1 PyTorchJob (legacy Training Operator): Master + nodes-1 Workers."""
-    return _pytorchjob_document(grid, cell.id, cell_json(cell)).obj
-
-
-def render_cell_trainjob(grid: Grid, cell: Cell) -> dict:
-    """The cell as a Kubeflow Trainer v2 TrainJob on the torch-distributed runtime."""
-    return _trainjob_document(grid, cell.id, cell_json(cell)).obj
 
 
 def render_analysis_job(grid: Grid) -> dict:
@@ -267,6 +255,9 @@ _CELL_DOCUMENTS = {"job": _job_document, "pytorchjob": _pytorchjob_document, "tr
 
 
 def render_cell(grid: Grid, cell: Cell, backend: str | None = None) -> dict:
+    """One cell as an object of ``backend`` (default: the grid's): a batch/v1 Job on one node
+    (``torchrun --standalone``), a kubeflow.org/v1 PyTorchJob (Master + nodes-1 Workers) or a Kubeflow
+    Trainer v2 TrainJob on the torch-distributed runtime."""
     return _CELL_DOCUMENTS[backend or grid.backend](grid, cell.id, cell_json(cell)).obj
 
 
@@ -354,10 +345,10 @@ def check_object(obj: Any) -> None:
     meta = obj["metadata"]
     name = meta["name"]
     where = f"{obj['kind']} {name}"
-    if len(name) > k8s.MAX_NAME or not _DNS_LABEL.match(name):
+    if len(name) > k8s.MAX_NAME or not k8s.DNS_LABEL.match(name):
         problems.append(f"name {name!r} is not a DNS-1123 label of at most {k8s.MAX_NAME} characters")
     for key, value in meta.get("labels", {}).items():
-        if not isinstance(value, str) or len(value) > k8s.MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
+        if not isinstance(value, str) or len(value) > k8s.MAX_LABEL_VALUE or not k8s.LABEL_VALUE.match(value):
             problems.append(f"label {key}={value!r} is not a valid label value")
     for pod in pod_specs(obj):
         ctx = pod.get("securityContext", {})
