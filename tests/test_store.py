@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
 from critbatch.jobs.store import LocalStore, S3Store, open_store
-from critbatch.jobs.store.s3 import with_retries
+from critbatch.jobs.store.retry import wait_out_outage
 
 
 @pytest.fixture
@@ -68,17 +70,48 @@ def test_missing_credentials_is_config_error(monkeypatch, tmp_path):
         open_store("s3://bucket/p").check()
 
 
-def test_retries_then_succeeds():
+def flaky(failures: int, error: Exception | None = None):
+    """A call that fails ``failures`` times (StoreUnavailable unless ``error`` is given), then returns "ok"."""
     calls = []
 
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("down")
+    def call() -> str:
+        calls.append(time.monotonic())
+        if len(calls) <= failures:
+            raise error or StoreUnavailable("down")
         return "ok"
 
-    assert with_retries(flaky, what="test", attempts=5, base_delay=0.01) == "ok"
-    assert len(calls) == 3
+    return call, calls
+
+
+def test_wait_out_outage_retries_until_the_store_answers():
+    call, calls = flaky(3)
+    assert wait_out_outage(call, what="test", deadline=time.monotonic() + 30, base_delay=0.01) == "ok"
+    assert len(calls) == 4
+    pauses = [b - a for a, b in zip(calls, calls[1:])]
+    assert all(0.005 * 2**i - 1e-3 <= p < 0.5 for i, p in enumerate(pauses))  # doubling, jittered down by <= 1/2
+
+
+@pytest.mark.parametrize("failures, error, deadline_s, stopped, match, calls_made", [
+    (100, None, 0.3, False, r"cannot test: the store is still unavailable after 0 s \(down\)", None),
+    (100, None, None, True, r"cannot test: stopped while waiting for the store \(down\)", 1),
+    (1, KeyError("k"), None, False, "'k'", 1),  # not an outage: raised at once
+    (1, ConfigError("store: bad"), None, False, "store: bad", 1),
+])
+def test_wait_out_outage_ends(failures, error, deadline_s, stopped, match, calls_made):
+    import threading
+
+    call, calls = flaky(failures, error)
+    stop = threading.Event()
+    if stopped:
+        stop.set()
+    started = time.monotonic()
+    deadline = None if deadline_s is None else started + deadline_s
+    with pytest.raises(type(error) if error else StoreUnavailable, match=match):
+        wait_out_outage(call, what="test", deadline=deadline, stop=stop, base_delay=0.01, max_delay=0.05)
+    if deadline_s is not None:  # the last try is made at the deadline, not a pause later
+        assert deadline_s <= calls[-1] - started < deadline_s + 0.1 and len(calls) > 5
+    else:
+        assert len(calls) == calls_made
 
 
 def test_s3_server_outage_and_recovery(s3_server, s3_url):

@@ -1,7 +1,8 @@
 """The object store: one small interface (:mod:`.base`), a local directory and S3.
 
 A store URL is either ``s3://bucket/prefix`` or a directory path (``file://``
-optional). :mod:`.logstream` streams a cell's log parts into a store.
+optional). :mod:`.logstream` streams a cell's log parts into a store; :mod:`.retry` waits
+out an outage for the callers that can wait.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from .s3 import S3Store
 __all__ = ["Store", "LocalStore", "S3Store", "open_store"]
 
 
-def open_store(url: str | None = None, *, retries: int = 5) -> Store:
-    """A store from its URL: ``s3://bucket/prefix``, ``file:///dir`` or a directory path."""
+def open_store(url: str | None = None, *, retries: int = 8) -> Store:
+    """A store from its URL: ``s3://bucket/prefix``, ``file:///dir`` or a directory path.
+
+    ``retries``: botocore's retries of each S3 call (see :class:`S3Store`).
+    """
     url = url or os.environ.get("CRITBATCH_STORE") or DEFAULT_STORE
     if url.startswith("s3://"):
         rest = url[len("s3://"):]

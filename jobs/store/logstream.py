@@ -8,8 +8,9 @@ threads do the rest, so training never waits on the disk or the network:
 
 The cutter turns the buffered rows into one part every ``flush_steps`` step
 rows or ``flush_seconds`` seconds, whichever comes first. The uploader sends
-parts in the order they were cut; when the store is unreachable it retries the
-oldest part with capped exponential backoff, for ever, while later parts wait
+parts in the order they were cut; when the store is unreachable it waits the
+outage out on the oldest part (:func:`.retry.wait_out_outage`, no deadline:
+the deadline is the caller's, at ``sync``/``close``), while later parts wait
 on local disk and training goes on. Parts are numbered from 0 per kind without
 gaps, so a checkpoint records the next index of each kind (:meth:`sync`), and
 :meth:`resume` deletes whatever was written after it: after a restart no step
@@ -22,7 +23,6 @@ Call order: ``LogStream(...)``, ``resume(parts or None)``, then ``log_*``;
 from __future__ import annotations
 
 import os
-import random
 import sys
 import threading
 import time
@@ -34,7 +34,8 @@ import pyarrow as pa
 
 from critbatch.jobs.cell.errors import StoreUnavailable
 from critbatch.jobs.cell.logschema import SCHEMAS, part_index, part_key, table_to_ipc
-from . import Store
+from .base import Store
+from .retry import wait_out_outage
 
 KINDS = ("steps", "evals")
 
@@ -70,7 +71,7 @@ class LogStream:
         self._state = threading.Condition()  # guards _uploaded, _uploads, _last_error, _failure
         self._uploaded = {kind: 0 for kind in KINDS}  # parts [0, n) are in the store
         self._last_error: BaseException | None = None  # last upload error, cleared on success
-        self._failure: BaseException | None = None  # a bug (bad row); re-raised by sync
+        self._failure: BaseException | None = None  # a bad row or a refused upload; re-raised by sync
         self._started = False
         self._closing = False
         self._wake_cutter = threading.Event()
@@ -237,9 +238,7 @@ class LogStream:
         try:
             data = table_to_ipc(self._to_table(kind, rows))
         except (pa.ArrowException, ValueError, TypeError) as err:
-            with self._state:
-                self._failure = err
-                self._state.notify_all()
+            self._fail(err)
             return False
         index = self._next[kind]
         path = self.spool / kind / Path(part_key("", kind, index)).name
@@ -276,7 +275,7 @@ class LogStream:
     # ---- the uploader ----------------------------------------------------------------
 
     def _upload_loop(self) -> None:
-        failures = 0
+        """Upload the parts in order; an outage is waited out (for as long as it lasts) on the oldest one."""
         while True:
             with self._state:
                 item = self._uploads[0] if self._uploads else None
@@ -287,25 +286,18 @@ class LogStream:
                 self._wake_uploader.clear()
                 continue
             kind, index, path, data = item
+            key = part_key(self.prefix, kind, index)
             try:
                 body = data if data is not None else path.read_bytes()
-                self.store.put_bytes(part_key(self.prefix, kind, index), body)
-            except Exception as err:  # noqa: BLE001 - any failure: keep the part, retry later
-                failures += 1
-                with self._state:
-                    self._last_error = err
-                if failures == 1:
-                    print(f"logstream: upload to {self.store.url} failed ({err}); retrying in the background, "
-                          f"parts wait in {self.spool}", file=sys.stderr)
-                if self._closing:
-                    return
-                delay = min(self.retry_max_delay, self.retry_base_delay * 2 ** min(failures - 1, 30))
-                self._stop.wait(delay * (0.5 + random.random() / 2))
-                continue
-            if failures:
-                print(f"logstream: store {self.store.url} reachable again after {failures} failed attempts",
-                      file=sys.stderr)
-                failures = 0
+                wait_out_outage(lambda: self.store.put_bytes(key, body), what=f"upload {key}",
+                                deadline=None, stop=self._stop, base_delay=self.retry_base_delay,
+                                max_delay=self.retry_max_delay, on_error=self._note_error,
+                                note=f"; later parts wait in {self.spool}")
+            except StoreUnavailable:  # close() stopped the wait; the parts stay in the spool for a resume
+                return
+            except Exception as err:  # noqa: BLE001 - not an outage (refused, unreadable): sync() raises it
+                self._fail(err)
+                return
             if data is None:
                 path.unlink(missing_ok=True)
             with self._state:
@@ -313,6 +305,15 @@ class LogStream:
                 self._uploaded[kind] = index + 1
                 self._last_error = None
                 self._state.notify_all()
+
+    def _note_error(self, err: BaseException) -> None:
+        with self._state:
+            self._last_error = err
+
+    def _fail(self, err: BaseException) -> None:
+        with self._state:
+            self._failure = err
+            self._state.notify_all()
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -2,13 +2,15 @@
 
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and
 ``AWS_ENDPOINT_URL`` for any S3-compatible server (SeaweedFS, MinIO, AWS).
+
+Each call is retried by botocore (standard retry mode); an error still
+transient after that becomes :class:`StoreUnavailable`. Longer outages are
+waited out by the callers that can wait (:mod:`.retry`).
 """
 
 from __future__ import annotations
 
 import os
-import random
-import time
 from typing import Callable, TypeVar
 
 from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
@@ -17,11 +19,20 @@ from .base import Store
 
 T = TypeVar("T")
 
+#: Error codes of a throttled or timed-out request (as botocore's standard retry mode counts them).
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown", "Throttling",
+                    "ThrottlingException", "RequestThrottled", "TooManyRequestsException"}
+
 
 class S3Store(Store):
-    """S3 through boto3. Network errors are retried with exponential backoff."""
+    """S3 through boto3.
 
-    def __init__(self, bucket: str, prefix: str = "", *, retries: int = 5, client=None):
+    ``retries``: botocore's retries of each call (standard mode: jittered
+    exponential backoff from 50 ms, so 8 retries wait about 6 s on average
+    and at most 13 s before the call raises StoreUnavailable).
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, retries: int = 8, client=None):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -34,9 +45,8 @@ class S3Store(Store):
             import boto3
             from botocore.config import Config
 
-            # Connection retries are ours (with_retries); keep botocore's short.
             cfg = Config(
-                retries={"max_attempts": 2, "mode": "standard"},
+                retries={"mode": "standard", "max_attempts": self.retries},
                 connect_timeout=5,
                 read_timeout=60,
                 s3={"addressing_style": "path"},
@@ -47,11 +57,19 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return with_retries(fn, what=f"{what} {self.url}", attempts=self.retries)
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (botocore retries inside it); a transient error left over becomes StoreUnavailable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except (BotoCoreError, ClientError, OSError) as err:
+            if is_transient(err):
+                raise StoreUnavailable(f"cannot {what} {self.url}: {err}") from err
+            raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._retry("put", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+        self._call("put", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -64,7 +82,7 @@ class S3Store(Store):
                     raise KeyError(key) from None
                 raise
 
-        return self._retry("get", get)
+        return self._call("get", get)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -78,7 +96,7 @@ class S3Store(Store):
                     return False
                 raise
 
-        return self._retry("head", head)
+        return self._call("head", head)
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix)
@@ -90,10 +108,10 @@ class S3Store(Store):
                 keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
             return sorted(keys)
 
-        return self._retry("list", run)
+        return self._call("list", run)
 
     def delete(self, key: str) -> None:
-        self._retry("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+        self._call("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def check(self) -> None:
         """Credentials present, endpoint reachable, bucket there (created if missing)."""
@@ -115,49 +133,15 @@ class S3Store(Store):
                 else:
                     raise
 
-        self._retry("open", ensure_bucket)
+        self._call("open", ensure_bucket)
 
 
 def is_transient(err: BaseException) -> bool:
-    """Errors worth retrying: the network, timeouts, throttling, 5xx."""
-    try:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionClosedError,
-            EndpointConnectionError,
-            ReadTimeoutError,
-            ConnectTimeoutError,
-        )
-        from urllib3.exceptions import HTTPError as Urllib3Error
-    except ImportError:  # pragma: no cover
-        return isinstance(err, (ConnectionError, TimeoutError))
-    if isinstance(err, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError)):
-        return True
+    """Worth waiting out: no connection, a timeout, throttling, a 5xx (what botocore's standard mode retries)."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
     if isinstance(err, ClientError):
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = err.response.get("Error", {}).get("Code", "")
-        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
-    return isinstance(err, (ConnectionError, TimeoutError, Urllib3Error))
-
-
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.5,
-                 max_delay: float = 30.0) -> T:
-    """Call ``fn``; retry transient errors with jittered exponential backoff.
-
-    ``attempts`` <= 0 retries forever. After the last attempt a transient error
-    becomes :class:`StoreUnavailable`; other errors pass through at once.
-    """
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except (KeyError, ConfigError):
-            raise
-        except Exception as err:  # noqa: BLE001 - classified just below
-            if not is_transient(err):
-                raise
-            if 0 < attempts <= attempt:
-                raise StoreUnavailable(f"cannot {what}: {err}") from err
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random() / 2))
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    return isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
