@@ -273,9 +273,9 @@ def test_cityscapes_train_ids(disk_root):
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"size": [10]}, r"options.size: \[height, width\]"),
-    ({"augment": "crop"}, r"options.augment: 'crop'; allowed: none, flip"),
-    ({"scale": 2}, r"options: unknown \['scale'\] for dataset 'cityscapes'; allowed: size, augment"),
+    ({"size": [10]}, r"options.size: must list at least 2 values, got \[10\]"),
+    ({"augment": "crop"}, r"options.augment: unknown augment 'crop'; allowed: none, flip"),
+    ({"scale": 2}, r"options.scale: unknown option for dataset 'cityscapes'; allowed: size, augment"),
 ])
 def test_cityscapes_bad_options(disk_root, options, match):
     with pytest.raises(ConfigError, match=match):

@@ -263,7 +263,8 @@ def test_cli_presets_and_cells(capsys):
 @pytest.mark.parametrize("changes", [
     {},
     {"dataset": [{"name": "mnist", "max_train": 50000}, {"name": "cifar10", "fraction": [0.5, 1.0]}],
-     "optimizer": {"momentum": [0.0, 0.9]}, "model_options": [{}, {"width": 2}], "epochs": [1, 2.5]},
+     "optimizer": {"momentum": [0.0, 0.9]}, "model": "alexnet", "model_options": [{}, {"dropout": 0.3}],
+     "epochs": [1, 2.5]},
 ])
 def test_precomputed_ids_and_json_match_the_cells(changes):
     grid = load_grid(spec(seed=[0, 1], **changes))

@@ -77,9 +77,8 @@ def test_losses():
 
 
 def test_unknown_model_option():
-    cell = make_cell("digits", "digits_cnn", model_options={"depth": 3})
-    with pytest.raises(ConfigError, match=r"model_options: unknown \['depth'\].*allowed: width"):
-        build_model(cell, load_task_data(cell, "/x"))
+    with pytest.raises(ConfigError, match=r"model_options.depth: unknown option.*allowed: width"):
+        make_cell("digits", "digits_cnn", model_options={"depth": 3})
 
 
 # ---- every model on its dataset, read from tiny files in the real formats ----------------
@@ -91,7 +90,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from datafiles import write_dataset  # noqa: E402
 
 from critbatch.jobs.models.drn import DRND22  # noqa: E402
-from critbatch.jobs.models.zoo import MODEL_OPTIONS  # noqa: E402
+from critbatch.jobs.cell.options import MODEL_OPTIONS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +208,14 @@ def test_lstm_options_and_tied_weights():
 
 @pytest.mark.parametrize("model,dataset,options,match", [
     ("lstm", "wikitext2", {"tied": True, "nhid": 100}, r"tied: tied weights need emsize == nhid, got 200 and 100"),
-    ("lstm", "wikitext2", {"dropout": 1.5}, r"model_options.dropout: must be a number in \[0, 1\), got 1.5"),
+    ("lstm", "wikitext2", {"dropout": 1.5}, r"model_options.dropout: 1.5 is outside \[0, 1\)"),
     ("lstm", "wikitext2", {"nlayers": 0}, r"model_options.nlayers: must be a positive integer, got 0"),
     ("vgg16", "cifar10", {"batch_norm": "yes"}, r"model_options.batch_norm: must be true or false"),
-    ("resnet34", "cifar10", {"depth": 50}, r"unknown \['depth'\] for model 'resnet34'; allowed: none"),
+    ("resnet34", "cifar10", {"depth": 50}, r"depth: unknown option for model 'resnet34'; allowed: none"),
 ])
-def test_bad_model_options(disk_root, model, dataset, options, match):
-    cell = make_cell(dataset, model, 4, model_options=options)
+def test_bad_model_options(model, dataset, options, match):
     with pytest.raises(ConfigError, match=match):
-        build_model(cell, load_task_data(cell, disk_root))
+        make_cell(dataset, model, 4, model_options=options)
 
 
 def test_every_model_has_options_listed():

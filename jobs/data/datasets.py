@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from critbatch.jobs.cell.spec import DATASETS, LINREG_DEFAULTS, Cell
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.options import dataset_options
+from critbatch.jobs.cell.spec import DATASETS, Cell
 
 #: Seed of the fixed subsets (fraction, max_train, the train-eval subset, the
 #: digits split): the same examples for every cell, whatever its seed, so cells
@@ -231,22 +232,6 @@ def load_digits(cell: Cell) -> TaskData:
     )
 
 
-def linreg_options(cell: Cell) -> dict[str, Any]:
-    opts = {**LINREG_DEFAULTS, **cell.dataset.options}
-    problems = []
-    for key in ("n", "d", "spikes"):
-        if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < (0 if key == "spikes" else 1):
-            problems.append(f"cell.dataset.options.{key}: must be a {'non-negative' if key == 'spikes' else 'positive'}"
-                            f" integer, got {opts[key]!r}")
-    if not isinstance(opts["spike_var"], (int, float)) or not opts["spike_var"] > 0:
-        problems.append(f"cell.dataset.options.spike_var: must be a positive number, got {opts['spike_var']!r}")
-    if not problems and opts["spikes"] > opts["d"]:
-        problems.append(f"cell.dataset.options.spikes: {opts['spikes']} exceeds d = {opts['d']}")
-    if problems:
-        raise ConfigError(problems)
-    return opts
-
-
 def linreg_sample(n: int, d: int, spikes: int, spike_var: float, gen: torch.Generator) -> Tensor:
     """n rows of N(0, diag(spike_var x spikes, 1 x (d - spikes)))."""
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -263,8 +248,8 @@ def load_linreg(cell: Cell) -> TaskData:
     largest eigenvalue of X^T X / n, and Ma et al.'s m* = beta / lambda_1 + 1.
     The whole problem follows from the cell's seed.
     """
-    opts = linreg_options(cell)
-    n, d, k, var = int(opts["n"]), int(opts["d"]), int(opts["spikes"]), float(opts["spike_var"])
+    opts = dataset_options(cell.dataset)
+    n, d, k, var = opts.n, opts.d, opts.spikes, opts.spike_var
     gen = _generator("linreg", cell.seed)
     teacher = torch.randn(d, generator=gen, dtype=torch.float64) / math.sqrt(d)
     x = linreg_sample(n, d, k, var, gen).float()
@@ -508,29 +493,7 @@ def cli_main(args) -> int:
 
 # ---- readers --------------------------------------------------------------------
 
-#: Default augmentation per set: crop and flip for CIFAR; crop only for SVHN
-#: (a mirrored digit is another glyph); none for MNIST; flip (image and labels) for Cityscapes.
-DEFAULT_AUGMENT = {"mnist": "none", "cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop",
-                   "cityscapes": "flip"}
-AUGMENTS = ("none", "crop", "flip", "crop_flip")
-#: Cityscapes is downscaled to this (height, width) unless dataset.options.size says otherwise
-#: (the full 1024 x 2048 does not fit in memory as one tensor).
-CITYSCAPES_SIZE = (256, 512)
 BPTT = 35  # tokens per language-model sample, as word_language_model's default
-
-
-def dataset_options(cell: Cell, defaults: dict[str, Any]) -> dict[str, Any]:
-    name = cell.dataset.name
-    unknown = set(cell.dataset.options) - set(defaults)
-    if unknown:
-        raise ConfigError(f"cell.dataset.options: unknown {sorted(unknown)} for dataset {name!r}; "
-                          f"allowed: {', '.join(defaults) or 'none'}")
-    opts = {**defaults, **cell.dataset.options}
-    if "augment" in opts:
-        allowed = ("none", "flip") if name == "cityscapes" else AUGMENTS
-        if opts["augment"] not in allowed:
-            raise ConfigError(f"cell.dataset.options.augment: {opts['augment']!r}; allowed: {', '.join(allowed)}")
-    return opts
 
 
 def _torchvision_datasets():
@@ -602,7 +565,7 @@ def load_images(cell: Cell, root: Path, download: bool = False) -> TaskData:
     """MNIST, CIFAR-10/100 or SVHN (train, or train + extra) through torchvision's readers."""
     ds = cell.dataset
     name = ds.name
-    opts = dataset_options(cell, {"augment": DEFAULT_AUGMENT[name]})
+    augment = dataset_options(ds).augment  # each set's default: critbatch.jobs.cell.options
     x, y = read_image_split(name, root, "train", download)
     if name == "svhn" and ds.extra:
         x_extra, y_extra = read_image_split(name, root, "extra", download)
@@ -617,13 +580,13 @@ def load_images(cell: Cell, root: Path, download: bool = False) -> TaskData:
     x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), tag))
     info = {
         "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": list(x.shape[1:]),
-        "augment": opts["augment"], "mean": [round(float(v) / 255, 6) for v in mean],
+        "augment": augment, "mean": [round(float(v) / 255, 6) for v in mean],
         "std": [round(float(v) / 255, 6) for v in std], "source": str(root),
     }
     return TaskData(
         name=name, task="classification", n_train=len(x), num_classes=DATASETS[name]["classes"], vocab_size=None,
         info=info, train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
-        augment=opts["augment"], mean=mean, std=std,
+        augment=augment, mean=mean, std=std,
     )
 
 
@@ -653,7 +616,6 @@ def bptt_sequences(ids: Tensor, bptt: int = BPTT) -> tuple[Tensor, Tensor]:
 
 def load_wikitext2(cell: Cell, root: Path) -> TaskData:
     ds = cell.dataset
-    dataset_options(cell, {})
     vocab, ids = read_wikitext2(root / LAYOUTS["wikitext2"].inner)
     x, y = bptt_sequences(ids["train"])
     x_test, y_test = bptt_sequences(ids["test"])
@@ -711,11 +673,8 @@ def read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Tens
 
 def load_cityscapes(cell: Cell, root: Path) -> TaskData:
     ds = cell.dataset
-    opts = dataset_options(cell, {"size": list(CITYSCAPES_SIZE), "augment": DEFAULT_AUGMENT["cityscapes"]})
-    size = opts["size"]
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size)):
-        raise ConfigError(f"cell.dataset.options.size: [height, width] of integers >= 8, got {size!r}")
+    opts = dataset_options(ds)
+    size = opts.size
     x, y = read_cityscapes(root, "train", tuple(size))
     x_test, y_test = read_cityscapes(root, "val", tuple(size))
     mean, std = channel_stats(x)
@@ -723,14 +682,14 @@ def load_cityscapes(cell: Cell, root: Path) -> TaskData:
     x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), "cityscapes"))
     info = {
         "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": [3, *size],
-        "augment": opts["augment"], "train_split": "train", "test_split": "val",
+        "augment": opts.augment, "train_split": "train", "test_split": "val",
         "mean": [round(float(v) / 255, 6) for v in mean], "std": [round(float(v) / 255, 6) for v in std],
         "source": str(root),
     }
     return TaskData(
         name="cityscapes", task="segmentation", n_train=len(x), num_classes=19, vocab_size=None, info=info,
         train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
-        augment=opts["augment"], mean=mean, std=std,
+        augment=opts.augment, mean=mean, std=std,
     )
 
 
@@ -743,8 +702,8 @@ def load_task_data(cell: Cell, data_root: str, *, download: bool = False) -> Tas
     name = cell.dataset.name
     if name not in DATASETS:
         raise ConfigError(f"cell.dataset.name: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    dataset_options(cell.dataset)  # options the set does not take fail before any data is read
     if name == "digits":
-        dataset_options(cell, {})
         return load_digits(cell)
     if name == "linreg":
         return load_linreg(cell)

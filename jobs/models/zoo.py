@@ -5,7 +5,8 @@ torchvision's models and blocks; word_language_model's 2-layer LSTM; DRN-D-22
 for Cityscapes (:mod:`critbatch.jobs.models.drn`); a small CNN for ``digits``; a
 linear model for ``linreg``. ``build_model(cell, data)`` takes input channels,
 classes and vocabulary from the data, and extra knobs from
-``cell.model_options`` (:data:`MODEL_OPTIONS`). Outputs:
+``cell.model_options`` (checked, and defaults filled in, by
+:data:`critbatch.jobs.cell.options.MODEL_OPTIONS`). Outputs:
 classification (N, classes); language_model (N, T, vocab); segmentation
 (N, 19, H, W) at the input's size; regression (N,).
 """
@@ -17,9 +18,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from critbatch.jobs.cell.options import model_options
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import TaskData
-from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.logschema import TASK_METRIC
 
 IGNORE_INDEX = 255  # segmentation pixels outside the 19 train ids
@@ -162,58 +163,13 @@ class LSTMLanguageModel(nn.Module):
         return self.decoder(self.drop(out))
 
 
-#: Options each model takes from cell.model_options, with their defaults.
-MODEL_OPTIONS: dict[str, dict] = {
-    "resnet34": {},
-    "vgg16": {"batch_norm": True},
-    "alexnet": {"dropout": 0.5},
-    "mobilenetv2": {"width_mult": 1.0, "dropout": 0.2},
-    "lstm": {"emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2, "tied": False},
-    "drn_d_22": {},
-    "digits_cnn": {"width": 32},
-    "linear": {},
-}
-
-
-def model_options(cell: Cell) -> dict:
-    """``cell.model_options`` over the model's defaults; ConfigError for unknown keys or bad values."""
-    if cell.model not in MODEL_OPTIONS:
-        raise ConfigError(f"cell.model: unknown model {cell.model!r}; allowed: {', '.join(MODEL_OPTIONS)}")
-    defaults = MODEL_OPTIONS[cell.model]
-    unknown = set(cell.model_options) - set(defaults)
-    if unknown:
-        allowed = ", ".join(defaults) or "none"
-        raise ConfigError(f"cell.model_options: unknown {sorted(unknown)} for model {cell.model!r}; allowed: {allowed}")
-    opts = {**defaults, **cell.model_options}
-    problems = []
-    for key, default in defaults.items():
-        value = opts[key]
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-            ok = ok and (value < 1 if key == "dropout" else value > 0)
-        if not ok:
-            kind = {bool: "true or false", int: "a positive integer"}.get(type(default), "a number")
-            kind = "a number in [0, 1)" if key == "dropout" else kind
-            problems.append(f"cell.model_options.{key}: must be {kind}, got {value!r}")
-    if cell.model == "lstm" and not problems and opts["tied"] and opts["emsize"] != opts["nhid"]:
-        problems.append(f"cell.model_options.tied: tied weights need emsize == nhid, got {opts['emsize']} "
-                        f"and {opts['nhid']}")
-    if problems:
-        raise ConfigError(problems)
-    return opts
-
-
 def build_model(cell: Cell, data: TaskData) -> nn.Module:
     """The cell's model, on the CPU, initialised from torch's current RNG state.
 
     Input channels, classes and vocabulary come from ``data``. The CNNs accept
     channels-last inputs and weights (``model.to(memory_format=torch.channels_last)``).
     """
-    opts = model_options(cell)
+    opts = model_options(cell.model, cell.model_options).model_dump()
     name = cell.model
     if name == "resnet34":
         return resnet34(data.in_channels, data.num_classes)

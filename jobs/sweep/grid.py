@@ -21,53 +21,98 @@ problem is reported at once with its path in the spec (``batch_size[3]: ...``,
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
 from . import k8s
-from critbatch.jobs.cell.spec import Cell, build
+from critbatch.jobs.cell.analysis_args import parse_analyze_args
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.validation import (
+    Matches,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Strict,
+    invalid,
+    problems as validation_problems,
+)
 
 #: Cell fields a grid may set (the sweep is the grid's own name).
-CELL_FIELDS = tuple(f.name for f in fields(Cell) if f.name != "sweep")
+CELL_FIELDS = tuple(name for name in Cell.model_fields if name != "sweep")
 #: Upper bound on one grid's cells: a typo such as a 1000-value axis should fail, not render 10^7 objects.
 MAX_CELLS = 100_000
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
-_TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
+
+DNSLabel = Annotated[str, Matches(k8s.DNS_LABEL.pattern, "a DNS-1123 label", max_length=63)]
+DNSSubdomain = Annotated[str, Matches(f"^{_DNS_SUBDOMAIN}$", "a DNS-1123 subdomain", max_length=253)]
+LabelValue = Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value", max_length=k8s.MAX_LABEL_VALUE)]
 
 
-@dataclass
-class Resources:
+def _quantity(value: Any) -> Any:
+    """A Kubernetes quantity: a positive number, or a string such as 7500m or 32Gi."""
+    if isinstance(value, bool):
+        ok = False
+    elif isinstance(value, (int, float)):
+        ok = value > 0
+    else:
+        ok = isinstance(value, str) and bool(_QUANTITY.match(value)) and float(re.sub(r"[a-zA-Z]+$", "", value)) > 0
+    if not ok:
+        raise invalid(f"{value!r} is not a Kubernetes quantity (e.g. 8, 7500m, 32Gi)")
+    return value
+
+
+Quantity = Annotated[
+    Union[int, float, str],
+    BeforeValidator(_quantity),
+    WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                              {"type": "string", "pattern": _QUANTITY.pattern}]}),
+]
+
+
+class Toleration(Strict):
+    """A pod toleration, as Kubernetes spells it."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class Resources(Strict):
     """What one cell asks of the cluster. ``gpus`` is per node; the world size is gpus x nodes."""
 
-    gpus: int = 1
-    nodes: int = 1
-    cpu: Any = 8  # a Kubernetes quantity: 8, "7500m"
-    memory: str = "32Gi"
-    shm: str = "8Gi"  # /dev/shm size limit (DataLoader workers, NCCL)
-    gpu_resource: str = "nvidia.com/gpu"
-    gpu_type: str | None = None  # nodeSelector nvidia.com/gpu.product, e.g. NVIDIA-A100-SXM4-80GB
-    tolerations: list | None = None  # default: tolerate the GPU taint when gpus > 0
-    node_selector: dict = field(default_factory=dict)
-    priority_class: str | None = None
-    deadline_seconds: int = 7 * 24 * 3600  # activeDeadlineSeconds of the whole Job, retries included
-    backoff_limit: int = 6  # retries; each one resumes from the newest checkpoint
-    ttl_seconds: int = 3 * 24 * 3600  # ttlSecondsAfterFinished: the logs are in the store, not the pod
-    grace_seconds: int = 120  # terminationGracePeriodSeconds: longer than a checkpoint takes
+    gpus: NonNegativeInt = Field(1, description="GPUs per node; 0 runs one process per node on the CPU")
+    nodes: PositiveInt = 1
+    cpu: Quantity = Field(8, description="a Kubernetes quantity: 8, \"7500m\"")
+    memory: Quantity = "32Gi"
+    shm: Quantity = Field("8Gi", description="/dev/shm size limit (DataLoader workers, NCCL)")
+    gpu_resource: Annotated[str, Matches(f"^{_DNS_SUBDOMAIN}/[-A-Za-z0-9_.]+$",
+                                         "an extended resource name (vendor/name)")] = "nvidia.com/gpu"
+    gpu_type: LabelValue | None = Field(
+        None, description="nodeSelector nvidia.com/gpu.product, e.g. NVIDIA-A100-SXM4-80GB")
+    tolerations: list[Toleration] | None = Field(
+        None, description="default: tolerate the GPU taint when gpus > 0")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    priority_class: DNSSubdomain | None = None
+    deadline_seconds: PositiveInt = Field(
+        7 * 24 * 3600, description="activeDeadlineSeconds of the whole Job, retries included")
+    backoff_limit: NonNegativeInt = Field(6, description="retries; each one resumes from the newest checkpoint")
+    ttl_seconds: NonNegativeInt = Field(
+        3 * 24 * 3600, description="ttlSecondsAfterFinished: the logs are in the store, not the pod")
+    grace_seconds: NonNegativeInt = Field(
+        120, description="terminationGracePeriodSeconds: longer than a checkpoint takes")
 
     @property
     def procs_per_node(self) -> int:
@@ -80,47 +125,74 @@ class Resources:
 
     def effective_tolerations(self) -> list[dict]:
         if self.tolerations is not None:
-            return list(self.tolerations)
+            return [t.model_dump(exclude_none=True) for t in self.tolerations]
         if self.gpus > 0:
             return [{"key": self.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
         return []
 
 
-@dataclass
-class AnalysisSpec:
+class AnalysisSpec(Strict):
     """The analysis Job that runs ``critbatch analyze`` on the sweep once its cells are done."""
 
-    cpu: Any = 2
-    memory: str = "8Gi"
-    deadline_seconds: int = 6 * 3600
-    backoff_limit: int = 2
-    args: list = field(default_factory=list)  # extra `critbatch analyze` options, e.g. [--efficiency, "0.8"]
+    cpu: Quantity = 2
+    memory: Quantity = "8Gi"
+    deadline_seconds: PositiveInt = 6 * 3600
+    backoff_limit: NonNegativeInt = 2
+    args: list[str] = Field(default_factory=list,
+                            description='extra `critbatch analyze` options, e.g. [--efficiency, "0.8"]')
+
+    @field_validator("args")
+    @classmethod
+    def _analyze_accepts(cls, args: list[str]) -> list[str]:
+        try:
+            parse_analyze_args(args)
+        except ConfigError as err:
+            raise invalid("; ".join(p.removeprefix("analysis.args: ") for p in err.problems)) from None
+        return args
 
 
-@dataclass
-class _Settings:
-    """The grid fields that are not cell fields (where and how the cells run)."""
+class GridSettings(Strict):
+    """The grid fields that are not cell fields: where and how the cells run."""
 
-    sweep: str
+    sweep: Annotated[str, Matches(k8s.DNS_LABEL.pattern, "a DNS-1123 label (lower-case letters, digits and '-', "
+                                  "starting and ending with a letter or digit)")] = Field(
+        description="names the Jobs and the store prefix")
     description: str = ""
-    reproduces: str = ""  # which figure or table of the paper
-    resources: Resources = field(default_factory=Resources)
-    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
-    image: str = k8s.DEFAULT_IMAGE
-    image_pull_policy: str = "IfNotPresent"
-    store: str = k8s.DEFAULT_STORE
-    store_secret: str = k8s.DEFAULT_STORE_SECRET
+    reproduces: str = Field("", description="which figure or table of the paper")
+    resources: Resources = Field(default_factory=Resources)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    image: Annotated[str, Matches(r"^\S+$", "an image reference")] = k8s.DEFAULT_IMAGE
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    store: str = Field(k8s.DEFAULT_STORE, description="s3://BUCKET/PREFIX, file://DIR or a directory")
+    store_secret: DNSSubdomain = Field(k8s.DEFAULT_STORE_SECRET, description="the Secret with the store's keys")
     store_endpoint: str | None = k8s.DEFAULT_STORE_ENDPOINT
-    data_root: str | None = None  # default: <store>/datasets, where `critbatch data stage` puts datasets
-    backend: str | None = None  # job | pytorchjob | trainjob; default job for one node, else pytorchjob
-    namespace: str = k8s.DEFAULT_NAMESPACE
-    queue: str | None = None  # Kueue LocalQueue
-    max_active: int = 0  # cap on cells running at once (clusters without Kueue); 0 = none
-    service_account: str = k8s.DEFAULT_SERVICE_ACCOUNT
-    checkpoint_seconds: float = 300.0
+    data_root: str | None = Field(
+        None, description="default: <store>/datasets, where `critbatch data stage` puts datasets")
+    backend: Literal[k8s.BACKENDS] | None = Field(
+        None, description="default: job for one node, else pytorchjob")
+    namespace: DNSLabel = k8s.DEFAULT_NAMESPACE
+    queue: Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value (Kueue LocalQueue name)",
+                                  max_length=k8s.MAX_LABEL_VALUE, min_length=1)] | None = Field(
+        None, description="Kueue LocalQueue")
+    max_active: NonNegativeInt = Field(0, description="cap on cells running at once (clusters without Kueue); 0 = none")
+    service_account: DNSSubdomain = k8s.DEFAULT_SERVICE_ACCOUNT
+    checkpoint_seconds: PositiveFloat = 300.0
+
+    @field_validator("store")
+    @classmethod
+    def _known_scheme(cls, store: str) -> str:
+        if store.startswith("s3://") and not store[len("s3://"):].split("/")[0]:
+            raise invalid(f"{store!r} names no bucket; expected s3://BUCKET[/PREFIX]")
+        if "://" in store and not store.startswith(("s3://", "file://")):
+            raise invalid(f"unsupported scheme in {store!r}; allowed: s3://BUCKET/PREFIX, file://DIR or a path")
+        return store
+
+    @property
+    def effective_backend(self) -> str:
+        return self.backend or ("job" if self.resources.nodes == 1 else "pytorchjob")
 
 
-GRID_FIELDS = tuple(f.name for f in fields(_Settings))
+GRID_FIELDS = tuple(GridSettings.model_fields)
 
 
 @dataclass
@@ -147,20 +219,18 @@ class Grid:
     reproduces: str = ""
     source: str = "<dict>"
     _cells: list[Cell] = field(default_factory=list, repr=False)
-    _ids: list[str] = field(default_factory=list, repr=False)
-    _jsons: list[str] = field(default_factory=list, repr=False)
 
     def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (the spec's axes in the cell's field order); ``sweep`` set."""
         return list(self._cells)
 
     def cell_ids(self) -> list[str]:
-        """``[c.id for c in cells()]``, computed once when the grid was loaded."""
-        return list(self._ids)
+        """``[c.id for c in cells()]`` (each cell computes its id once)."""
+        return [c.id for c in self._cells]
 
     def cell_jsons(self) -> list[str]:
         """Each cell's JSON with sorted keys, sweep included: the ``--cell`` argument of ``critbatch train``."""
-        return list(self._jsons)
+        return [c.to_json() for c in self._cells]
 
     @property
     def world_size(self) -> int:
@@ -168,10 +238,7 @@ class Grid:
 
     def sweep_yaml(self) -> str:
         """``<store>/<sweep>/sweep.yaml``: the spec as written plus every cell it expanded to."""
-        doc = {
-            "spec": self.raw,
-            "cells": [{"id": i, "cell": json.loads(j)} for i, j in zip(self._ids, self._jsons)],
-        }
+        doc = {"spec": self.raw, "cells": [{"id": c.id, "cell": json.loads(c.to_json())} for c in self._cells]}
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
 
     def with_overrides(self, **changes: Any) -> "Grid":
@@ -213,10 +280,41 @@ def preset_names() -> list[str]:
 
 
 def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in ``text``; ConfigError if it is not valid YAML or repeats a key in a mapping."""
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        repeated = _repeated_keys(node, "", set())
+        if repeated:
+            raise ConfigError(repeated)
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+    finally:
+        loader.dispose()
+
+
+def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[str]:
+    """Every key that a mapping under ``node`` repeats (YAML would keep the last one silently), by its path."""
+    if node is None or id(node) in seen:  # an alias names a node already walked
+        return []
+    seen.add(id(node))
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else key.start_mark.line
+            where = f"{path}.{name}" if path else str(name)
+            if name in first:
+                out.append(f"{where}: repeated on line {key.start_mark.line + 1} (first on line {first[name] + 1}); "
+                           "a key may appear once")
+            else:
+                first[name] = key.start_mark.line
+            out.extend(_repeated_keys(value, where, seen))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.extend(_repeated_keys(item, f"{path}[{i}]", seen))
+    return out
 
 
 def load_grid(spec: str | Path | dict) -> Grid:
@@ -246,32 +344,24 @@ def _read_spec(spec: str) -> tuple[str, str]:
 def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a grid spec must be a mapping, got {type(data).__name__}")
-    problems: list[str] = []
-    for key in data:
-        if key not in GRID_FIELDS and key not in CELL_FIELDS:
-            problems.append(f"{key}: unknown field; allowed: {', '.join(GRID_FIELDS + CELL_FIELDS)}")
-    settings = build(_Settings, {k: v for k, v in data.items() if k in GRID_FIELDS}, "grid", problems)
-    problems[:] = [p.replace("grid.", "", 1) if p.startswith("grid.") else p for p in problems]
-    if isinstance(settings, _Settings):
+    problems = [f"{key}: unknown field; allowed: {', '.join(GRID_FIELDS + CELL_FIELDS)}"
+                for key in data if key not in GRID_FIELDS and key not in CELL_FIELDS]
+    settings = None
+    try:
+        settings = GridSettings.model_validate({k: v for k, v in data.items() if k in GRID_FIELDS})
+    except ValidationError as err:
+        problems.extend(validation_problems(err, "", GridSettings))
+    else:
         problems.extend(_settings_problems(settings))
-    cell_spec = {k: v for k, v in data.items() if k in CELL_FIELDS}
-    world = settings.resources.world_size if isinstance(settings, _Settings) else 1
-    sweep = settings.sweep if isinstance(settings, _Settings) else "invalid"
-    expanded = _expand_cells(cell_spec, sweep, world, problems)
+    cells = _expand_cells({k: v for k, v in data.items() if k in CELL_FIELDS},
+                          settings.sweep if settings else "invalid",
+                          settings.resources.world_size if settings else 1, problems)
     if problems:
         raise ConfigError(problems)
-    res = settings.resources
-    backend = settings.backend or ("job" if res.nodes == 1 else "pytorchjob")
-    data_root = settings.data_root or f"{settings.store.rstrip('/')}/datasets"
-    return Grid(
-        sweep=settings.sweep, raw=data, resources=res, analysis=settings.analysis, image=settings.image,
-        image_pull_policy=settings.image_pull_policy, store=settings.store, store_secret=settings.store_secret,
-        store_endpoint=settings.store_endpoint, data_root=data_root, backend=backend,
-        namespace=settings.namespace, queue=settings.queue, max_active=settings.max_active,
-        service_account=settings.service_account, checkpoint_seconds=settings.checkpoint_seconds,
-        description=settings.description, reproduces=settings.reproduces, source=source,
-        _cells=expanded.cells, _ids=expanded.ids, _jsons=expanded.jsons,
-    )
+    run = {name: getattr(settings, name) for name in GRID_FIELDS}
+    run["backend"] = settings.effective_backend
+    run["data_root"] = settings.data_root or f"{settings.store.rstrip('/')}/datasets"
+    return Grid(**run, raw=data, source=source, _cells=cells)
 
 
 # ---- validation of the run settings ---------------------------------------------------------
@@ -296,112 +386,30 @@ def max_sweep_length(backend: str, nodes: int) -> int:
     return k8s.MAX_NAME - fixed
 
 
-def _settings_problems(s: _Settings) -> list[str]:
+def _settings_problems(s: GridSettings) -> list[str]:
+    """What the run settings' fields show only together: the backend against the nodes, the names' length."""
     out: list[str] = []
-    res = s.resources
-    backend = s.backend or ("job" if res.nodes == 1 else "pytorchjob")
-    if s.backend is not None and s.backend not in k8s.BACKENDS:
-        out.append(f"backend: unknown backend {s.backend!r}; allowed: {', '.join(k8s.BACKENDS)}")
-    elif backend == "job" and res.nodes != 1:
-        out.append(f"backend: 'job' runs on one node, but resources.nodes is {res.nodes}; "
-                   "use pytorchjob or trainjob")
-    if not _DNS_LABEL.match(s.sweep):
-        out.append(f"sweep: {s.sweep!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-                   "starting and ending with a letter or digit)")
-    limit = max_sweep_length(backend if backend in k8s.BACKENDS else "job", max(res.nodes, 1))
+    backend, nodes = s.effective_backend, s.resources.nodes
+    if backend == "job" and nodes != 1:
+        out.append(f"backend: 'job' runs on one node, but resources.nodes is {nodes}; use pytorchjob or trainjob")
+    limit = max_sweep_length(backend, nodes)
     if len(s.sweep) > limit:
         out.append(f"sweep: {s.sweep!r} is {len(s.sweep)} characters; at most {limit} keep "
                    f"critbatch-<sweep>-<cell-id> and the names derived from it within {k8s.MAX_NAME}")
-    for name in ("namespace",):
-        value = getattr(s, name)
-        if not (_DNS_LABEL.match(value) and len(value) <= 63):
-            out.append(f"{name}: {value!r} is not a DNS-1123 label")
-    for name in ("store_secret", "service_account", "priority_class"):
-        value = getattr(res if name == "priority_class" else s, name)
-        if value is not None and not (_DNS_SUBDOMAIN.match(value) and len(value) <= 253):
-            where = f"resources.{name}" if name == "priority_class" else name
-            out.append(f"{where}: {value!r} is not a DNS-1123 subdomain")
-    if s.queue is not None and not (_LABEL_VALUE.match(s.queue) and 0 < len(s.queue) <= 63):
-        out.append(f"queue: {s.queue!r} is not a valid label value (Kueue LocalQueue name)")
-    if not s.image.strip() or any(c.isspace() for c in s.image):
-        out.append(f"image: {s.image!r} is not an image reference")
-    if s.image_pull_policy not in _PULL_POLICIES:
-        out.append(f"image_pull_policy: {s.image_pull_policy!r}; allowed: {', '.join(_PULL_POLICIES)}")
-    if s.store.startswith("s3://"):
-        if not s.store[len("s3://"):].split("/")[0]:
-            out.append(f"store: {s.store!r} names no bucket; expected s3://BUCKET[/PREFIX]")
-        if not s.store_secret:
-            out.append("store_secret: an s3:// store needs the Secret that holds its credentials")
-    elif "://" in s.store and not s.store.startswith("file://"):
-        out.append(f"store: unsupported scheme in {s.store!r}; allowed: s3://BUCKET/PREFIX, file://DIR or a path")
-    if s.max_active < 0:
-        out.append(f"max_active: must be >= 0 (0 = no cap), got {s.max_active}")
-    if not s.checkpoint_seconds > 0:
-        out.append(f"checkpoint_seconds: must be positive, got {s.checkpoint_seconds}")
-    out.extend(_resources_problems(res, "resources"))
-    a = s.analysis
-    for name in ("cpu", "memory"):
-        if not _is_quantity(getattr(a, name)):
-            out.append(f"analysis.{name}: {getattr(a, name)!r} is not a Kubernetes quantity")
-    if a.deadline_seconds < 1:
-        out.append(f"analysis.deadline_seconds: must be positive, got {a.deadline_seconds}")
-    if a.backoff_limit < 0:
-        out.append(f"analysis.backoff_limit: must be >= 0, got {a.backoff_limit}")
-    if not all(isinstance(x, str) for x in a.args):
-        out.append("analysis.args: must be a list of strings")
-    return out
-
-
-def _is_quantity(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return value > 0
-    return isinstance(value, str) and bool(_QUANTITY.match(value)) and float(re.sub(r"[a-zA-Z]+$", "", value)) > 0
-
-
-def _resources_problems(res: Resources, path: str) -> list[str]:
-    out: list[str] = []
-    if res.gpus < 0:
-        out.append(f"{path}.gpus: must be >= 0 (per node), got {res.gpus}")
-    if res.nodes < 1:
-        out.append(f"{path}.nodes: must be >= 1, got {res.nodes}")
-    for name in ("cpu", "memory", "shm"):
-        if not _is_quantity(getattr(res, name)):
-            out.append(f"{path}.{name}: {getattr(res, name)!r} is not a Kubernetes quantity (e.g. 8, 7500m, 32Gi)")
-    if not _DNS_SUBDOMAIN.match(res.gpu_resource.split("/")[0]) or res.gpu_resource.count("/") != 1:
-        out.append(f"{path}.gpu_resource: {res.gpu_resource!r} is not an extended resource name (vendor/name)")
-    if res.gpu_type is not None and not _LABEL_VALUE.match(res.gpu_type):
-        out.append(f"{path}.gpu_type: {res.gpu_type!r} is not a valid label value")
-    if res.tolerations is not None:
-        if not isinstance(res.tolerations, list):
-            out.append(f"{path}.tolerations: must be a list of tolerations")
-        else:
-            for i, tol in enumerate(res.tolerations):
-                if not isinstance(tol, dict):
-                    out.append(f"{path}.tolerations[{i}]: must be a mapping")
-                    continue
-                for key in tol:
-                    if key not in _TOLERATION_KEYS:
-                        out.append(f"{path}.tolerations[{i}].{key}: unknown field; "
-                                   f"allowed: {', '.join(_TOLERATION_KEYS)}")
-    for key, value in res.node_selector.items():
-        if not isinstance(value, str):
-            out.append(f"{path}.node_selector.{key}: must be a string, got {value!r}")
-    for name, low in (("deadline_seconds", 1), ("backoff_limit", 0), ("ttl_seconds", 0), ("grace_seconds", 0)):
-        if getattr(res, name) < low:
-            out.append(f"{path}.{name}: must be >= {low}, got {getattr(res, name)}")
     return out
 
 
 # ---- expansion ---------------------------------------------------------------------------------
 
-_CELL_HINTS = get_type_hints(Cell)
+
+def _is_spec(tp: Any) -> bool:
+    """A nested spec model (dataset, optimizer, ...): its fields are axes too."""
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
 def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[tuple[Any, dict[str, int]]]:
     """Every value an axis takes, each with the list indices chosen on the way (spec path -> index)."""
-    nested = dataclasses.is_dataclass(tp) and isinstance(tp, type)
+    nested = _is_spec(tp)
     if isinstance(value, list):
         if not value:
             problems.append(f"{path}: an axis must list at least one value")
@@ -419,10 +427,11 @@ def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[t
     return [(value, {})]
 
 
-def _expand_mapping(data: dict, tp: type, path: str, problems: list[str]) -> list[tuple[dict, dict[str, int]]]:
-    hints = get_type_hints(tp)
-    keys = [f.name for f in fields(tp) if f.name in data] + [k for k in data if k not in hints]
-    # An unknown key is not an axis: build() reports it once, by its own name.
+def _expand_mapping(data: dict, tp: type[BaseModel], path: str, problems: list[str]
+                    ) -> list[tuple[dict, dict[str, int]]]:
+    hints = {name: f.annotation for name, f in tp.model_fields.items()}
+    keys = [name for name in hints if name in data] + [k for k in data if k not in hints]
+    # An unknown key is not an axis: validation reports it once, by its own name.
     axes = [_expand_value(data[k], hints[k], f"{path}.{k}", problems) if k in hints else [(data[k], {})]
             for k in keys]
     out = []
@@ -454,16 +463,10 @@ def _spec_path(field_path: str, choices: dict[str, int]) -> str:
     return out
 
 
-@dataclass
-class _Expanded:
-    """The cells of a grid with their ids and ``--cell`` JSON, computed once."""
-
-    cells: list[Cell]
-    ids: list[str]
-    jsons: list[str]
+_CELL_HINTS = {name: f.annotation for name, f in Cell.model_fields.items()}
 
 
-def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> _Expanded:
+def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> list[Cell]:
     keys = [name for name in CELL_FIELDS if name in spec]
     axes = [_expand_value(spec[k], _CELL_HINTS[k], k, problems) for k in keys]
     total = 1
@@ -471,97 +474,63 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> _E
         total *= len(axis)
     if total > MAX_CELLS:
         problems.append(f"grid: expands to {total} cells; at most {MAX_CELLS}")
-        return _Expanded([], [], [])
+        return []
     if total == 0:
-        return _Expanded([], [], [])
+        return []
     values = _probe_axes(keys, axes, sweep)
-    combos = []
+    cells: list[Cell] = []
+    cell_problems: dict[str, None] = {}  # ordered set: a bad value listed once is reported once
+    first_of: dict[str, str] = {}
     for combo in itertools.product(*[range(len(a)) for a in axes]):
         choices: dict[str, int] = {}
         for axis, j in zip(axes, combo):
             choices.update(axis[j][1])
-        combos.append((combo, choices))
-    out = _Expanded([], [], [])
-    cell_problems: dict[str, None] = {}  # ordered set: a bad value listed once is reported once
-    first_of: dict[str, str] = {}
-    memo: dict[int, dict] = {}
-    for combo, choices in combos:
-        if values is None:  # some value has the wrong type: build each cell, reporting with paths
-            data = {k: axis[j][0] for k, axis, j in zip(keys, axes, combo)}
-            data["sweep"] = sweep
-            found: list[str] = []
-            cell = build(Cell, data, "cell", found)
-        else:
-            cell = Cell(sweep=sweep, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
-            found = []
-        if not found:
+        if values is None:  # some value is invalid: validate each cell, reporting with paths
+            try:
+                cell = Cell.model_validate({**{k: axis[j][0] for k, axis, j in zip(keys, axes, combo)},
+                                            "sweep": sweep})
+                found = cell.problems("cell", world)
+            except ValidationError as err:
+                found = validation_problems(err, "cell", Cell)
+        else:  # every value was validated by _probe_axes
+            cell = Cell.model_construct(sweep=sweep, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
             found = cell.problems("cell", world)
         if found:
             for problem in found:
                 cell_problems[_relocate(problem, choices)] = None
             continue
-        cell_id, cell_json = _identity(cell, memo)
         where = ", ".join(f"{p}[{i}]" for p, i in choices.items()) or "the grid"
-        if cell_id in first_of:
-            cell_problems[f"grid: the cell at {where} is identical to the one at {first_of[cell_id]} "
-                          f"(id {cell_id})"] = None
+        if cell.id in first_of:
+            cell_problems[f"grid: the cell at {where} is identical to the one at {first_of[cell.id]} "
+                          f"(id {cell.id})"] = None
             continue
-        first_of[cell_id] = where
-        out.cells.append(cell)
-        out.ids.append(cell_id)
-        out.jsons.append(cell_json)
+        first_of[cell.id] = where
+        cells.append(cell)
     problems.extend(cell_problems)
-    if out.cells and out.ids[0] != out.cells[0].id:  # pragma: no cover - the cell's id rule changed
-        out.ids = [c.id for c in out.cells]
-        out.jsons = [json.dumps(c.to_dict(), sort_keys=True, separators=(",", ":")) for c in out.cells]
-    if not problems and not out.cells:
+    if not problems and not cells:
         problems.append("grid: expands to no cells")
-    return out
+    return cells
 
 
 def _probe_axes(keys: list[str], axes: list[list[tuple[Any, dict]]], sweep: str) -> list[list[Any]] | None:
-    """Each axis value checked and converted once, by building one cell per value (not per combination).
+    """Each axis value validated and converted once, by validating one cell per value (not per combination).
 
-    Returns the converted values per axis, or None when any value fails to build: the caller then builds
-    every combination, so each problem is reported with its path. With the checked values, a grid of
-    10,000 cells builds its cells directly instead of re-checking the same values 10,000 times.
+    Returns the converted values per axis, or None when any value is invalid: the caller then validates
+    every combination, so each problem is reported with its path. With the validated values, a grid of
+    10,000 cells builds its cells directly instead of validating the same values 10,000 times.
     """
     base = {k: axis[0][0] for k, axis in zip(keys, axes)}
     values: list[list[Any]] = []
     for k, axis in zip(keys, axes):
         column = []
         for value, _ in axis:
-            found: list[str] = []
-            probe = build(Cell, {**base, k: value, "sweep": sweep}, "cell", found)
-            if found:
+            try:
+                probe = Cell.model_validate({**base, k: value, "sweep": sweep})
+            except ValidationError:
                 return None
             column.append(getattr(probe, k))
         values.append(column)
     return values
-
-
-def _identity(cell: Cell, memo: dict[int, dict]) -> tuple[str, str]:
-    """The cell's id (as :attr:`Cell.id` computes it) and its ``--cell`` JSON (sweep included).
-
-    Cells built from the same checked axis values share their nested specs, so each of those is turned
-    into a dict once (``memo``, by object identity) rather than once per cell.
-    """
-    data: dict[str, Any] = {}
-    for f in _CELL_FIELD_NAMES:
-        value = getattr(cell, f)
-        if dataclasses.is_dataclass(value):
-            d = memo.get(id(value))
-            if d is None:
-                d = memo[id(value)] = dataclasses.asdict(value)
-            value = d
-        data[f] = value
-    full = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    del data["sweep"]
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:10], full
-
-
-_CELL_FIELD_NAMES = tuple(f.name for f in fields(Cell))
 
 
 def _relocate(problem: str, choices: dict[str, int]) -> str:
@@ -569,6 +538,45 @@ def _relocate(problem: str, choices: dict[str, int]) -> str:
     if not head.startswith("cell."):
         return problem
     return f"{_spec_path(head[len('cell.'):], choices)}{sep}{rest}"
+
+
+# ---- the JSON Schema of a grid spec ---------------------------------------------------------------
+
+
+def _axes(tp: Any, cache: dict[type, type]) -> Any:
+    """The type a grid writes for a cell field of type ``tp``: one value or a list of them (an axis).
+
+    A nested spec becomes a model of the same fields, each an axis itself.
+    """
+    if _is_spec(tp):
+        if tp not in cache:
+            cache[tp] = create_model(
+                f"{tp.__name__}Axes", __config__=tp.model_config, __doc__=tp.__doc__,
+                **{name: (_axes(_annotated(info), cache), _schema_field(info)) for name, info in tp.model_fields.items()},
+            )
+        tp = cache[tp]
+    return Union[tp, list[tp]]
+
+
+def _annotated(info: Any) -> Any:
+    """A field's type with its constraints (Range, Matches) attached again."""
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+
+
+def _schema_field(info: Any) -> Any:
+    """A field's default and description, without its constraints (those move onto each axis value)."""
+    if info.default_factory is not None:
+        return Field(default_factory=info.default_factory, description=info.description)
+    return Field(info.default, description=info.description)
+
+
+def grid_schema() -> dict:
+    """The JSON Schema of a grid spec: the run settings, and every cell field as an axis (a value or a list)."""
+    cache: dict[type, type] = {}
+    cell_fields = {name: (_axes(_annotated(info), cache), _schema_field(info))
+                   for name, info in Cell.model_fields.items() if name in CELL_FIELDS}
+    spec = create_model("GridSpec", __base__=GridSettings, __doc__=__doc__.split("\n\n")[0], **cell_fields)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **spec.model_json_schema()}
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -591,4 +599,10 @@ def cli_cells(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     for cell_id, cell_json in zip(grid.cell_ids(), grid.cell_jsons()):
         print(f"{cell_id}\t{cell_json}")
+    return 0
+
+
+def cli_schema(args: argparse.Namespace) -> int:
+    """``critbatch schema``: the grid spec's JSON Schema (committed as jobs/sweep/grid.schema.json)."""
+    print(json.dumps(grid_schema(), indent=2))
     return 0

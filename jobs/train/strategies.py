@@ -26,28 +26,18 @@ past it for smaller batches, and each cell keeps the part up to its own total.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.spec import Cell, total_steps
 
 #: Step decay: the factor, and the fractions of training after which it applies.
 STEP_DECAY_FACTOR = 0.1
 STEP_DECAY_AT = (0.5, 0.75)
 
 
-def total_steps(cell: Cell, steps_per_epoch: int) -> int:
-    """Updates of the cell: E epochs (``longer``: E * m / m_0), capped by ``max_steps``; at least 1."""
-    epochs = cell.epochs * (cell.batch_size / cell.base_batch if cell.strategy == "longer" else 1.0)
-    total = max(1, round(epochs * steps_per_epoch))
-    if cell.max_steps is not None:
-        total = min(total, cell.max_steps)
-    return total
-
-
 def base_total_steps(cell: Cell, base_steps_per_epoch: int) -> int:
     """The step budget of the same cell at the base batch m_0 (the anchor of the shared eval grid)."""
-    return total_steps(dataclasses.replace(cell, batch_size=cell.base_batch), base_steps_per_epoch)
+    return total_steps(cell, base_steps_per_epoch, batch_size=cell.base_batch)
 
 
 def warmup_steps(cell: Cell, steps_per_epoch: int) -> int:
