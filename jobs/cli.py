@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "cells", "critbatch.jobs.sweep.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
     p.add_argument("grid", help="grid spec YAML or preset name")
 
+    _command(sub, "schema", "critbatch.jobs.sweep.grid:cli_schema",
+             "print the grid spec's JSON Schema (editors complete and check a grid with it)")
+
     # ---- run: local executor --------------------------------------------------
     p = _command(sub, "run", "critbatch.jobs.local.executor:cli_run", "run a grid's cells on this machine")
     p.add_argument("grid", help="grid spec YAML or preset name")

@@ -301,20 +301,24 @@ def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[st
     seen.add(id(node))
     out: list[str] = []
     if isinstance(node, yaml.MappingNode):
-        first: dict[Any, int] = {}
+        first: dict[Any, yaml.Mark] = {}
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else key.start_mark.line
             where = f"{path}.{name}" if path else str(name)
             if name in first:
-                out.append(f"{where}: repeated on line {key.start_mark.line + 1} (first on line {first[name] + 1}); "
+                out.append(f"{where}: repeated at {_position(key.start_mark)} (first at {_position(first[name])}); "
                            "a key may appear once")
             else:
-                first[name] = key.start_mark.line
+                first[name] = key.start_mark
             out.extend(_repeated_keys(value, where, seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out.extend(_repeated_keys(item, f"{path}[{i}]", seen))
     return out
+
+
+def _position(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1} column {mark.column + 1}"
 
 
 def load_grid(spec: str | Path | dict) -> Grid:
@@ -550,32 +554,29 @@ def _axes(tp: Any, cache: dict[type, type]) -> Any:
     """
     if _is_spec(tp):
         if tp not in cache:
-            cache[tp] = create_model(
-                f"{tp.__name__}Axes", __config__=tp.model_config, __doc__=tp.__doc__,
-                **{name: (_axes(_annotated(info), cache), _schema_field(info)) for name, info in tp.model_fields.items()},
-            )
+            cache[tp] = create_model(f"{tp.__name__}Axes", __config__=tp.model_config, __doc__=tp.__doc__,
+                                     **_axis_fields(tp, tuple(tp.model_fields), cache))
         tp = cache[tp]
     return Union[tp, list[tp]]
 
 
-def _annotated(info: Any) -> Any:
-    """A field's type with its constraints (Range, Matches) attached again."""
-    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-
-
-def _schema_field(info: Any) -> Any:
-    """A field's default and description, without its constraints (those move onto each axis value)."""
-    if info.default_factory is not None:
-        return Field(default_factory=info.default_factory, description=info.description)
-    return Field(info.default, description=info.description)
+def _axis_fields(model: type[BaseModel], names: tuple[str, ...], cache: dict[type, type]) -> dict[str, Any]:
+    """``model``'s fields ``names`` as axes: each keeps its default and description; its constraints move
+    onto each value of the axis (a Range bounds every batch size of a list, not the list)."""
+    out = {}
+    for name in names:
+        info = model.model_fields[name]
+        value_type = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        default = (Field(default_factory=info.default_factory, description=info.description)
+                   if info.default_factory is not None else Field(info.default, description=info.description))
+        out[name] = (_axes(value_type, cache), default)
+    return out
 
 
 def grid_schema() -> dict:
     """The JSON Schema of a grid spec: the run settings, and every cell field as an axis (a value or a list)."""
-    cache: dict[type, type] = {}
-    cell_fields = {name: (_axes(_annotated(info), cache), _schema_field(info))
-                   for name, info in Cell.model_fields.items() if name in CELL_FIELDS}
-    spec = create_model("GridSpec", __base__=GridSettings, __doc__=__doc__.split("\n\n")[0], **cell_fields)
+    spec = create_model("GridSpec", __base__=GridSettings, __doc__=__doc__.split("\n\n")[0],
+                        **_axis_fields(Cell, CELL_FIELDS, {}))
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **spec.model_json_schema()}
 
 
