@@ -13,7 +13,6 @@ its log while the others go on; the exit code is 1 if any cell failed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -70,8 +69,7 @@ class RunResult:
 def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, nproc: int = 1,
                   extra: Sequence[str] = ()) -> list[str]:
     """The command line that trains ``cell``: the same entrypoint a pod runs."""
-    cell_json = json.dumps(cell.to_dict(), sort_keys=True, separators=(",", ":"))
-    tail = ["train", "--cell", cell_json, "--store", store_url, "--data-root", data_root,
+    tail = ["train", "--cell", cell.to_json(), "--store", store_url, "--data-root", data_root,
             "--threads", str(threads), "--progress", "lines", *extra]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -260,6 +258,9 @@ def cli_run(args) -> int:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
     grid = load_grid(args.grid)
     cells = grid.cells()
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is not None and any(p.exists() and not p.is_dir() for p in (log_dir, *log_dir.parents)):
+        raise ConfigError(f"--log-dir: {args.log_dir} is at or under a file; give a directory")
     store_url = args.store or DEFAULT_STORE
     store = open_store(store_url)
     store.check()

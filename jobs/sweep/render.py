@@ -114,7 +114,7 @@ def _env(grid: Grid) -> list[dict[str, str]]:
 
 def cell_json(cell: Cell) -> str:
     """The ``--cell`` argument: the cell's fields, sweep included, as compact JSON with sorted keys."""
-    return json.dumps(cell.to_dict(), sort_keys=True, separators=(",", ":"))
+    return cell.to_json()
 
 
 def _train_args(grid: Grid, cell_arg: str) -> list[str]:
@@ -416,6 +416,9 @@ def cli_render(args: argparse.Namespace) -> int:
     if args.output in ("-", ""):
         sys.stdout.write(dump_stream(docs))
         return 0
+    out = Path(args.output)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise ConfigError(f"--output: {args.output} is at or under a file; give a directory")
     paths = write_directory(docs, args.output)
     print(f"wrote {len(paths)} objects to {args.output}", file=sys.stderr)
     return 0
