@@ -5,7 +5,8 @@ Tables are lists of flat dicts (one dict a row), written to CSV as they are.
 Definitions, stated once (the report repeats them):
 
 - The training-loss curve of a cell is its train-split evaluations, else
-  the running mean of its minibatch losses (window W). A group uses one
+  the running mean of its minibatch losses (window min(W, a quarter of the
+  steps so far), placed at the window's centre). A group uses one
   source for all its cells (the two differ systematically): evaluations when
   at least half of its cells have them; a cell without the group's source
   has no curve ("no data").
@@ -15,28 +16,33 @@ Definitions, stated once (the report repeats them):
   step it logged. A cell still running (no ``_SUCCESS``) counts only once it
   has crossed eps (a crossing is final; not having crossed yet is not).
 - Default threshold (paper 4.3): the lower quartile (numpy's linear
-  percentile) of the loss values the group's largest batch size reaches over
-  its run, evenly weighted in iterations (the curve interpolated onto an even
+  percentile) of the loss values the largest batch size reaches over its
+  run, evenly weighted in iterations (the curve interpolated onto an even
   step grid), all seeds and trials pooled; taken from the largest batch size
-  whose cell finished and learned (see :func:`default_threshold`).
+  whose cell finished and learned (see :func:`default_threshold`). The
+  strategies of one problem share it (the rule applied to all their cells),
+  so their speedup curves are comparable. Thresholds along the run: the same
+  rule at the quantiles ``ALONG_RUN``.
 - Several values of a metaparameter (base_lr, momentum) at one batch size are
   trials; per batch size the trial with the fewest mean steps over its seeds
   wins (Shallue et al.'s steps-to-result), and its seeds give k(m).
-- k(m) is the mean over seeds; if any seed is censored, so is the batch size
-  (its k is then only bounded below, by the mean with the censored seeds at
-  their last step).
+- k(m) is the geometric mean over seeds; seeds that never reached eps enter
+  as bounds (analysis.fit.censored_log_mean); a batch size none of whose
+  seeds reached eps is censored (k only bounded below).
 - Speedup s(m) = k(m_0) / k(m), m_0 the group's smallest batch size that
   reached eps; efficiency e(m) = s(m) m_0 / m.
 - Regimes (paper 1): linear from m_0 while e >= 0.8; stagnation from the
   first larger batch size whose speedup grew by less than 10 % per doubling
   of m (or that never reached eps); diminishing returns in between.
-- Critical batch size (a): the largest m with e(m) >= level; also the m
-  where e crosses the level, interpolated in log m. (b): McCandlish et al.'s
-  k(m) = S_min (1 + B_crit / m), fitted by least squares of k against 1/m
-  over the batch sizes that reached eps (censored ones are left out of the
-  fit and listed, with whether the fit is consistent with their bound);
-  E_min = S_min B_crit. Intervals: percentile bootstrap over seeds,
-  resampled independently per batch size.
+- Critical batch size, the headline: McCandlish et al.'s B_crit of k(m) =
+  S_min (1 + B_crit / m), fitted in log space over every seed, censored seeds
+  as bounds, with a profile-likelihood interval (analysis.fit). From the
+  same fit: 'm at e = level, from m0' = (m0 + B)/level - B, and Zhang et
+  al.'s 20 %-more-steps batch size 1.2 m0 + 0.2 B. The efficiency-level
+  figure is also measured from the data (interpolated in log m), with the
+  B_crit it implies.
+- B_simple(eps): the gradient noise scale over windows ending at each
+  reached seed's k(m; eps) (analysis.noise.b_simple_at).
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .fit import Fit, censored_log_mean, fit_mccandlish
 from .load import INCOMPLETE, CellSummary, Curve
+from .noise import NoiseWindow, b_simple_at
 
 Table = list[dict[str, Any]]
 
@@ -67,6 +75,8 @@ LINEAR_EFFICIENCY = 0.8
 STAGNATION_GAIN = 1.10
 DEFAULT_QUANTILE = 25.0
 DEFAULT_THRESHOLD = "q25"
+#: Quantiles of the default rule that give the thresholds along the run (B_crit(eps) beside B_simple(eps)).
+ALONG_RUN = (75.0, 50.0, DEFAULT_QUANTILE, 10.0)
 #: A threshold at or above this fraction of the initial loss is flagged: it measures only the first steps.
 NEAR_INITIAL = 0.9
 BOOTSTRAP_SEED = 0
@@ -93,12 +103,6 @@ def crossing(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
     else:
         frac = (lo - eps) / (lo - hi)
     return float(s[j] + frac * (s[i] - s[j]))
-
-
-def lower_quartile(values: Iterable[float]) -> float:
-    v = np.asarray(list(values), dtype=float)
-    v = v[np.isfinite(v)]
-    return float(np.percentile(v, DEFAULT_QUANTILE)) if len(v) else math.nan
 
 
 def last_finite_step(curve: Curve) -> float:
@@ -182,13 +186,16 @@ def curve_of(cell: CellSummary, source: str) -> Curve | None:
     return cell.train_eval if source == "train_eval" else cell.running_mean
 
 
-def default_threshold(group: Group) -> tuple[float, int | None, bool]:
+def default_threshold(groups: list[Group], quantile: float = DEFAULT_QUANTILE) -> tuple[float, int | None, bool]:
     """(eps, the batch size it comes from, provisional): the paper's lower quartile (section 4.3).
 
-    The quartile is of the loss values the largest batch size reaches over its
-    run, weighted uniformly in iterations (its curve interpolated onto an even
-    grid of steps): evaluations are log-spaced, and their raw values would
-    over-weight the first steps and put the threshold near the initial loss.
+    ``groups``: the curves that share the threshold (the strategies of one
+    problem, so their speedups are comparable; one group otherwise). The
+    quartile (or ``quantile``) is of the loss values their largest batch size
+    reaches over its run, weighted uniformly in iterations (its curve
+    interpolated onto an even grid of steps): evaluations are log-spaced, and
+    their raw values would over-weight the first steps and put the threshold
+    near the initial loss. All the groups' cells at that batch size are pooled.
 
     Taken from the largest batch size whose cell finished and learned (status
     done, last loss below ``LEARNED_FRACTION`` of its first): a cell that
@@ -197,15 +204,26 @@ def default_threshold(group: Group) -> tuple[float, int | None, bool]:
     that, from the largest finished cell; if none has finished, from the
     largest with any data, marked provisional.
     """
-    with_data = [c for c in group.cells if (cv := curve_of(c, group.source)) is not None and len(cv)]
-    finished = [c for c in with_data if c.status != INCOMPLETE]
-    learned = [c for c in finished if c.status == "done" and _learned(curve_of(c, group.source))]
+    with_data = [(c, cv) for g in groups for c in g.cells
+                 if (cv := curve_of(c, g.source)) is not None and len(cv)]
+    finished = [(c, cv) for c, cv in with_data if c.status != INCOMPLETE]
+    learned = [(c, cv) for c, cv in finished if c.status == "done" and _learned(cv)]
     pool, provisional = (learned or finished, False) if finished else (with_data, True)
     if not pool:
         return math.nan, None, provisional
-    m = max(c.batch_size for c in pool)
-    values = np.concatenate([uniform_values(curve_of(c, group.source)) for c in pool if c.batch_size == m])
-    return lower_quartile(values), m, provisional
+    m = max(c.batch_size for c, _ in pool)
+    values = np.concatenate([uniform_values(cv) for c, cv in pool if c.batch_size == m])
+    v = values[np.isfinite(values)]
+    return (float(np.percentile(v, quantile)) if len(v) else math.nan), m, provisional
+
+
+def threshold_families(groups: list[Group]) -> dict[str, list[Group]]:
+    """Per group label, the groups that share its default threshold: its strategy family, else itself."""
+    out = {g.label: [g] for g in groups}
+    for fam in families(groups, "strategy"):
+        for g in fam:
+            out[g.label] = fam
+    return out
 
 
 #: A cell "learned" when its last training loss is below this fraction of its first.
@@ -246,19 +264,26 @@ def steps_to_threshold(groups: list[Group], explicit: Iterable[float] = ()) -> t
     """Per cell and threshold: k, whether reached, the censoring bound, wall-clock time and samples to it.
 
     Returns (thresholds table, per-cell table). Thresholds: the default
-    (``q25``) per group, then every explicit eps.
+    (``q25``) per group, shared by the strategies of one problem; the same
+    rule at the quantiles ``ALONG_RUN`` (thresholds along the run, for
+    B_crit(eps)); then every explicit eps.
     """
     thresholds: Table = []
     rows: Table = []
+    shared = threshold_families(groups)
     for g in groups:
-        eps_q, from_m, provisional = default_threshold(g)
         initial = initial_loss(g)
-        choices = [(DEFAULT_THRESHOLD, eps_q)] + [(f"eps={e:g}", float(e)) for e in explicit]
-        for name, eps in choices:
+        family = shared[g.label]
+        choices = []
+        for q in ALONG_RUN:
+            eps_q, from_m, provisional = default_threshold(family, q)
+            choices.append((f"q{q:g}", eps_q, from_m, provisional))
+        choices += [(f"eps={e:g}", float(e), None, False) for e in explicit]
+        for name, eps, from_m, provisional in choices:
             thresholds.append({
                 "group": g.label, "threshold": name, "eps": eps, "source": g.source,
-                "from_batch_size": from_m if name == DEFAULT_THRESHOLD else None,
-                "provisional": provisional if name == DEFAULT_THRESHOLD else False,
+                "from_batch_size": from_m, "provisional": provisional,
+                "shared_with": " ".join(x.label for x in family if x is not g) if from_m is not None else "",
                 "initial_loss": initial,
                 # A threshold this close to the starting loss measures only the first few steps.
                 "near_initial": bool(eps >= NEAR_INITIAL * initial) if math.isfinite(eps * initial) else False,
@@ -307,6 +332,7 @@ class SeedSteps:
     wall: np.ndarray
     samples: np.ndarray
     trials_tried: int
+    cell_ids: list[str] = field(default_factory=list)
 
 
 def best_trials(rows: Table) -> list[SeedSteps]:
@@ -329,7 +355,7 @@ def best_trials(rows: Table) -> list[SeedSteps]:
             bound=np.array([r["k_bound"] for r in chosen]),
             wall=np.array([r["wall_s"] for r in chosen]),
             samples=np.array([r["samples"] for r in chosen]),
-            trials_tried=len(trials),
+            trials_tried=len(trials), cell_ids=[r["cell_id"] for r in chosen],
         ))
     return out
 
@@ -372,34 +398,6 @@ def efficiency_estimate(batch_sizes: np.ndarray, efficiency: np.ndarray, level: 
     return m_a, float(math.exp(math.log(m_a) + frac * (math.log(batch_sizes[i + 1]) - math.log(m_a))))
 
 
-def mccandlish_fit(batch_sizes: np.ndarray, k: np.ndarray) -> tuple[float, float]:
-    """Least squares of k against 1/m: k = S_min + S_min B_crit / m. Returns (S_min, B_crit); NaN if undefined."""
-    m = np.asarray(batch_sizes, dtype=float)
-    k = np.asarray(k, dtype=float)
-    ok = np.isfinite(k)
-    if ok.sum() < 2:
-        return math.nan, math.nan
-    slope, intercept = np.polyfit(1.0 / m[ok], k[ok], 1)
-    if not intercept > 0:
-        return math.nan, math.nan
-    return float(intercept), float(slope / intercept)
-
-
-def _fit_rows(x: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise least squares of K (R x M, inf = left out) against x (M,): (S_min, B_crit) per row."""
-    w = np.isfinite(K).astype(float)
-    Y = np.where(w > 0, K, 0.0)
-    n = w.sum(1)
-    sx, sy = (w * x).sum(1), Y.sum(1)
-    sxx, sxy = (w * x * x).sum(1), (Y * x).sum(1)
-    den = n * sxx - sx * sx
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slope = (n * sxy - sx * sy) / den
-        intercept = (sy - slope * sx) / n
-        valid = (n >= 2) & (np.abs(den) > 1e-300) & (intercept > 0)
-        return np.where(valid, intercept, np.nan), np.where(valid, slope / intercept, np.nan)
-
-
 @dataclass
 class CurveResult:
     """One group's speedup curve at one threshold."""
@@ -409,22 +407,26 @@ class CurveResult:
     eps: float
     per_m: Table
     summary: dict[str, Any]
+    fit: Fit
     bands: dict[int, tuple[float, float]] = field(default_factory=dict)  # speedup interval per m
 
 
 def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, level: float = 0.5,
                   bootstrap: int = 1000, rng: np.random.Generator | None = None) -> CurveResult:
-    """Speedup, efficiency, regimes and both critical-batch-size estimates, with bootstrap intervals."""
+    """Speedup, efficiency, regimes, the McCandlish fit with its interval, the figures derived from it."""
     mine = [r for r in rows if r["group"] == group.label and r["threshold"] == threshold]
     best = best_trials(mine)
     ms = np.array([b.batch_size for b in best], dtype=float)
-    k_mean = np.array([float(np.mean(b.k)) for b in best])  # inf if any seed is censored
-    censored = ~np.isfinite(k_mean)
+    fit = fit_mccandlish(np.concatenate([np.full(len(b.k), b.batch_size) for b in best]) if best else [],
+                         np.concatenate([b.k for b in best]) if best else [],
+                         np.concatenate([b.bound for b in best]) if best else [])
+    k_geo = np.array([_k_of(b, fit.sigma) for b in best])  # NaN: no seed reached eps
+    censored = ~np.isfinite(k_geo)
     reached = np.flatnonzero(~censored)
     m0_i = int(reached[0]) if len(reached) else None
     speed = np.full(len(best), math.nan)
     if m0_i is not None:
-        speed = np.where(censored, math.nan, k_mean[m0_i] / k_mean)
+        speed = np.where(censored, math.nan, k_geo[m0_i] / k_geo)
         speed[:m0_i] = math.nan
     m0 = float(ms[m0_i]) if m0_i is not None else math.nan
     eff = speed * m0 / ms
@@ -433,28 +435,7 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
     else:  # batch sizes below m_0 did not reach eps (m_0 is the smallest that did)
         labels = ["not reached"] * m0_i + regimes(ms[m0_i:], speed[m0_i:], eff[m0_i:])
     m_eff, m_eff_interp = efficiency_estimate(ms, eff, level) if m0_i is not None else (math.nan, math.nan)
-    s_min, b_crit = mccandlish_fit(ms, k_mean)
-
-    # Bootstrap over seeds, independently per batch size.
-    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
-    n_seeds = [len(b.k) for b in best]
-    boot: dict[str, tuple[float, float]] = {}
-    bands: dict[int, tuple[float, float]] = {}
-    if bootstrap > 0 and m0_i is not None and max(n_seeds) > 1:
-        K = np.column_stack([b.k[rng.integers(0, len(b.k), size=(bootstrap, len(b.k)))].mean(1) for b in best])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            S = np.where(np.isfinite(K) & np.isfinite(K[:, [m0_i]]), K[:, [m0_i]] / K, np.nan)
-        S[:, :m0_i] = np.nan
-        E = S * m0 / ms
-        eff_rows = np.array([efficiency_estimate(ms, e, level) for e in E])
-        fit_s, fit_b = _fit_rows(1.0 / ms, K)
-        boot = {
-            "b_crit_eff": _interval(eff_rows[:, 0]), "b_crit_eff_interp": _interval(eff_rows[:, 1]),
-            "b_crit_fit": _interval(fit_b), "s_min": _interval(fit_s), "e_min": _interval(fit_s * fit_b),
-        }
-        for j, b in enumerate(best):
-            if not censored[j] and j >= m0_i:
-                bands[b.batch_size] = _interval(S[:, j])
+    bands = _speedup_bands(best, m0_i, censored, bootstrap, rng) if bootstrap > 0 and m0_i is not None else {}
 
     per_m: Table = []
     for j, b in enumerate(best):
@@ -463,45 +444,106 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
         per_m.append({
             "group": group.label, "threshold": threshold, "eps": eps, "batch_size": b.batch_size,
             "trial": b.trial, "trials": b.trials_tried, "seeds": len(b.k), "seeds_reached": len(reached_k),
-            "k_mean": k_mean[j] if not censored[j] else math.nan,
-            "k_sd": float(np.std(reached_k, ddof=1)) if len(reached_k) > 1 and not censored[j] else math.nan,
-            "k_lower_bound": float(np.mean(lower)) if censored[j] else math.nan,
+            "k_mean": k_geo[j],
+            "k_sd": float(np.std(reached_k, ddof=1)) if len(reached_k) > 1 else math.nan,
+            "k_lower_bound": float(np.exp(np.mean(np.log(lower)))) if censored[j] else math.nan,
             "censored": bool(censored[j]), "speedup": speed[j],
             "ideal": b.batch_size / m0 if math.isfinite(m0) else math.nan,
             "efficiency": eff[j], "regime": labels[j],
             "speedup_lo": bands.get(b.batch_size, (math.nan, math.nan))[0],
             "speedup_hi": bands.get(b.batch_size, (math.nan, math.nan))[1],
-            "fit_k": s_min * (1 + b_crit / b.batch_size) if math.isfinite(b_crit) else math.nan,
-            "wall_s": float(np.mean(b.wall)) if not censored[j] else math.nan,
-            "samples": float(np.mean(b.samples)) if not censored[j] else math.nan,
+            "fit_k": float(fit.k(b.batch_size)) if fit.ok else math.nan,
+            "wall_s": float(np.mean(b.wall[np.isfinite(b.k)])) if len(reached_k) else math.nan,
+            "samples": float(np.mean(b.samples[np.isfinite(b.k)])) if len(reached_k) else math.nan,
         })
 
-    bsimple = np.array([c.b_simple for c in group.cells if math.isfinite(c.b_simple)])
+    noise = b_simple_at(_noise_windows(group, best))
     lin = [r["batch_size"] for r in per_m if r["regime"] == "linear"]
     stag = [r["batch_size"] for r in per_m if r["regime"] in ("stagnation", "not reached")]
-    cens = [r for r in per_m if r["censored"]]
-    inconsistent = [r["batch_size"] for r in cens if math.isfinite(r["k_lower_bound"]) and math.isfinite(b_crit)
-                  and s_min * (1 + b_crit / r["batch_size"]) < r["k_lower_bound"]]
     summary = {
         "group": group.label, "threshold": threshold, "eps": eps, "source": group.source, "m0": m0,
-        "batch_sizes": len(best), "seeds": max(n_seeds) if n_seeds else 0, "level": level,
-        "b_crit_eff": m_eff, "b_crit_eff_interp": m_eff_interp,
-        "b_crit_fit": b_crit, "s_min": s_min, "e_min": s_min * b_crit,
-        "fit_points": int((~censored).sum()),
-        "b_simple": float(np.mean(bsimple)) if len(bsimple) else math.nan,
-        "b_simple_sd": float(np.std(bsimple, ddof=1)) if len(bsimple) > 1 else math.nan,
-        "b_simple_cells": len(bsimple),
+        "batch_sizes": len(best), "seeds": max((len(b.k) for b in best), default=0), "level": level,
+        **fit_summary(fit, m0, level),
+        "m_eff": m_eff, "m_eff_interp": m_eff_interp, "m_eff_implied_b": implied_b(m_eff_interp, m0, level),
+        "b_simple": noise.value, "b_simple_lo": noise.lo, "b_simple_hi": noise.hi,
+        "b_simple_bound": noise.bound, "b_simple_cells": noise.cells, "b_simple_text": noise.text(_num),
         "linear_until": max(lin) if lin else math.nan,
         "stagnation_from": min(stag) if stag else math.nan,
-        "censored": " ".join(str(r["batch_size"]) for r in cens),
-        # Censored batch sizes where the fit says eps should have been reached within the steps logged.
-        "censored_inconsistent": " ".join(str(m) for m in inconsistent),
-        "bootstrap": bootstrap if boot else 0,
+        "censored": " ".join(str(r["batch_size"]) for r in per_m if r["censored"]),
+        "seeds_censored": int(sum(r["seeds"] - r["seeds_reached"] for r in per_m)),
+        "bootstrap": bootstrap if bands else 0,
     }
-    for name in ("b_crit_eff", "b_crit_eff_interp", "b_crit_fit", "s_min", "e_min"):
-        lo, hi = boot.get(name, (math.nan, math.nan))
-        summary[f"{name}_lo"], summary[f"{name}_hi"] = lo, hi
-    return CurveResult(group, threshold, eps, per_m, summary, bands)
+    return CurveResult(group, threshold, eps, per_m, summary, fit, bands)
+
+
+#: Zhang et al. (2024): the batch size that needs this many times the steps of perfect scaling from m0.
+ZHANG_EXCESS = 1.2
+
+
+def fit_summary(fit: Fit, m0: float, level: float) -> dict[str, Any]:
+    """The fit's numbers and what follows from it, as summary columns.
+
+    Under k = S_min (1 + B/m) the efficiency from m0 is e(m) = (m0 + B)/(m + B),
+    so the m where e falls to ``level`` is (m0 + B)/level - B, and Zhang et
+    al.'s "20 % more steps than perfect scaling from m0" is 1.2 m0 + 0.2 B:
+    both grow with B, so B's interval carries over.
+    """
+    b, lo, hi = fit.b_crit, fit.b_lo, fit.b_hi
+    ok = fit.ok
+    def at_level(x: float, lv: float) -> float:
+        return (m0 + x) / lv - x if ok and math.isfinite(m0) else math.nan
+    return {
+        "b_crit": b if ok else math.nan, "b_crit_lo": lo, "b_crit_hi": hi,
+        "s_min": fit.s_min if ok else math.nan, "s_min_lo": fit.s_lo, "s_min_hi": fit.s_hi,
+        "e_min": fit.e_min() if ok else math.nan, "fit_sigma": fit.sigma,
+        "fit_observations": fit.observations, "fit_censored": fit.censored, "fit_method": fit.method,
+        "fit_problem": fit.problem or "",
+        "m_level_fit": at_level(b, level), "m_level_fit_lo": at_level(lo, level),
+        "m_level_fit_hi": at_level(hi, level),
+        "m_zhang": at_level(b, 1 / ZHANG_EXCESS), "m_zhang_lo": at_level(lo, 1 / ZHANG_EXCESS),
+        "m_zhang_hi": at_level(hi, 1 / ZHANG_EXCESS),
+    }
+
+
+def implied_b(m_level: float, m0: float, level: float) -> float:
+    """The B_crit an efficiency-level figure implies under the fit's model: (level m_l - m0) / (1 - level)."""
+    if not (math.isfinite(m_level) and math.isfinite(m0)) or level >= 1:
+        return math.nan
+    return max(0.0, (level * m_level - m0) / (1 - level))
+
+
+def _k_of(b: SeedSteps, sigma: float) -> float:
+    """k(m): the geometric mean over seeds, censored seeds entering as bounds (NaN if none reached)."""
+    ok = np.isfinite(b.k)
+    return float(np.exp(censored_log_mean(np.log(b.k[ok]), np.log(b.bound[~ok & np.isfinite(b.bound)]), sigma)))
+
+
+def _speedup_bands(best: list[SeedSteps], m0_i: int, censored: np.ndarray, bootstrap: int,
+                   rng: np.random.Generator | None) -> dict[int, tuple[float, float]]:
+    """95 % percentile bootstrap of s(m) over seeds (geometric means), for batch sizes every seed reached."""
+    if max(len(b.k) for b in best) < 2 or not np.isfinite(best[m0_i].k).all():
+        return {}
+    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
+    logs = [np.log(b.k) for b in best]
+    K = np.column_stack([lg[rng.integers(0, len(lg), size=(bootstrap, len(lg)))].mean(1) for lg in logs])
+    out = {}
+    for j, b in enumerate(best):
+        if j >= m0_i and np.isfinite(b.k).all() and not censored[j]:
+            out[b.batch_size] = _interval(np.exp(K[:, m0_i] - K[:, j]))
+    return out
+
+
+def _noise_windows(group: Group, best: list[SeedSteps]) -> list[NoiseWindow | None]:
+    """The noise window ending at each reached seed's k, for the winning trial's cells."""
+    cells = {c.id: c for c in group.cells}
+    return [cells[cid].noise.window_ending(k) for b in best for cid, k in zip(b.cell_ids, b.k)
+            if math.isfinite(k) and cid in cells and cells[cid].noise is not None]
+
+
+def _num(v: float) -> str:
+    if not math.isfinite(v):
+        return "∞" if v > 0 else "–"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def _interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

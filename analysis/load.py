@@ -33,6 +33,8 @@ from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
 from critbatch.jobs.store import LocalStore, S3Store, Store
 
+from .noise import NoiseTrace, gns_components
+
 #: Points of a cell's dense log-spaced grid: consecutive steps differ by at most 0.5 %, so a threshold
 #: crossing read off the running mean of minibatch losses is within 0.5 % of the step where it happens.
 GRID_RATIO = 1.005
@@ -87,7 +89,7 @@ class CellSummary:
     last_step: int  # the last step logged (steps or evals)
     diverged_at: int | None  # first step whose minibatch loss is not finite
     noise_points: int  # steps with gradient-noise statistics
-    b_simple: float  # B_simple over them (NaN without)
+    noise: NoiseTrace | None  # their estimates of |G|^2 and tr(Sigma) (None without)
     duplicates: int = 0  # step rows dropped as duplicates
     notes: list[str] = field(default_factory=list)
 
@@ -320,20 +322,35 @@ def _grid_targets(first: int, last: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def running_mean(loss: np.ndarray, window: int, at: np.ndarray | None = None) -> np.ndarray:
-    """Mean of the last ``window`` minibatch losses at every step (fewer at the start), or at the indices ``at``.
+#: The running mean's window at a step is at most this fraction of the rows logged so far (and at most
+#: ``window`` rows): a fixed 50-step window would average over most of an early crossing's curve.
+RUNNING_FRACTION = 0.25
 
-    A non-finite loss makes every window that contains it +inf: a diverged
-    cell's curve does not recover by averaging the divergence away.
+
+def running_mean(loss: np.ndarray, window: int, steps: np.ndarray | None = None, at: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(window centres, means) of the minibatch losses, at every row or at the row indices ``at``.
+
+    The window at row i holds the last min(window, max(1, RUNNING_FRACTION *
+    (i + 1))) rows, and its mean is placed at the mean of their ``steps`` (row
+    numbers from 1 when not given): a trailing mean describes the middle of
+    its window, and placing it at the window's end delays every crossing by
+    half a window. A non-finite loss makes every window that contains it
+    +inf: a diverged cell's curve does not recover by averaging the divergence
+    away.
     """
+    loss = np.asarray(loss, dtype=float)
+    steps = np.arange(1, len(loss) + 1, dtype=float) if steps is None else np.asarray(steps, dtype=float)
     bad = ~np.isfinite(loss)
     cs = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, loss))])
     cb = np.concatenate([[0], np.cumsum(bad)])
+    ct = np.concatenate([[0.0], np.cumsum(steps)])
     i = np.arange(1, len(loss) + 1) if at is None else np.asarray(at) + 1
-    lo = np.maximum(0, i - window)
-    mean = (cs[i] - cs[lo]) / (i - lo)
+    width = np.clip(np.floor(RUNNING_FRACTION * i), 1, window).astype(np.int64)
+    lo = i - width
+    mean = (cs[i] - cs[lo]) / width
     mean[(cb[i] - cb[lo]) > 0] = np.inf
-    return mean
+    return (ct[i] - ct[lo]) / width, mean
 
 
 def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, Any] | None,
@@ -346,7 +363,7 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
     duplicates = 0
     empty = np.zeros(0)
     grid_steps, grid_wall, grid_samples, run = empty, empty, empty, None
-    noise_points, b_simple = 0, math.nan
+    noise_points, noise = 0, None
 
     if steps is not None and steps.num_rows:
         step = _np(steps, "step", np.int64)
@@ -367,9 +384,9 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
         grid_steps = step[g].astype(float)
         grid_wall = column("wall_time_s")[g]
         grid_samples = column("samples_seen", np.int64)[g].astype(float)
-        run = Curve(grid_steps, running_mean(loss, window, at=g))
+        run = Curve(*running_mean(loss, window, steps=step.astype(float), at=g))
         last_step = int(step[-1])
-        noise_points, b_simple = _noise(steps, idx if duplicates else None, notes)
+        noise_points, noise = _noise(steps, idx if duplicates else None, _train_size(doc, cell), notes)
         del step, loss
 
     train_eval = test_eval = test_metric = None
@@ -405,7 +422,7 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
         code_version=str(doc.get("code_version") or "unknown"), status=status, success=success,
         train_eval=train_eval, test_eval=test_eval, test_metric=test_metric, metric=metric,
         running_mean=run, grid_steps=grid_steps, grid_wall=grid_wall, grid_samples=grid_samples,
-        last_step=last_step, diverged_at=diverged_at, noise_points=noise_points, b_simple=b_simple,
+        last_step=last_step, diverged_at=diverged_at, noise_points=noise_points, noise=noise,
         duplicates=duplicates, notes=notes,
     )
 
@@ -413,39 +430,44 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
 _NOISE_COLUMNS = ("noise_g_small_sq", "noise_g_big_sq", "noise_b_small", "noise_b_big")
 
 
-def _noise(steps: pa.Table, idx: np.ndarray | None, notes: list[str]) -> tuple[int, float]:
-    """(measured steps, B_simple) from the noise columns; ``idx`` reorders/deduplicates rows when given."""
+def _train_size(doc: dict[str, Any], cell: dict[str, Any]) -> int | None:
+    """The examples the cell's batches are drawn from: the trainer's figure, else the cell's own."""
+    derived = doc.get("derived") or {}
+    for key in ("n_train", "train_size"):
+        if isinstance(derived.get(key), (int, float)) and derived[key] > 0:
+            return int(derived[key])
+    try:
+        return Cell.from_dict(cell).train_size()
+    except ConfigError:
+        return None
+
+
+def _noise(steps: pa.Table, idx: np.ndarray | None, n: int | None, notes: list[str]
+           ) -> tuple[int, NoiseTrace | None]:
+    """(measured steps, their |G|^2 and tr(Sigma) as a trace); ``idx`` reorders/deduplicates rows when given."""
     valid = None
     for name in _NOISE_COLUMNS:
         col = steps.column(name)
         if col.null_count == len(col):
-            return 0, math.nan
+            return 0, None
         ok = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         valid = ok if valid is None else valid & ok
     if idx is not None:
         valid = valid[idx]
     rows = np.flatnonzero(valid)
     if not len(rows):
-        return 0, math.nan
-    tail = rows[-NOISE_TAIL:]
+        return 0, None
     if idx is not None:
-        tail = idx[tail]
-    values = [np.asarray(steps.column(name).take(pa.array(tail)).to_numpy(), dtype=float) for name in _NOISE_COLUMNS]
-    return len(rows), _b_simple(*values, notes=notes)
-
-
-#: The EMA decay of B_simple (jobs.noise.b_simple's default).
-NOISE_BETA = 0.95
-#: B_simple is the ratio of two EMAs read at the last measurement; measurements older than this many
-#: weigh less than 1e-17 of it (0.95^764), so only the newest are passed (the EMA is a Python loop).
-NOISE_TAIL = int(math.ceil(math.log(1e-17) / math.log(NOISE_BETA)))
-
-
-def _b_simple(g_small_sq, g_big_sq, b_small, b_big, *, notes: list[str]) -> float:
-    from .noise import b_simple
-
+        rows = idx[rows]
+    take = pa.array(rows)
+    gs, gb, bs, bb = (np.asarray(steps.column(name).take(take).to_numpy(), dtype=float) for name in _NOISE_COLUMNS)
+    measured = np.asarray(steps.column("step").take(take).to_numpy(), dtype=float)
+    if n is None:
+        notes.append("gradient noise: the training-set size is unknown; estimated without the "
+                     "finite-population correction")
     try:
-        return float(b_simple(g_small_sq, g_big_sq, b_small, b_big, beta=NOISE_BETA))
+        g2, trace = gns_components(gs, gb, bs, bb, n=n)
     except ValueError as err:
-        notes.append(f"B_simple not computed: {err}")
-        return math.nan
+        notes.append(f"gradient noise not used: {err}")
+        return len(rows), None
+    return len(rows), NoiseTrace.from_measurements(measured, g2, trace, keep=dense_grid(measured))

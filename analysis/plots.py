@@ -421,75 +421,160 @@ def _final_cell(r: dict[str, Any] | None) -> str:
 # ---- beyond the paper --------------------------------------------------------------------------
 
 CRIT_COLUMNS = ["group", "threshold", "eps", "source", "m0", "batch_sizes", "seeds", "level",
-                "b_crit_eff", "b_crit_eff_lo", "b_crit_eff_hi", "b_crit_eff_interp", "b_crit_eff_interp_lo",
-                "b_crit_eff_interp_hi", "b_crit_fit", "b_crit_fit_lo", "b_crit_fit_hi", "s_min", "s_min_lo",
-                "s_min_hi", "e_min", "e_min_lo", "e_min_hi", "fit_points", "b_simple", "b_simple_sd",
-                "b_simple_cells", "linear_until", "stagnation_from", "censored", "censored_inconsistent",
-                "bootstrap"]
+                "b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi", "e_min", "fit_sigma",
+                "fit_observations", "fit_censored", "fit_method", "fit_problem",
+                "m_eff", "m_eff_interp", "m_eff_implied_b", "m_level_fit", "m_level_fit_lo", "m_level_fit_hi",
+                "m_zhang", "m_zhang_lo", "m_zhang_hi",
+                "b_simple", "b_simple_lo", "b_simple_hi", "b_simple_bound", "b_simple_cells",
+                "linear_until", "stagnation_from", "censored", "seeds_censored", "bootstrap"]
+
+
+def b_crit_text(r: dict[str, Any]) -> str:
+    """B_crit with its interval, or in words why there is none."""
+    if r.get("fit_problem"):
+        return r["fit_problem"]
+    return f"{fmt(r['b_crit'])} [{fmt(r['b_crit_lo'])}, {fmt(r['b_crit_hi'])}]"
 
 
 def critical_table(results: list[CurveResult]) -> Artifact:
     art = Artifact("critical_batch_size", "Critical batch size",
-                   "Per group and threshold: (a) the largest batch size with efficiency >= the level, and where "
-                   "the efficiency crosses it (interpolated in log m); (b) McCandlish et al.'s fit k(m) = "
-                   "S_min (1 + B_crit/m), least squares in 1/m over the batch sizes that reached eps, E_min = "
-                   "S_min B_crit samples; [95 % bootstrap interval over seeds]; B_simple, the gradient noise "
-                   "scale measured in the cells (mean over cells); the regime boundaries. The plot shows k(m) and "
-                   "the fit.", columns=CRIT_COLUMNS)
+                   "Per group and threshold: B_crit, McCandlish et al.'s k(m) = S_min (1 + B_crit/m) fitted in log "
+                   "space over every seed (seeds that never reached eps as censored bounds) [95 % profile-likelihood "
+                   "interval]; S_min and E_min = S_min B_crit samples; 'm at e = level, from m0', the efficiency "
+                   "figure measured (interpolated in log m) and the B_crit it implies, (level m_l - m0)/(1 - level); "
+                   "Zhang et al.'s batch size with 20 % more steps than perfect scaling from m0, from the fit; "
+                   "B_simple(eps), the gradient noise scale measured where the cells cross eps. The plot shows every "
+                   "seed's k(m), the censored bounds and the fit.", columns=CRIT_COLUMNS)
     if not results:
         art.missing = "no group reached any threshold"
         return art
     art.rows = [r.summary for r in results]
-    cols = [("group", "group"), ("threshold", "threshold"), ("eps", "eps"), ("m0", "m0"),
-            ("_eff", "B_crit (a) e >= level"), ("_interp", "(a) interpolated"), ("_fit", "B_crit (b) fit"),
-            ("_smin", "S_min"), ("_emin", "E_min"), ("_bs", "B_simple"), ("linear_until", "linear until"),
-            ("stagnation_from", "stagnation from"), ("censored", "censored m"), ("seeds", "seeds")]
+    cols = [("group", "group"), ("threshold", "threshold"), ("eps", "eps"), ("_b", "B_crit [95 %]"),
+            ("_smin", "S_min"), ("e_min", "E_min"), ("m0", "m0"), ("_eff", "m at e = level, from m0 (implied B)"),
+            ("_zhang", "m at 1.2x steps, from m0"), ("b_simple_text", "B_simple(eps)"),
+            ("linear_until", "linear until"), ("stagnation_from", "stagnation from"), ("censored", "censored m"),
+            ("seeds", "seeds")]
     shown = []
     for r in art.rows:
-        shown.append({**r, "_eff": _with_ci(r, "b_crit_eff"), "_interp": _with_ci(r, "b_crit_eff_interp"),
-                      "_fit": _with_ci(r, "b_crit_fit"), "_smin": _with_ci(r, "s_min"),
-                      "_emin": _with_ci(r, "e_min"), "_bs": _pm(r["b_simple"], r["b_simple_sd"], r["b_simple_cells"]),
-                      "censored": r["censored"] or "none"})
+        shown.append({**r, "_b": b_crit_text(r), "_smin": _with_ci(r, "s_min"),
+                      "_eff": f"{fmt(r['m_eff_interp'])} ({fmt(r['m_eff_implied_b'])})",
+                      "_zhang": _with_ci(r, "m_zhang"), "censored": r["censored"] or "none"})
     art.markdown = markdown_table(shown, cols)
-    fig, axes = _panels(min(len(results), MAX_PANELS))
-    for ax, r in zip(axes, results[:MAX_PANELS]):
-        ms = np.array([x["batch_size"] for x in r.per_m], dtype=float)
-        k = np.array([x["k_mean"] for x in r.per_m], dtype=float)
-        sd = np.array([x["k_sd"] for x in r.per_m], dtype=float)
-        ax.errorbar(ms, k, yerr=np.where(np.isfinite(sd), sd, 0), fmt="o", ms=4, label="k(m), mean over seeds")
-        cens = [x for x in r.per_m if x["censored"] and math.isfinite(x["k_lower_bound"])]
-        if cens:
-            ax.scatter([x["batch_size"] for x in cens], [x["k_lower_bound"] for x in cens], marker="^",
-                       facecolors="none", edgecolors="C0", label="not reached (k > bound)")
-        s = r.summary
-        if math.isfinite(s["b_crit_fit"]):
-            mm = np.geomspace(ms.min(), ms.max(), 100)
-            ax.plot(mm, s["s_min"] * (1 + s["b_crit_fit"] / mm), "C1-",
-                    label=f"fit: S_min={fmt(s['s_min'])}, B_crit={fmt(s['b_crit_fit'])}")
-            ax.axvline(s["b_crit_fit"], color="C1", ls=":", lw=1)
-        if math.isfinite(s["b_crit_eff"]):
-            ax.axvline(s["b_crit_eff"], color="C2", ls="--", lw=1, label=f"e >= {s['level']:g}: {fmt(s['b_crit_eff'])}")
+    primary = [r for r in results if r.threshold == results[0].threshold] or results
+    fig, axes = _panels(min(len(primary), MAX_PANELS))
+    for ax, r in zip(axes, primary[:MAX_PANELS]):
+        _fit_panel(ax, r)
+    art.png = _png(fig)
+    return art
+
+
+def _fit_panel(ax, r: CurveResult) -> None:
+    rows = r.per_m
+    ms = np.array([x["batch_size"] for x in rows], dtype=float)
+    ax.scatter(ms, [x["k_mean"] for x in rows], s=18, zorder=3, label="k(m), geometric mean over seeds")
+    cens = [x for x in rows if x["censored"] and math.isfinite(x["k_lower_bound"])]
+    if cens:
+        ax.scatter([x["batch_size"] for x in cens], [x["k_lower_bound"] for x in cens], marker="^",
+                   facecolors="none", edgecolors="C0", label="not reached (k > bound)")
+    s, f = r.summary, r.fit
+    if f.ok and len(ms):
+        mm = np.geomspace(ms.min(), ms.max(), 100)
+        ax.plot(mm, f.k(mm), "C1-", label=f"fit: B_crit = {b_crit_text(s)}")
+        ax.axvline(f.b_crit, color="C1", ls=":", lw=1)
+    else:
+        ax.text(0.02, 0.02, s["fit_problem"], transform=ax.transAxes, fontsize=6, wrap=True)
+    ax.set_yscale("log")
+    _log2_axis(ax, ms)
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel("steps to threshold k(m)")
+    ax.set_title(f"{r.group.label}, {r.threshold} (eps={fmt(r.eps)})", fontsize=8)
+    ax.legend(fontsize=6)
+
+
+def noise_scale_figure(results: list[CurveResult]) -> Artifact:
+    """B_crit(eps) beside B_simple(eps) over the thresholds along the run (McCandlish et al.'s comparison)."""
+    art = Artifact("b_crit_vs_b_simple", "B_crit(eps) beside the gradient noise scale B_simple(eps)",
+                   "Per group, over the thresholds along the run (the default rule at the 75th, 50th, 25th and "
+                   "10th percentile of the largest batch size's losses, and any explicit one): the fitted B_crit "
+                   "with its 95 % interval, and B_simple measured over a window ending where each cell crosses "
+                   "eps (the last half of its steps to eps, at least 20 measurements; finite-population "
+                   "corrected; open triangles: lower bounds where |G|^2 was not resolved).",
+                   columns=["group", "threshold", "eps", "b_crit", "b_crit_lo", "b_crit_hi", "fit_problem",
+                            "b_simple", "b_simple_lo", "b_simple_hi", "b_simple_bound", "b_simple_cells"])
+    by_group: dict[str, list[CurveResult]] = {}
+    for r in results:
+        by_group.setdefault(r.group.label, []).append(r)
+    art.rows = [r.summary for r in results]
+    if not any(r.summary["b_simple_cells"] for r in results):
+        art.missing = "no cell measured the gradient noise"
+        return art
+    groups = [g for g, rs in by_group.items() if any(r.summary["b_simple_cells"] for r in rs)][:MAX_PANELS]
+    fig, axes = _panels(len(groups))
+    for ax, label in zip(axes, groups):
+        rs = sorted(by_group[label], key=lambda r: -r.eps)
+        eps = np.array([r.eps for r in rs])
+        b = np.array([r.summary["b_crit"] for r in rs])
+        lo = np.array([r.summary["b_crit_lo"] for r in rs])
+        hi = np.array([min(r.summary["b_crit_hi"], 1e12) for r in rs])
+        ok = np.isfinite(b)
+        ax.errorbar(eps[ok], b[ok], yerr=[b[ok] - lo[ok], hi[ok] - b[ok]], fmt="o-", ms=4, label="B_crit(eps), fit")
+        bs = np.array([r.summary["b_simple"] for r in rs])
+        bound = np.array([r.summary["b_simple_bound"] for r in rs], dtype=bool)
+        fin = np.isfinite(bs)
+        ax.plot(eps[fin & ~bound], bs[fin & ~bound], "s--", color="C3", ms=4, label="B_simple(eps)")
+        if (fin & bound).any():
+            ax.scatter(eps[fin & bound], bs[fin & bound], marker="^", facecolors="none", edgecolors="C3",
+                       label="B_simple > bound")
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        _log2_axis(ax, ms)
-        ax.set_xlabel("batch size m")
-        ax.set_ylabel("steps to threshold k(m)")
-        ax.set_title(f"{r.group.label}, {r.threshold} (eps={fmt(r.eps)})", fontsize=8)
+        ax.invert_xaxis()
+        ax.set_xlabel("threshold eps (training loss; training runs left to right)")
+        ax.set_ylabel("batch size")
+        ax.set_title(label, fontsize=9)
         ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
+    art.png = _png(fig)
+    return art
+
+
+def tradeoff_figure(results: list[CurveResult]) -> Artifact:
+    """McCandlish et al.'s Fig. 3: steps against examples, with (S/S_min - 1)(E/E_min - 1) = 1."""
+    art = Artifact("steps_examples_tradeoff", "Steps against examples (McCandlish et al.)",
+                   "Per group: steps k(m) against examples m k(m) to the threshold, one point per batch size "
+                   "(geometric mean over seeds), both relative to the fit's S_min and E_min = S_min B_crit; the "
+                   "curve is the fitted hyperbola (S/S_min - 1)(E/E_min - 1) = 1, which k = S_min (1 + B_crit/m) "
+                   "implies. Small batches sit at the left (few examples, many steps), large ones at the bottom.",
+                   columns=["group", "threshold", "batch_size", "steps", "examples", "s_min", "e_min"])
+    fitted = [r for r in results if r.fit.ok]
+    if not fitted:
+        art.missing = "no group has a McCandlish fit"
+        return art
+    fig = Figure(figsize=(6, 4.6), layout="constrained")
+    ax = fig.subplots()
+    for r in fitted[:MAX_PANELS]:
+        s_min, e_min = r.fit.s_min, r.fit.e_min()
+        pts = [(x["batch_size"], x["k_mean"]) for x in r.per_m if math.isfinite(x["k_mean"])]
+        art.rows += [{"group": r.group.label, "threshold": r.threshold, "batch_size": m, "steps": k,
+                      "examples": m * k, "s_min": s_min, "e_min": e_min} for m, k in pts]
+        ax.scatter([m * k / e_min for m, k in pts], [k / s_min for _, k in pts], s=18, zorder=3,
+                   label=f"{r.group.label} (B_crit {fmt(r.fit.b_crit)})")
+    x = np.geomspace(1.001, 1e3, 300)
+    ax.plot(x, 1 + 1 / (x - 1), "k-", lw=1, label="(S/S_min - 1)(E/E_min - 1) = 1")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("examples to threshold / E_min")
+    ax.set_ylabel("steps to threshold / S_min")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
     art.png = _png(fig)
     return art
 
 
 def _with_ci(r: dict[str, Any], name: str) -> str:
     v, lo, hi = r[name], r.get(f"{name}_lo"), r.get(f"{name}_hi")
-    if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+    if lo is not None and hi is not None and math.isfinite(lo) and not math.isnan(hi):
         return f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
     return fmt(v)
-
-
-def _pm(v: float, sd: float, n: int) -> str:
-    if not n:
-        return "–"
-    return f"{fmt(v)} ± {fmt(sd)} (n={n})" if math.isfinite(sd) else f"{fmt(v)} (n={n})"
 
 
 def time_figure(results: list[CurveResult]) -> Artifact:

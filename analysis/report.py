@@ -31,6 +31,7 @@ import yaml
 
 from . import compute, plots
 from .compute import CurveResult, Group
+from .fit import MEASURED_COVERAGE
 from .load import INCOMPLETE, Loaded, load_sweeps
 from .plots import Artifact, fmt
 from critbatch.jobs.cell.version import code_version
@@ -105,9 +106,10 @@ def make_artifacts(a: Analysis) -> list[Artifact]:
         lambda: plots.train_contour_figure(a.groups, trials),
         lambda: plots.speedup_family_figure(
             "fig2_speedup_strategies", "Fig. 2 left: speedup per learning-rate strategy",
-            "Speedup s(m; m0) per strategy with the ideal linear line, one panel per problem; bands: 95 % "
-            "bootstrap interval over seeds; open triangles: upper bounds of batch sizes that never reached "
-            "the threshold.", "strategy", a.groups, primary, "strategy"),
+            "Speedup s(m; m0) per strategy with the ideal linear line, one panel per problem; the strategies "
+            "of a problem share one threshold (the default rule applied to all their cells), so their curves "
+            "compare; bands: 95 % bootstrap interval over seeds; open triangles: upper bounds of batch sizes "
+            "that never reached the threshold.", "strategy", a.groups, primary, "strategy"),
         lambda: plots.accuracy_linapprox_figure(a.groups, a.final),
         lambda: plots.speedup_family_figure(
             "fig3_speedup_models", "Fig. 3 left: speedup across models",
@@ -125,7 +127,9 @@ def make_artifacts(a: Analysis) -> list[Artifact]:
         lambda: plots.test_contour_figure(a.groups, trials),
         lambda: plots.table2(a.groups, a.final),
         lambda: plots.speedup_efficiency_figure(a.primary_results()),
-        lambda: plots.critical_table(a.results),
+        lambda: plots.critical_table(sorted(a.results, key=lambda r: r.threshold != a.primary)),
+        lambda: plots.noise_scale_figure(a.results),
+        lambda: plots.tradeoff_figure(a.primary_results()),
         lambda: plots.time_figure(a.primary_results()),
     ]
     # One after the other: matplotlib does not promise thread safety, and the GIL would serialise it anyway.
@@ -246,6 +250,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
             "trials": ", ".join(g.trial_fields) or "one value",
             "eps": fmt(thr["eps"]) if thr else "–",
             "eps_from": thr.get("from_batch_size") if thr else None,
+            "eps_shared": thr.get("shared_with", "") if thr else "",
             "provisional": bool(thr and thr.get("provisional")),
             "rows": [{k: (fmt(v) if not isinstance(v, str) else v) for k, v in x.items()} for x in r.per_m]
             if r else [],
@@ -277,7 +282,8 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "notes": [(c, n) for c in cells for n in c.notes],
         "files": files,
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
-                                           bootstrap=a.settings["bootstrap"]),
+                                           bootstrap=a.settings["bootstrap"], coverage=_coverage_text()),
+        "answers": answers(a),
     }
 
 
@@ -303,19 +309,67 @@ def _source_text(source: str, window: int) -> str:
 
 _DEFINITIONS = (
     "Training-loss curve: the train-split evaluations when at least half the group's cells have them (cells "
-    "without have no curve), else the running mean of minibatch losses over {window} steps. k(m; eps): first step "
-    "where the curve is <= eps, interpolated in log(loss) between the bracketing logged points. Default threshold "
-    "(q25, paper 4.3): lower quartile of the loss values over the run of the group's largest batch size that "
-    "finished and learned (last loss below 90 % of the first), evenly weighted in iterations, seeds and trials "
-    "pooled. k(m): mean over seeds of the winning trial (fewest mean steps); a batch size with "
-    "any seed that never reached eps is censored (shown as a bound, left out of the fit). Speedup s = k(m0)/k(m), "
-    "m0 the smallest batch size that reached eps; efficiency e = s m0/m. Regimes: linear while e >= 0.8, "
-    "stagnation from the first doubling that gains < 10 %, diminishing returns between. Critical batch size (a): "
-    "largest m with e >= {level:g}; (b) least squares of k against 1/m: k = S_min (1 + B_crit/m), E_min = S_min "
-    "B_crit. Intervals: 95 % percentile bootstrap over seeds ({bootstrap} resamples, per batch size). Cells still "
-    "running count only once they crossed eps. B_simple: the ratio of bias-corrected EMAs (0.95) of tr(Sigma) and "
-    "|G|^2 at each cell's last measurement, mean over cells."
+    "without have no curve), else the running mean of minibatch losses over min({window} steps, a quarter of the "
+    "steps so far), placed at the centre of its window (no lag). k(m; eps): first step where the curve is <= eps, "
+    "interpolated in log(loss) between the bracketing logged points. Default threshold (q25, paper 4.3): lower "
+    "quartile of the loss values over the run of the largest batch size that finished and learned (last loss "
+    "below 90 % of the first), evenly weighted in iterations, seeds and trials pooled; the strategies of one "
+    "problem share it (the rule applied to all their cells), so their speedups compare. Thresholds along the run: "
+    "the same rule at the 75th, 50th and 10th percentile. k(m): geometric mean over the seeds of the winning trial "
+    "(fewest mean steps); seeds that never reached eps enter as bounds (a batch size none of whose seeds reached "
+    "eps is censored). Speedup s = k(m0)/k(m), m0 the smallest batch size that reached eps; efficiency "
+    "e = s m0/m. Regimes: linear while e >= 0.8, stagnation from the first doubling that gains < 10 %, "
+    "diminishing returns between. Critical batch size B_crit: McCandlish et al.'s k(m) = S_min (1 + B_crit/m), "
+    "B_crit >= 0, fitted in log space by maximum likelihood with every seed one observation and seeds that never "
+    "reached eps as censored (Tobit) terms; E_min = S_min B_crit samples. Its 95 % interval: profile likelihood, "
+    "cut at n log(1 + F(1, n-2)/(n-2)) (the small-sample calibration of a Gaussian regression); with one seed "
+    "the scatter comes from the spread across batch sizes. Measured coverage of that interval on synthetic "
+    "sweeps (15 % lognormal seed noise, the largest batch sizes censored by the budget): {coverage}. "
+    "'m at e = {level:g}, from m0': the batch size where the efficiency falls to {level:g}, interpolated in log m; "
+    "under the model it is (m0 + B_crit)/{level:g} - B_crit, so it depends on m0, and the B_crit it implies is "
+    "shown beside it. Zhang et al.'s batch size: 20 % more steps than perfect scaling from m0, 1.2 m0 + "
+    "0.2 B_crit from the fit. B_simple(eps): tr(Sigma)/|G|^2 from the two-batch estimator with the finite-"
+    "population correction, as a ratio of sums over a window ending where each cell crosses eps (the last half of "
+    "its steps, at least 20 measurements), cells weighed equally; a lower bound where |G|^2 is not 2 standard "
+    "errors above 0. Speedup bands: 95 % percentile bootstrap over seeds ({bootstrap} resamples). Cells still "
+    "running count only once they crossed eps."
 )
+
+
+def _coverage_text() -> str:
+    return "; ".join(f"{p:.0%} with {s} seed{'s' if s > 1 else ''}" for s, p in MEASURED_COVERAGE.items())
+
+
+def answers(a: "Analysis") -> list[dict]:
+    """The box at the top of the report, per group: the critical batch size, how it was measured, what to do."""
+    out = []
+    for r in a.primary_results():
+        s = r.summary
+        lin, stag = s["linear_until"], s["stagnation_from"]
+        regimes = [f"linear (e >= 0.8) up to m = {fmt(lin)}" if math.isfinite(lin) else "never linear from m0",
+                   f"stagnation from m = {fmt(stag)}" if math.isfinite(stag) else "no stagnation within the "
+                   "batch sizes measured"]
+        measured = (f"{s['fit_observations']} observations ({s['seeds']} seed(s) x {s['batch_sizes']} batch sizes"
+                    f"{', ' + str(s['fit_censored']) + ' censored' if s['fit_censored'] else ''}) at eps = "
+                    f"{fmt(r.eps)} ({r.threshold}); {s['fit_method'] or 'no fit'}")
+        if r.fit.ok:
+            b = r.fit.b_crit
+            top = max(x["batch_size"] for x in r.per_m)
+            beyond = " (beyond the batch sizes measured)" if 4 * b > top else ""
+            action = (f"Up to m ≈ {fmt(b / 4)}, doubling the batch size nearly halves the steps (saves >= 40 %); "
+                      f"past m ≈ {fmt(4 * b)}{beyond}, doubling it saves under 10 % of the steps at 1.8x the "
+                      f"compute (examples) or more.")
+            headline = f"B_crit = {fmt(b)}, 95 % interval [{fmt(r.fit.b_lo)}, {fmt(r.fit.b_hi)}]"
+        else:
+            action = (f"No critical batch size from these cells: {s['fit_problem']}. Measured directly: "
+                      f"{regimes[0]}, {regimes[1]}.")
+            headline = "B_crit: " + s["fit_problem"]
+        out.append({"group": r.group.label, "headline": headline, "measured": measured,
+                    "regimes": "; ".join(regimes), "action": action,
+                    "efficiency": f"m at e = {s['level']:g}, from m0 = {fmt(s['m0'])}: {fmt(s['m_eff_interp'])} "
+                                  f"(implies B_crit = {fmt(s['m_eff_implied_b'])})",
+                    "b_simple": f"B_simple(eps) = {s['b_simple_text']}"})
+    return out
 
 
 def _md_to_html(md: str) -> str:
@@ -336,7 +390,11 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
             "- cell code versions: " + ", ".join(f"`{v}` ({n})" for v, n in ctx["cell_versions"]),
             f"- figures use threshold `{a.primary}`; efficiency level {a.settings['efficiency']:g}; "
             f"{a.settings['bootstrap']} bootstrap resamples", ""]
-    out += ["## Definitions", "", ctx["definitions"], ""]
+    out += ["## The answer", ""]
+    for box in ctx["answers"]:
+        out += [f"### {box['group']}", "", f"**{box['headline']}**", "", f"- measured: {box['measured']}",
+                f"- regimes: {box['regimes']}", f"- {box['efficiency']}", f"- {box['b_simple']}", "",
+                box["action"], ""]
     for f in ctx["figures"]:
         if f["name"] == "critical_batch_size" and f["table"]:
             out += ["## Critical batch size", "", next(x for x in a.artifacts if x.name == f["name"]).markdown, ""]
@@ -356,6 +414,7 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
         out += ["", "## Thresholds to read with care", ""]
         out += [f"- {t['group']}, {t['threshold']}: eps = {t['eps_text']} is at least 90 % of the initial loss "
                 f"({t['initial_text']}); speedups there measure the first steps only" for t in ctx["near"]]
+    out += ["", "## Methods and definitions", "", ctx["definitions"]]
     if ctx["skipped"]:
         out += ["", "## Skipped", ""] + [f"- `{s.key}`: {s.reason}" for s in ctx["skipped"]]
     if ctx["incomplete"]:

@@ -243,10 +243,12 @@ def _write_cell(put, store, name, cell, spec, truth, rng, train_size, train_eval
     measured = np.zeros(n_rows, dtype=bool)
     if spec.b_noise and noise_every:
         measured[noise_every - 1::noise_every] = True
-    # |G|^2 follows the loss and tr(Sigma) = b_noise * |G|^2: the ratio of any two EMAs is b_noise.
+    # |G|^2 follows the loss and tr(Sigma) = b_noise * |G|^2, so B_simple over any window is b_noise; the
+    # norms are their expectations for batches drawn without replacement from train_size examples.
     g2 = clean
     trace = spec.b_noise * g2 if spec.b_noise else g2
     b_small, b_big = max(1, m // 2), m
+    fpc = lambda b: (train_size - b) / (b * (train_size - 1))  # noqa: E731
     cols = {
         "cell_id": pa.array([cell.id] * n_rows, pa.string()),
         "step": step,
@@ -257,8 +259,8 @@ def _write_cell(put, store, name, cell, spec, truth, rng, train_size, train_eval
         "wall_time_s": step * truth.step_time,
         "noise_b_small": pa.array(np.full(n_rows, b_small, np.int64), mask=~measured),
         "noise_b_big": pa.array(np.full(n_rows, b_big, np.int64), mask=~measured),
-        "noise_g_small_sq": pa.array(g2 + trace / b_small, mask=~measured),
-        "noise_g_big_sq": pa.array(g2 + trace / b_big, mask=~measured),
+        "noise_g_small_sq": pa.array(g2 + trace * fpc(b_small), mask=~measured),
+        "noise_g_big_sq": pa.array(g2 + trace * fpc(b_big), mask=~measured),
     }
     steps = pa.table({k: cols[k] for k in STEPS_SCHEMA.names}, schema=STEPS_SCHEMA)
     for index, start in enumerate(range(0, n_rows, flush_steps)):
@@ -349,3 +351,43 @@ def truncate_part(store: Store, key: str, keep: float = 0.5) -> None:
 def remove_success(store: Store, sweep: str, cell_id: str) -> None:
     """Make a finished cell look like one still running."""
     store.delete(success_key(sweep, cell_id))
+
+
+# ---- steps to threshold without logs: the fit's coverage ---------------------------
+
+@dataclass
+class CensoredSweep:
+    """Per-seed steps to threshold of one synthetic speedup curve, with the truth behind them."""
+
+    b_crit: float
+    s_min: float
+    rows: list[dict]  # cell-crossing rows as analysis.compute.steps_to_threshold writes them
+
+
+def censored_sweep(rng: np.random.Generator, *, seeds: int = 3, noise: float = 0.15,
+                   batch_sizes: Iterable[int] = tuple(2 ** i for i in range(2, 15)),
+                   b_range: tuple[float, float] = (64.0, 512.0), cut: tuple[float, float] = (4.0, 16.0),
+                   group: str = "synthetic", threshold: str = "q25") -> CensoredSweep:
+    """k = S_min (1 + B/m) exp(noise z) per seed, censored by an epoch budget that cuts off the largest m.
+
+    B is drawn log-uniformly from ``b_range`` (inside the batch sizes), S_min
+    from [50, 500]; the budget is the same number of examples for every batch
+    size, enough for m up to ``cut`` x B (drawn log-uniformly), so the largest
+    batch sizes run out of steps before they reach eps, some seeds of the
+    batch size at the edge too. A censored seed's bound is its budget.
+    """
+    ms = sorted(int(m) for m in batch_sizes)
+    b = math.exp(rng.uniform(*np.log(b_range)))
+    s_min = math.exp(rng.uniform(math.log(50.0), math.log(500.0)))
+    examples = s_min * (b * math.exp(rng.uniform(*np.log(cut))) + b)
+    rows = []
+    for m in ms:
+        budget = examples / m
+        for seed in range(seeds):
+            k = s_min * (1 + b / m) * math.exp(noise * rng.standard_normal())
+            reached = k <= budget
+            rows.append({"group": group, "threshold": threshold, "cell_id": f"m{m}-s{seed}", "batch_size": m,
+                         "seed": seed, "trial": "", "use": "reached" if reached else "censored",
+                         "k": k if reached else math.nan, "k_bound": math.nan if reached else budget,
+                         "wall_s": math.nan, "samples": m * k if reached else math.nan})
+    return CensoredSweep(b, s_min, rows)

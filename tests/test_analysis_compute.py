@@ -38,10 +38,6 @@ def test_crossing_is_exact_for_exponential_decay():
         assert compute.crossing(steps, values, eps) == pytest.approx(tau * math.log(a / eps), rel=1e-10)
 
 
-def test_lower_quartile_ignores_non_finite():
-    assert compute.lower_quartile([4.0, 3.0, 2.0, 1.0, 0.0, math.nan, math.inf]) == pytest.approx(1.0)
-
-
 @pytest.mark.parametrize(
     "speedup, expected",
     [
@@ -78,23 +74,8 @@ def test_efficiency_estimate():
     assert math.isnan(compute.efficiency_estimate(ms, e * 0.1, 0.5)[0])
 
 
-def test_mccandlish_fit_recovers_parameters_and_skips_censored():
-    ms = np.array([8, 16, 32, 64, 128, 256, 512], float)
-    k = 100.0 * (1 + 40.0 / ms)
-    k_censored = k.copy()
-    k_censored[-1] = math.inf
-    for kk in (k, k_censored):
-        s_min, b_crit = compute.mccandlish_fit(ms, kk)
-        assert s_min == pytest.approx(100.0, rel=1e-10)
-        assert b_crit == pytest.approx(40.0, rel=1e-10)
-    assert all(math.isnan(v) for v in compute.mccandlish_fit(ms[:1], k[:1]))
-    # row-wise version used by the bootstrap agrees
-    s_rows, b_rows = compute._fit_rows(1 / ms, np.vstack([k, k_censored]))
-    assert np.allclose(s_rows, 100.0) and np.allclose(b_rows, 40.0)
-
-
 def _rows(entries):
-    return [{"group": "g", "threshold": "q25", "batch_size": m, "seed": s, "trial": t,
+    return [{"group": "g", "threshold": "q25", "cell_id": f"{m}-{s}-{t}", "batch_size": m, "seed": s, "trial": t,
              "use": "reached" if math.isfinite(k) else "censored", "k": k,
              "k_bound": math.nan if math.isfinite(k) else 500.0, "wall_s": 1.0, "samples": 2.0}
             for m, s, t, k in entries]
@@ -114,12 +95,22 @@ def test_best_trial_takes_fewest_mean_steps_and_keeps_its_seeds():
     assert best[0].trials_tried == 2
 
 
+def test_running_mean_is_centred_and_short_early():
+    # window = min(3, a quarter of the rows so far, at least 1): 1 row up to row 7, 2 rows at 8..11, then 3
+    loss = np.arange(1.0, 15.0)
+    steps = np.arange(1.0, 15.0)
+    centres, means = running_mean(loss, 3, steps=steps)
+    assert means.tolist() == centres.tolist()  # a linear curve: the mean sits at the window's centre
+    assert centres[:7].tolist() == steps[:7].tolist()
+    assert centres[7:11].tolist() == [7.5, 8.5, 9.5, 10.5] and centres[11:].tolist() == [11.0, 12.0, 13.0]
+
+
 def test_running_mean_and_divergence():
-    loss = np.array([4.0, 2.0, 6.0, 1.0, math.nan, 1.0, 1.0, 1.0])
-    rm = running_mean(loss, 3)
-    assert rm[:4].tolist() == [4.0, 3.0, 4.0, 3.0]
-    assert np.isinf(rm[4:7]).all()  # windows holding the NaN
-    assert rm[7] == 1.0
+    loss = np.array([4.0, 2.0, 6.0, 1.0, 1.0, 1.0, 1.0, math.nan, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    _, rm = running_mean(loss, 2)
+    assert rm[:7].tolist() == [4.0, 2.0, 6.0, 1.0, 1.0, 1.0, 1.0]
+    assert np.isinf(rm[7:9]).all()  # windows holding the NaN (2 rows from row 8 on)
+    assert rm[9] == 1.0
 
 
 def test_dense_grid_is_log_spaced_and_keeps_ends():

@@ -173,7 +173,7 @@ def test_process_pool_loads_the_same_as_threads(tmp_path):
     procs = load_sweeps(store, ["sw"], processes=True, workers=2)
     assert [c.id for c in threads.cells] == [c.id for c in procs.cells]
     for a, b in zip(threads.cells, procs.cells):
-        assert a.b_simple == b.b_simple == pytest.approx(30.0)
+        assert (a.noise.sums == b.noise.sums).all() and len(a.noise) == len(b.noise) > 0
         assert (a.train_eval.values == b.train_eval.values).all()
         assert (a.running_mean.values == b.running_mean.values).all()
 
