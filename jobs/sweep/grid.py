@@ -481,7 +481,7 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
         return []
     if total == 0:
         return []
-    values = _probe_axes(keys, axes, sweep)
+    probed = _probe_axes(keys, axes, sweep)
     cells: list[Cell] = []
     cell_problems: dict[str, None] = {}  # ordered set: a bad value listed once is reported once
     first_of: dict[str, str] = {}
@@ -489,7 +489,7 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
         choices: dict[str, int] = {}
         for axis, j in zip(axes, combo):
             choices.update(axis[j][1])
-        if values is None:  # some value is invalid: validate each cell, reporting with paths
+        if probed is None:  # some value is invalid: validate each cell, reporting with paths
             try:
                 cell = Cell.model_validate({**{k: axis[j][0] for k, axis, j in zip(keys, axes, combo)},
                                             "sweep": sweep})
@@ -497,7 +497,8 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
             except ValidationError as err:
                 found = validation_problems(err, "cell", Cell)
         else:  # every value was validated by _probe_axes
-            cell = Cell.model_construct(sweep=sweep, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
+            values, rest = probed
+            cell = Cell.model_construct(**rest, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
             found = cell.problems("cell", world)
         if found:
             for problem in found:
@@ -516,25 +517,24 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
     return cells
 
 
-def _probe_axes(keys: list[str], axes: list[list[tuple[Any, dict]]], sweep: str) -> list[list[Any]] | None:
+def _probe_axes(keys: list[str], axes: list[list[tuple[Any, dict]]], sweep: str
+                ) -> tuple[list[list[Any]], dict[str, Any]] | None:
     """Each axis value validated and converted once, by validating one cell per value (not per combination).
 
-    Returns the converted values per axis, or None when any value is invalid: the caller then validates
-    every combination, so each problem is reported with its path. With the validated values, a grid of
-    10,000 cells builds its cells directly instead of validating the same values 10,000 times.
+    Returns the converted values per axis and the validated values of the other fields (defaults, the
+    sweep), or None when any value is invalid: the caller then validates every combination, so each
+    problem is reported with its path. With the validated values, a grid of 10,000 cells builds its
+    cells directly instead of validating the same values 10,000 times.
     """
     base = {k: axis[0][0] for k, axis in zip(keys, axes)}
     values: list[list[Any]] = []
-    for k, axis in zip(keys, axes):
-        column = []
-        for value, _ in axis:
-            try:
-                probe = Cell.model_validate({**base, k: value, "sweep": sweep})
-            except ValidationError:
-                return None
-            column.append(getattr(probe, k))
-        values.append(column)
-    return values
+    try:
+        first = Cell.model_validate({**base, "sweep": sweep})
+        for k, axis in zip(keys, axes):
+            values.append([getattr(Cell.model_validate({**base, k: value, "sweep": sweep}), k) for value, _ in axis])
+    except ValidationError:
+        return None
+    return values, {name: getattr(first, name) for name in Cell.model_fields if name not in keys}
 
 
 def _relocate(problem: str, choices: dict[str, int]) -> str:
