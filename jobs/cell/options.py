@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
-from .validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, Strict, invalid, problems
+from .validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, Strict, error_lines, invalid
 
 if TYPE_CHECKING:
     from .spec import DatasetSpec
@@ -143,7 +143,7 @@ def read_options(kind: str, name: str, options: dict[str, Any], path: str) -> St
     try:
         return model.model_validate(options)
     except ValidationError as err:
-        raise ConfigError(problems(err, path, model, unknown=f"unknown option for {kind} {name!r}")) from None
+        raise ConfigError(error_lines(err, path, model, unknown=f"unknown option for {kind} {name!r}")) from None
 
 
 def dataset_options(dataset: DatasetSpec, path: str = "cell.dataset.options") -> Any:

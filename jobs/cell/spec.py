@@ -33,8 +33,8 @@ from .validation import (
     PositiveInt,
     Range,
     Strict,
+    error_lines,
     invalid,
-    problems,
 )
 
 # What each dataset is, how many training examples it has at 100 %, and which
@@ -181,7 +181,7 @@ class Cell(Strict):
         try:
             cell = cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(problems(err, path, cls)) from None
+            raise ConfigError(error_lines(err, path, cls)) from None
         found = cell.problems(path)
         if found:
             raise ConfigError(found)

@@ -6,7 +6,7 @@ derives from :class:`Strict`: an unknown key is an error, nothing is coerced
 is frozen once built. :class:`Range` and :class:`Matches` are the constraints
 the specs share; each says what it allows in its error and in the JSON Schema.
 
-:func:`problems` turns a pydantic ``ValidationError`` into this project's
+:func:`error_lines` turns a pydantic ``ValidationError`` into this project's
 lines, ``<path>: <what is wrong>; allowed: ...``, the path spelled as in the
 spec (``batch_size[3]``, ``dataset.options.augment``).
 """
@@ -117,7 +117,7 @@ _WANTED = {
 }
 
 
-def problems(err: ValidationError, path: str, root: type[BaseModel], unknown: str = "unknown field") -> list[str]:
+def error_lines(err: ValidationError, path: str, root: type[BaseModel], unknown: str = "unknown field") -> list[str]:
     """One line per error of ``err`` (raised validating ``root``), each prefixed by ``path`` plus its location.
 
     ``unknown`` is how an unknown key is described (``"unknown option for model 'lstm'"``).

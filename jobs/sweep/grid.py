@@ -42,8 +42,8 @@ from critbatch.jobs.cell.validation import (
     PositiveFloat,
     PositiveInt,
     Strict,
+    error_lines,
     invalid,
-    problems as validation_problems,
 )
 
 #: Cell fields a grid may set (the sweep is the grid's own name).
@@ -354,7 +354,7 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
     try:
         settings = GridSettings.model_validate({k: v for k, v in data.items() if k in GRID_FIELDS})
     except ValidationError as err:
-        problems.extend(validation_problems(err, "", GridSettings))
+        problems.extend(error_lines(err, "", GridSettings))
     else:
         problems.extend(_settings_problems(settings))
     cells = _expand_cells({k: v for k, v in data.items() if k in CELL_FIELDS},
@@ -495,7 +495,7 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
                                             "sweep": sweep})
                 found = cell.problems("cell", world)
             except ValidationError as err:
-                found = validation_problems(err, "cell", Cell)
+                found = error_lines(err, "cell", Cell)
         else:  # every value was validated by _probe_axes
             values, rest = probed
             cell = Cell.model_construct(**rest, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
