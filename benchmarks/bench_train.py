@@ -159,7 +159,7 @@ class TimedTrainer(Trainer):
         return out
 
     def _evaluate(self):
-        if self.step == self.total:
+        if self.step == self.plan.total:
             self.clock.mark_stop()
         super()._evaluate()
 

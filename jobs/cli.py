@@ -10,7 +10,8 @@
 
 Every subcommand's options are defined here, so ``--help`` is fast (nothing
 heavy is imported until a command runs). Bad input, a missing file or an
-unreachable store prints one line and exits with code 2.
+unreachable store prints one line and exits with code 2 (``train``: 75 for the
+store, which a retry can cure; ``critbatch train --help`` lists its codes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from typing import Callable
 
 from . import __version__
 from critbatch.jobs.cell.analysis_args import add_analyze_options
-from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_STORE_UNAVAILABLE, ConfigError, StoreUnavailable
+from critbatch.jobs.cell.errors import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_STORE_UNAVAILABLE,
+    ConfigError,
+    StoreUnavailable,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +41,24 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_CONFIG)
 
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" where it says something: not to a None or False default, nor to a help that
+    already names its default. Epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+_TRAIN_EXIT_CODES = f"""exit codes:
+  0    done, diverged (a result, not a crash) or already finished
+  1    a crash: a bug, with its traceback
+  {EXIT_CONFIG:<4} bad input: the cell, the data, the options or the store settings (nothing written;
+       retrying cannot help)
+  {EXIT_STORE_UNAVAILABLE:<4} the store stayed unreachable past the retries (retryable: the next attempt resumes)
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
+  {EXIT_PREEMPTED:<4} stopped by SIGTERM after a checkpoint (the next attempt resumes)"""
 
 
 def _store_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -46,8 +71,8 @@ def _store_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
 
 
-def _command(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=_FMT)
+def _command(sub, name: str, target: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_FMT)
     p.set_defaults(_target=target)
     return p
 
@@ -67,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # ---- train: one cell ---------------------------------------------------
-    p = _command(sub, "train", "critbatch.jobs.train.trainer:main", "train one cell and stream its logs to the store")
+    p = _command(sub, "train", "critbatch.jobs.train.main:main", "train one cell and stream its logs to the store",
+                 epilog=_TRAIN_EXIT_CODES)
     p.add_argument("--cell", required=True, help="the cell: a JSON file, or inline JSON starting with '{'")
     _store_arg(p)
     p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
@@ -80,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0: time only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--force", action="store_true", help="train again even if the cell's _SUCCESS exists")
-    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
-                   help="progress display: a bar on a terminal, periodic lines otherwise")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "json", "none"],
+                   help="progress display: a bar on a terminal, periodic lines otherwise; json: one JSON "
+                   "object per line, for programs")
 
     # ---- data: staging datasets into the store ------------------------------
     p = _command(sub, "data", "critbatch.jobs.data.datasets:cli_main", "stage datasets into the store for clusters without internet")
@@ -180,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"critbatch {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

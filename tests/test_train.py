@@ -12,7 +12,8 @@ import torch
 from critbatch.jobs.cli import main as cli_main
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.logschema import ipc_to_table
-from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.cell.errors import StoreUnavailable
+from critbatch.jobs.store import LocalStore, Store, open_store
 from critbatch.jobs.cell.layout import cell_prefix
 from critbatch.jobs.train.strategies import base_total_steps, eval_steps, lr_at, total_steps
 
@@ -118,7 +119,6 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
     from critbatch.jobs.data.datasets import load_task_data
     from critbatch.jobs.train.distributed import Dist
     from critbatch.jobs.models.zoo import build_model, loss_fn
-    from critbatch.jobs.store import LocalStore
     from critbatch.jobs.train.trainer import Trainer
 
     cell = Cell.from_json(cell_json(accumulation=accumulation))
@@ -135,7 +135,7 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
     trainer = Trainer(cell, LocalStore(tmp_path / "store"), data, model, torch.device("cpu"), Dist(),
                       flush_steps=10, flush_seconds=1.0, checkpoint_seconds=60.0, checkpoint_steps=0,
                       progress="none")
-    assert trainer.noise_mode == mode
+    assert trainer.noise.mode == mode
     x, y = next(data.train_batches(0, 64, seed=0))
     criterion = loss_fn("classification")
 
@@ -325,3 +325,37 @@ def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, m
     assert all(r["loss"] > 0 and r["value"] == r["value"] for r in evals)  # finite, not NaN
     done = read_success(store, prefix)
     assert done["status"] == "done" and done["final"]["metric"] == metric
+
+
+class FlakyStore(LocalStore):
+    """A local store whose first ``failures`` writes find the store unavailable."""
+
+    def __init__(self, root, failures: float):
+        super().__init__(root)
+        self.failures, self.attempts = failures, []
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.attempts.append(key)
+        if len(self.attempts) <= self.failures:
+            raise StoreUnavailable(f"cannot put {key}: connection refused")
+        super().put_bytes(key, data)
+
+
+@pytest.mark.parametrize("failures, patience_s, written", [(2, 60.0, True), (float("inf"), 1.5, False)])
+def test_final_writes_wait_out_an_outage_then_end_in_store_unavailable(tmp_path, failures, patience_s, written):
+    """model.pt then _SUCCESS, each retried through the outage; past the patience StoreUnavailable (exit 75)."""
+    from critbatch.jobs.train.finish import write_results
+
+    cell = Cell.from_json(cell_json())
+    prefix = cell_prefix("t", cell.id)
+    store = FlakyStore(tmp_path / "store", failures)
+    summary = {"status": "done", "steps": 30}
+    weights = {"w": torch.arange(3.0)}
+    if written:
+        write_results(store, cell, summary, logs=None, weights=weights, patience_s=patience_s)
+        assert store.attempts == [f"{prefix}/model.pt"] * 3 + [f"{prefix}/_SUCCESS"]  # _SUCCESS last
+        assert read_success(store, prefix) == summary and torch.equal(final_weights(store, prefix)["w"], weights["w"])
+    else:
+        with pytest.raises(StoreUnavailable, match=r"cannot write .*/model\.pt: the store is still unavailable after"):
+            write_results(store, cell, summary, logs=None, weights=weights, patience_s=patience_s)
+        assert not store.exists(f"{prefix}/_SUCCESS") and not store.exists(f"{prefix}/model.pt")

@@ -1,8 +1,9 @@
-"""Errors every command maps to an exit code.
+"""Errors every command maps to an exit code, and the table of those codes.
 
 ``ConfigError`` is bad input (exit code 2, reserved in the manifests'
 ``podFailurePolicy`` as "retrying cannot help"); ``StoreUnavailable`` is a
-store that could not be reached after retries.
+store that could not be reached after retries. An uncaught exception (a bug)
+exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ EXIT_CONFIG = 2
 #: Exit code of ``critbatch train`` when the store stays unreachable (EX_TEMPFAIL): unlike a bad
 #: configuration, a retry can help, so the manifests' failure policy lets the Job retry it.
 EXIT_STORE_UNAVAILABLE = 75
+
+#: Exit code after Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+#: Exit code of ``critbatch train`` after a SIGTERM-triggered checkpoint (128 + SIGTERM, what a killed
+#: process reports): the next attempt resumes.
+EXIT_PREEMPTED = 143
 
 
 class ConfigError(ValueError):

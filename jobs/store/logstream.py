@@ -22,8 +22,10 @@ Call order: ``LogStream(...)``, ``resume(parts or None)``, then ``log_*``;
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -38,6 +40,13 @@ from .base import Store
 from .retry import wait_out_outage
 
 KINDS = ("steps", "evals")
+
+
+def spool_dir(store: Store) -> Path:
+    """Where a store's log parts wait for upload: under $CRITBATCH_SPOOL, else the temp dir; one folder per store."""
+    base = os.environ.get("CRITBATCH_SPOOL") or os.path.join(tempfile.gettempdir(), "critbatch-spool")
+    where = store.url if "://" in store.url else os.path.abspath(store.url)
+    return Path(base) / hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 class LogStream:

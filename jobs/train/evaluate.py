@@ -22,10 +22,41 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .distributed import Dist, all_reduce_sum_
+from critbatch.jobs.data.datasets import TaskData
 from critbatch.jobs.models.zoo import IGNORE_INDEX, metric_name
 
+from .distributed import Dist, all_reduce_sum_
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Evaluator:
+    """The model's loss and task metric over the train subset and the test split, at a step of training."""
+
+    def __init__(self, model: nn.Module, data: TaskData, loss_fn: LossFn, *, dist: Dist, micro_batch: int,
+                 prepare: Callable[[Tensor], Tensor], autocast):
+        self.model, self.data, self.loss_fn, self.dist = model, data, loss_fn, dist
+        self.prepare, self.autocast = prepare, autocast
+        # Dense tasks (a loss per pixel or token) at the training micro-batch (memory), others in 256 to 2048.
+        dense = data.task in ("segmentation", "language_model")
+        self.batch_size = max(1, micro_batch) if dense else max(256, min(micro_batch, 2048))
+
+    def split(self, split: str) -> tuple[float, str, float]:
+        """(mean loss, metric name, metric value) over ``split``: train (its evaluation subset) or test."""
+        return evaluate(self.model, self.data.eval_batches(split, self.batch_size), self.data.task, self.loss_fn,
+                        dist=self.dist, num_classes=self.data.num_classes, prepare=self.prepare,
+                        autocast=self.autocast)
+
+    def at(self, step: int, epoch: float) -> tuple[dict, list[dict]]:
+        """Both splits at ``step``: the figures (``{split}_loss``, ``{split}_metric``) and the ``evals`` rows."""
+        result: dict = {"step": step, "metric": metric_name(self.data.task)}
+        rows = []
+        for split in ("train", "test"):
+            loss, metric, value = self.split(split)
+            result[f"{split}_loss"], result[f"{split}_metric"] = loss, value
+            rows.append({"step": step, "epoch": epoch, "split": split, "loss": loss, "metric": metric,
+                         "value": value})
+        return result, rows
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], task: str, loss_fn: LossFn, *,

@@ -1,0 +1,109 @@
+"""The end of a cell: paper 4.2's error at the final weights, then the log parts, ``model.pt`` and ``_SUCCESS``.
+
+``_SUCCESS`` is written last, so its presence means everything else is in
+the store. Rank 0's final writes wait out a store outage, together for at
+most STORE_PATIENCE_S (:func:`critbatch.jobs.store.retry.wait_out_outage`);
+past that they end in StoreUnavailable, which ``critbatch train`` exits with
+as 75: the Job retries the pod, and the next attempt resumes from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from critbatch.jobs.cell.layout import cell_prefix, success_key
+from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, success_summary
+from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.version import code_version
+from critbatch.jobs.store import Store
+from critbatch.jobs.store.logstream import LogStream
+from critbatch.jobs.store.retry import wait_out_outage
+
+from .distributed import Dist, average_gradients_
+from .evaluate import linear_approx_error
+
+#: Seconds the final writes (log parts, model.pt, _SUCCESS) wait out a store outage, all together.
+STORE_PATIENCE_S = 1800.0
+
+
+def final_linear_approx_error(model: nn.Module, batch: tuple[Tensor, Tensor], *, parts: int,
+                              loss_of: Callable[[Tensor, Tensor], Tensor], dist: Dist, loss_at: Callable[[], float],
+                              step_size: float) -> tuple[float, dict]:
+    """Paper 4.2 at the final weights, with g_m the gradient of one global batch (this rank's share ``batch``).
+
+    The step is eta_0 * m / m0 (the LSR step, as in the paper's Figure 2),
+    whatever the cell's strategy; L is ``loss_at()``, the train-subset loss.
+    Both L and g_m are taken in eval mode (no dropout, BatchNorm on running
+    statistics) so that g_m is the gradient of the L evaluated. ``loss_of`` is
+    the mean loss of ``model`` on a micro-batch; the share is split into
+    ``parts`` of them, as in training.
+    """
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            xs, ys = (x.chunk(parts), y.chunk(parts)) if parts > 1 else ((x,), (y,))
+            for xm, ym in zip(xs, ys):
+                (loss_of(xm, ym) / len(xs)).backward()
+            average_gradients_(params, dist)
+        finally:
+            model.train(was_training)
+
+    return linear_approx_error(model, loss_at, gradient, step_size)
+
+
+def summarize(cell: Cell, *, steps: int, wall_time_s: float, metric: str, last_eval: dict,
+              diverged: str | None, lin_approx: tuple[float, dict] | None) -> dict:
+    """The ``_SUCCESS`` body: done with the last evaluation's figures, or diverged (with the reason) without."""
+    final: dict[str, Any] = {"train_loss": None, "test_loss": None, "metric": metric, "train_metric": None,
+                             "test_metric": None, "lin_approx_error": None}
+    if diverged is None:
+        for key in ("train_loss", "test_loss", "train_metric", "test_metric"):
+            final[key] = _finite_or_none(last_eval.get(key))
+        if lin_approx is not None:
+            error, details = lin_approx
+            final["lin_approx_error"] = _finite_or_none(error)
+            final["lin_approx"] = {k: _finite_or_none(v) for k, v in details.items()}
+    return success_summary(
+        cell_id=cell.id, status=STATUS_DONE if diverged is None else STATUS_DIVERGED, steps=steps,
+        samples_seen=steps * cell.batch_size, wall_time_s=wall_time_s, final=final, code_version=code_version(),
+        reason=diverged,
+    )
+
+
+def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | None,
+                  weights: dict[str, Tensor] | None, patience_s: float = STORE_PATIENCE_S) -> None:
+    """Rank 0's last writes, in order: every log part, ``model.pt`` (``weights``; None: none), ``_SUCCESS``.
+
+    Raises StoreUnavailable if the store is still down ``patience_s`` seconds after the start.
+    """
+    deadline = time.monotonic() + patience_s
+    if logs is not None:
+        logs.close(timeout=max(0.0, deadline - time.monotonic()))
+    if weights is not None:
+        buf = io.BytesIO()
+        torch.save(weights, buf)
+        _put(store, f"{cell_prefix(cell.sweep, cell.id)}/model.pt", buf.getvalue(), deadline)
+    _put(store, success_key(cell.sweep, cell.id), (json.dumps(summary, indent=2) + "\n").encode(), deadline)
+
+
+def _put(store: Store, key: str, data: bytes, deadline: float) -> None:
+    wait_out_outage(lambda: store.put_bytes(key, data), what=f"write {store.join(key)}", deadline=deadline,
+                    base_delay=1.0, max_delay=60.0)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
