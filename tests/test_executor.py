@@ -106,3 +106,41 @@ def test_bad_input_exits_2(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "critbatch-out").exists()  # nothing written
+
+
+def test_progress_comes_from_the_trainers_json_lines(tmp_path, cpu_env, capsys):
+    """The executor's reader on a real `critbatch train --progress json` log, with other output around it."""
+    from test_train import cell_json, read_rows, train
+
+    from critbatch.jobs.cell.spec import Cell
+    from critbatch.jobs.cell.layout import cell_prefix
+    from critbatch.jobs.local.executor import CellRun, _read_progress
+
+    url = str(tmp_path / "store")
+    assert train(cell_json(max_steps=12), url, "--progress", "json") == 0
+    out = capsys.readouterr().out
+    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert reports[-1]["step"] == 12 and {r["total"] for r in reports} == {12}
+    assert [r["step"] for r in reports] == sorted(r["step"] for r in reports)
+
+    cell = Cell.from_json(cell_json(max_steps=12))
+    log = tmp_path / "cell.log"
+    log.write_text(out + "a warning on stderr\n" + '{"step": 13, "tot')  # a line still being written
+    run = CellRun(cell, log)
+    _read_progress(run)
+    last_loss = read_rows(open_store(url), cell_prefix("t", cell.id), "steps")[-1]["train_loss"]
+    assert run.progress == (12, 12) and run.loss == pytest.approx(last_loss)
+
+
+def test_run_takes_the_grids_local_store_and_checkpoint_seconds(tmp_path, monkeypatch):
+    from critbatch.jobs.train.checkpoint import Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    grid_path = _grid_file(tmp_path, batch_size=[8], store=str(tmp_path / "grid-store"), checkpoint_seconds=0.001)
+    assert main(["run", str(grid_path), "--log-dir", str(tmp_path / "logs")]) == 0
+    store = open_store(str(tmp_path / "grid-store"))
+    (cell,) = load_grid(str(grid_path)).cells()
+    assert json.loads(store.get_text(success_key("tiny", cell.id)))["status"] == "done"
+    # 160 steps: checkpoints by the grid's clock (the default, 300 s, would make none in a run this short).
+    assert len(Checkpointer(store, f"tiny/cells/{cell.id}").complete_steps()) == 2  # the newest two are kept
+    assert not (tmp_path / "critbatch-out").exists()

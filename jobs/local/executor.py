@@ -9,12 +9,17 @@ threads divided among them. Cells whose ``_SUCCESS`` is in the store are
 skipped, so an interrupted sweep picks up where it stopped (an interrupted cell
 resumes from its last checkpoint). A failed cell is reported with the tail of
 its log while the others go on; the exit code is 1 if any cell failed.
+
+The store is ``--store``, else the grid's ``store`` if it is a local
+directory, else ./critbatch-out; cells checkpoint every ``checkpoint_seconds``
+of the grid. Each cell's output goes to its log file, and its progress is read
+back from there: the JSON lines of ``critbatch train --progress json``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -31,7 +36,8 @@ from critbatch.jobs.cell.layout import DEFAULT_STORE, success_key
 
 #: Lines of a failed cell's log shown in the report.
 TAIL_LINES = 15
-_LOSS_RE = re.compile(r"step\s+(\d+)\s*/\s*(\d+).*?loss[=: ]+\s*([-+0-9.eEnaif]+)")
+#: Bytes at the end of a cell's log searched for its latest progress line.
+PROGRESS_TAIL_BYTES = 4096
 
 
 @dataclass
@@ -44,8 +50,8 @@ class CellRun:
     last_line: str = ""
     status: str = "pending"  # pending | running | done | failed | skipped
     returncode: int | None = None
-    progress: tuple[int, int] | None = None
-    loss: str = ""
+    progress: tuple[int, int] | None = None  # (step, total)
+    loss: float | None = None
 
     def tail(self, n: int = TAIL_LINES) -> list[str]:
         try:
@@ -68,9 +74,9 @@ class RunResult:
 
 def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, nproc: int = 1,
                   extra: Sequence[str] = ()) -> list[str]:
-    """The command line that trains ``cell``: the same entrypoint a pod runs."""
+    """The command line that trains ``cell``: the same entrypoint a pod runs, its progress as JSON lines."""
     tail = ["train", "--cell", cell.to_json(), "--store", store_url, "--data-root", data_root,
-            "--threads", str(threads), "--progress", "lines", *extra]
+            "--threads", str(threads), "--progress", "json", *extra]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "critbatch.jobs.cli", *tail]
@@ -186,21 +192,24 @@ def _describe(cell: Cell) -> str:
 
 
 def _read_progress(run: CellRun) -> None:
-    """The last progress line the cell printed (its log is a file we also read)."""
+    """The latest progress the cell reported: the last JSON line (``--progress json``) near the end of its log."""
     try:
         with open(run.log_path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 2048))
+            fh.seek(max(0, fh.tell() - PROGRESS_TAIL_BYTES))
             lines = fh.read().decode(errors="replace").splitlines()
     except OSError:
         return
     for line in reversed(lines):
-        match = _LOSS_RE.search(line)
-        if match:
-            run.progress = (int(match.group(1)), int(match.group(2)))
-            run.loss = match.group(3)
-            return
+        if not line.startswith("{"):
+            continue
+        try:
+            report = json.loads(line)
+            run.progress = (int(report["step"]), int(report["total"]))
+        except (ValueError, KeyError, TypeError):  # a line cut by the tail, or another program's JSON
+            continue
+        run.loss = report.get("loss")
+        return
 
 
 class _Bar:
@@ -231,7 +240,8 @@ class _Bar:
         for run in running:
             if run.progress:
                 step, total = run.progress
-                parts.append(f"m={run.cell.batch_size} {run.cell.strategy} {step}/{total} loss {run.loss}")
+                loss = "-" if run.loss is None else f"{run.loss:.4g}"
+                parts.append(f"m={run.cell.batch_size} {run.cell.strategy} {step}/{total} loss {loss}")
             else:
                 parts.append(f"m={run.cell.batch_size} {run.cell.strategy} starting")
         text = " | ".join(parts)
@@ -261,7 +271,8 @@ def cli_run(args) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir is not None and any(p.exists() and not p.is_dir() for p in (log_dir, *log_dir.parents)):
         raise ConfigError(f"--log-dir: {args.log_dir} is at or under a file; give a directory")
-    store_url = args.store or DEFAULT_STORE
+    # The grid's store when it is a local one (an s3:// store is the cluster's, and the grid's default).
+    store_url = args.store or (grid.store if not grid.store.startswith("s3://") else DEFAULT_STORE)
     store = open_store(store_url)
     store.check()
     write_sweep_spec(store, grid.sweep, grid.sweep_yaml())
@@ -269,8 +280,9 @@ def cli_run(args) -> int:
     nproc = grid.world_size
     print(f"critbatch run: {len(cells)} cells of sweep {grid.sweep!r} -> {store.url} "
           f"({args.parallel} at a time{f', {nproc} processes each' if nproc > 1 else ''})", file=sys.stderr)
-    result = run_cells(cells, store, parallel=args.parallel, data_root=args.data_root,
-                       log_dir=args.log_dir, nproc=nproc, label=grid.sweep)
+    result = run_cells(cells, store, parallel=args.parallel, data_root=args.data_root, log_dir=args.log_dir,
+                       nproc=nproc, label=grid.sweep,
+                       extra_args=["--checkpoint-seconds", repr(float(grid.checkpoint_seconds))])
     print(f"critbatch run: {len(result.done)} trained, {len(result.skipped)} already done, "
           f"{len(result.failed)} failed", file=sys.stderr)
     return result.exit_code
