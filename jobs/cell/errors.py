@@ -2,7 +2,8 @@
 
 ``ConfigError`` is bad input (exit code 2, reserved in the manifests'
 ``podFailurePolicy`` as "retrying cannot help"); ``StoreUnavailable`` is a
-store that could not be reached after retries. An uncaught exception (a bug)
+store that could not be reached after retries; ``LeaseHeld`` is a cell another
+trainer is working on. An uncaught exception (a bug)
 exits 1 with its traceback.
 """
 
@@ -25,6 +26,19 @@ EXIT_INTERRUPTED = 130
 EXIT_PREEMPTED = 143
 
 
+#: Exit code of ``critbatch train`` when another trainer holds the cell's lease in the store (a
+#: retried pod while the old one still terminates, a second ``critbatch run`` on the same store): the
+#: cell is left untouched. 203 = 128 + EX_TEMPFAIL (75): >= 128, so the PyTorchJob ExitCode policy
+#: (1-127 permanent, 128+ retryable) retries it like the Job's podFailurePolicy does (only exit 2
+#: fails at once), and above 128 + 64 (SIGRTMAX), so no real signal death reports it.
+EXIT_LEASE_HELD = 203
+
+#: Exit code of ``critbatch analyze --strict`` when the report rests on an incomplete sweep (cells
+#: listed in sweep.yaml but absent, step rows short of or past a ``_SUCCESS`` count, damaged parts).
+#: The report is still written; the code only says it is not the whole sweep's answer.
+EXIT_INCOMPLETE = 3
+
+
 class ConfigError(ValueError):
     """One or more problems with user input, each naming its field."""
 
@@ -37,3 +51,7 @@ class ConfigError(ValueError):
 
 class StoreUnavailable(RuntimeError):
     """The object store could not be reached (after the retries allowed)."""
+
+
+class LeaseHeld(RuntimeError):
+    """Another live trainer holds the cell's lease; this one must not touch the cell."""
