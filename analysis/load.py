@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.spec import CELL_JSON_EXTRAS, Cell
 from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
 from critbatch.jobs.store import LocalStore, S3Store, Store
@@ -109,7 +109,7 @@ class CellSummary:
 def _task(cell: dict[str, Any]) -> str:
     from critbatch.jobs.cell.spec import DATASETS
 
-    return DATASETS[cell["dataset"]["name"]]["task"]
+    return DATASETS.get(cell["dataset"]["name"], {}).get("task", "imported")
 
 
 @dataclass
@@ -213,7 +213,7 @@ def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window
         return None, [Skipped(prefix, "no cell.json")]
     try:
         doc = json.loads(store.get_text(f"{prefix}/cell.json"))
-        cell = Cell.from_json(json.dumps(doc))
+        cell = cell_fields(doc)
     except (ValueError, KeyError) as err:
         return None, [Skipped(f"{prefix}/cell.json", f"not a valid cell ({str(err).splitlines()[0]})")]
 
@@ -232,8 +232,25 @@ def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window
     evals = _read_parts(store, sorted(k for k in keys if k.startswith(f"{prefix}/evals/part-")),
                         EVALS_SCHEMA, _EVAL_COLUMNS, skipped)
     doc.setdefault("id", cell_id)
-    summary = reduce_cell(doc, cell.to_dict(), success, steps, evals, sweep=sweep, window=window)
+    summary = reduce_cell(doc, cell, success, steps, evals, sweep=sweep, window=window)
     return summary, skipped
+
+
+#: The fields an imported cell (``derived.imported_from``) must have; the rest take the cell's defaults.
+IMPORTED_REQUIRED = ("dataset", "model", "strategy", "batch_size", "base_lr", "base_batch", "seed")
+
+
+def cell_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    """The cell's fields from its cell.json: validated as a Cell, or, for a cell imported from another
+    study (analysis.importers), checked for the fields the analysis reads. An imported cell keeps its
+    source's names (datasets, models, optimizers critbatch does not train), so the catalogue does not apply."""
+    fields = {k: v for k, v in doc.items() if k not in CELL_JSON_EXTRAS}
+    if not (doc.get("derived") or {}).get("imported_from"):
+        return Cell.from_dict(fields).to_dict()
+    missing = [k for k in IMPORTED_REQUIRED if k not in fields]
+    if missing or not isinstance(fields["dataset"], dict) or "name" not in fields["dataset"]:
+        raise ValueError(f"imported cell without {', '.join(missing) or 'dataset.name'}")
+    return fields
 
 
 def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple[str, ...],

@@ -7,6 +7,7 @@
     critbatch render GRID | kubectl apply -f -
     critbatch submit GRID ; critbatch status GRID
     critbatch analyze --store s3://critbatch/runs --sweep NAME
+    critbatch import shallue DIR --store S --sweep NAME  # Shallue et al.'s released trials
 
 Every subcommand's options are defined here, so ``--help`` is fast (nothing
 heavy is imported until a command runs). Bad input, a missing file or an
@@ -171,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", required=True, help="sweep name; repeat to analyse several together")
     add_analyze_options(p)
     p.add_argument("--output", default=None, help="also copy the report to this local directory")
+
+    # ---- import: another study's measurements as a sweep -----------------------------
+    p = _command(sub, "import", "critbatch.analysis.importers:cli_import",
+                 "read another study's released measurements into a sweep in the store")
+    isub = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser)
+    isub.required = True
+    s = isub.add_parser("shallue", formatter_class=_FMT,
+                        help="Shallue et al. (2018)'s trials: dataset/model/optimizer/batch_size/{study.json, "
+                        "trial_id/metadata.json, trial_id/measurements.csv}")
+    s.add_argument("dir", help="the extracted batch_science directory, or a part of it")
+    _store_arg(s)
+    s.add_argument("--sweep", required=True, help="name of the new sweep")
+    s.add_argument("--curve", default="train/cross_entropy_error",
+                   help="the measurements.csv column that is each trial's training-loss curve")
+    s.add_argument("--workload", action="append", default=None,
+                   help="only workloads (dataset/model/optimizer) matching this glob; repeatable")
 
     # ---- demo ------------------------------------------------------------------------
     p = _command(sub, "demo", "critbatch.jobs.local.demo:cli_demo", "run the digits and linreg sweeps and write the report")
