@@ -118,18 +118,22 @@ def _derived(store: Store, grid: Grid) -> dict[str, Any]:
 
 
 def summary_line(grid: Grid, results: list, derived: dict[str, Any]) -> str:
-    """``digits: critical batch size ...`` from each strategy's speedup curve."""
+    """``digits: critical batch size B_crit = 9 [6, 14] ...``: one per problem (its BLR curve where present)."""
+    from critbatch.analysis.plots import problem_groups
+
+    shown = {g.label for g in problem_groups([r.group for r in results])}
     parts = []
-    for r in results:
+    for r in (r for r in results if r.group.label in shown):
         s = r.summary
-        label = r.group.label.split("/")[-1]
-        if s.get("censored"):
-            label += f" (never reached eps at m = {s['censored']})"
-        parts.append(f"{label} {_fmt(s.get('b_crit_eff_interp'))} (efficiency >= {s.get('level', 0.5):g}), "
-                     f"{_fmt(s.get('b_crit_fit'))} (McCandlish fit)")
+        how = f"{r.group.label}, McCandlish fit over {s['seeds']} seed(s) x {s['batch_sizes']} batch sizes"
+        if s.get("fit_problem"):
+            parts.append(f"{s['fit_problem']} ({how})")
+        else:
+            hi = _fmt(s["b_crit_hi"]) if math.isfinite(s["b_crit_hi"]) else "∞"
+            parts.append(f"B_crit = {_fmt(s['b_crit'])} [{_fmt(s['b_crit_lo'])}, {hi}] ({how})")
     text = f"{grid.sweep}: critical batch size " + ("; ".join(parts) if parts else "not found (no speedup curve)")
     if "m_star" in derived:
-        text += f"; analytic beta/lambda_1 + 1 = {derived['m_star']:.1f}"
+        text += f"; analytic beta/lambda_1 - 1 = {derived['m_star'] - 2:.1f} (m* = {derived['m_star']:.1f})"
     return text
 
 
