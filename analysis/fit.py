@@ -110,7 +110,7 @@ def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE) -> Fit:
         return fit
 
     grid = np.concatenate([[0.0], np.geomspace(GRID_BELOW * m.min(), GRID_ABOVE * m.max(), GRID_POINTS)])
-    prof, a, s = _profile(grid, y_u, m_u, y_c, m_c)
+    prof = _profile(grid, y_u, m_u, y_c, m_c)[0]
     i = int(np.nanargmax(prof))
     b_hat, a_hat, s_hat, l_max = _refine(grid, prof, i, y_u, m_u, y_c, m_c)
     if s_hat <= 0 or not math.isfinite(l_max):

@@ -163,7 +163,7 @@ class NoiseScale:
         if not self.cells:
             return "not measured"
         if self.bound:
-            return f"> {fmt(self.value)} (|G|^2 not resolved; {self.cells} cells)"
+            return f"> {fmt(self.value)} (‖G‖² not resolved; {self.cells} cells)"
         hi = "∞" if not math.isfinite(self.hi) else fmt(self.hi)
         return f"{fmt(self.value)} [{fmt(self.lo)}, {hi}] ({self.cells} cells)"
 

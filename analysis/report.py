@@ -340,6 +340,11 @@ def _coverage_text() -> str:
     return "; ".join(f"{p:.0%} with {s} seed{'s' if s > 1 else ''}" for s, p in MEASURED_COVERAGE.items())
 
 
+def _round(v: float) -> str:
+    """Two significant digits: a batch size to act on, not a measurement."""
+    return f"{float(f'{v:.2g}'):g}"
+
+
 def answers(a: "Analysis") -> list[dict]:
     """The box at the top of the report, per group: the critical batch size, how it was measured, what to do."""
     out = []
@@ -356,8 +361,8 @@ def answers(a: "Analysis") -> list[dict]:
             b = r.fit.b_crit
             top = max(x["batch_size"] for x in r.per_m)
             beyond = " (beyond the batch sizes measured)" if 4 * b > top else ""
-            action = (f"Up to m ≈ {fmt(b / 4)}, doubling the batch size nearly halves the steps (saves >= 40 %); "
-                      f"past m ≈ {fmt(4 * b)}{beyond}, doubling it saves under 10 % of the steps at 1.8x the "
+            action = (f"Up to m ≈ {_round(b / 4)}, doubling the batch size nearly halves the steps (saves >= 40 %); "
+                      f"past m ≈ {_round(4 * b)}{beyond}, doubling it saves under 10 % of the steps at 1.8x the "
                       f"compute (examples) or more.")
             headline = f"B_crit = {fmt(b)}, 95 % interval [{fmt(r.fit.b_lo)}, {fmt(r.fit.b_hi)}]"
         else:
