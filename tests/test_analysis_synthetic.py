@@ -206,3 +206,21 @@ def test_default_threshold_skips_a_largest_batch_that_diverged(tmp_path):
     assert row["eps"] == pytest.approx(np.percentile(even, 25), rel=1e-12)
     crossing = next(r for r in a.crossings if r["threshold"] == "q25" and r["batch_size"] == 128)
     assert crossing["use"] != "reached"
+
+
+def test_strategies_of_one_problem_share_their_threshold(tmp_path):
+    # LSR learns faster than BLR here; each group's own quartile would put them at different losses.
+    store = LocalStore(tmp_path)
+    groups = [GroupSpec(strategy="blr", tau0=30.0), GroupSpec(strategy="lsr", tau0=15.0), GroupSpec(model="vgg16")]
+    truth = write_sweep(store, "sw", batch_sizes=[16, 64, 256], groups=groups, epochs=1)
+    a = _analyse(store, bootstrap=0)
+    q25 = {t["group"]: t for t in a.thresholds if t["threshold"] == "q25"}
+    blr, lsr, vgg = (next(g.label for g in a.groups if g.label.startswith(p)) for p in
+                     ("cifar10/resnet34/blr", "cifar10/resnet34/lsr", "cifar10/vgg16"))
+    assert q25[blr]["eps"] == q25[lsr]["eps"] and q25[blr]["shared_with"] == lsr
+    # the rule applied to the family: both strategies' cells at the largest batch size, pooled
+    pooled = [np.interp(np.linspace(c.eval_steps[0], c.eval_steps[-1], 1024), c.eval_steps, c.loss(c.eval_steps))
+              for c in truth.cells if c.batch_size == 256 and c.group in (0, 1)]
+    assert q25[blr]["eps"] == pytest.approx(np.percentile(np.concatenate(pooled), 25), rel=1e-12)
+    # another model is another problem: its own threshold
+    assert q25[vgg]["eps"] != q25[blr]["eps"] and q25[vgg]["shared_with"] == ""
