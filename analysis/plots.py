@@ -558,7 +558,8 @@ def tradeoff_figure(results: list[CurveResult]) -> Artifact:
                       "examples": m * k, "s_min": s_min, "e_min": e_min} for m, k in pts]
         ax.scatter([m * k / e_min for m, k in pts], [k / s_min for _, k in pts], s=18, zorder=3,
                    label=f"{r.group.label} (B_crit {fmt(r.fit.b_crit)})")
-    x = np.geomspace(1.001, 1e3, 300)
+    top = max(row["examples"] / row["e_min"] for row in art.rows) if art.rows else 10.0
+    x = np.geomspace(1.01, 3 * max(top, 2.0), 300)
     ax.plot(x, 1 + 1 / (x - 1), "k-", lw=1, label="(S/S_min - 1)(E/E_min - 1) = 1")
     ax.set_xscale("log")
     ax.set_yscale("log")
