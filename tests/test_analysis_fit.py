@@ -14,7 +14,7 @@ from critbatch.analysis.synthetic import censored_sweep
 #: Batch sizes a factor sqrt(2) apart, 4..16384: at 3 seeds and 15 % noise the worst of the instances below stays
 #: within 25 % (with 13 powers of two the 95th percentile error is 20 %: benchmarks/bench_fit_coverage.py).
 SQRT2_BATCHES = sorted({int(round(2 ** (i / 2))) for i in range(4, 29)})
-INSTANCES = 40
+INSTANCES = 50
 GROUP = Group("synthetic", {}, [], label="synthetic")
 
 
