@@ -105,14 +105,15 @@ def _digits_model_keys():
 
 
 @pytest.mark.parametrize("accumulation, batch_norm, mode, b_small", [(1, False, "split", 32), (2, False, "micro", 32),
-                                                                     (1, True, "extra", 16)])
+                                                                     (1, True, "pair", 16)])
 def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_env, accumulation, batch_norm, mode,
                                                                  b_small):
     """|G_b|^2 is the first b rows' gradient, |G_B|^2 the batch's (64), both before the update.
 
     split: the measured step runs as two halves (no BatchNorm); micro: the first of two micro-batches;
-    extra: an extra pass on the first quarter (16 rows), after which BatchNorm's running statistics are as if
-    it never ran.
+    pair (BatchNorm): two extra passes on the first two quarters (16 rows each, each normalised over its own
+    16), |G_b|^2 their mean squared norm and |G_B|^2 (B = 32) the squared norm of their mean, so both
+    gradients are of the same function; afterwards BatchNorm's running statistics are as if they never ran.
     """
     from torch import nn
 
@@ -144,9 +145,20 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
         criterion(reference(x[rows]), y[rows]).backward()
         return float(sum(p.grad.double().pow(2).sum() for p in reference.parameters()))
 
-    small, big = grad_sq(slice(0, b_small)), grad_sq(slice(0, 64))
+    def grads(rows: slice) -> list:
+        reference.zero_grad()
+        criterion(reference(x[rows]), y[rows]).backward()
+        return [p.grad.double().clone() for p in reference.parameters()]
+
+    if batch_norm:
+        g1, g2 = grads(slice(0, 16)), grads(slice(16, 32))
+        small = float(sum(a.pow(2).sum() + c.pow(2).sum() for a, c in zip(g1, g2))) / 2
+        big = float(sum(((a + c) / 2).pow(2).sum() for a, c in zip(g1, g2)))
+        b_big = 32
+    else:
+        small, big, b_big = grad_sq(slice(0, b_small)), grad_sq(slice(0, 64)), 64
     loss, noise = trainer._update(x, y, 0.1, measure=True)
-    assert noise[:2] == (b_small, 64)
+    assert noise[:2] == (b_small, b_big)
     assert float(noise[2]) == pytest.approx(small, rel=1e-5)
     assert float(noise[3]) == pytest.approx(big, rel=1e-5)
     with torch.no_grad():

@@ -12,9 +12,17 @@ depends on the batch layout, so :func:`noise_probe` picks the mode once:
     split   Halves        one process, no accumulation, even m, no BatchNorm, a per-example mean loss: the
                           step runs as two micro-batches of m / 2, which without BatchNorm is the same update
                           (up to the order of the sum). Free.
-    extra   ExtraPass     one process otherwise: one more forward/backward on the batch's first quarter
-                          (b = max(1, m // 4)), a quarter of a step per measurement (2.5 % at every = 10). It
-                          runs with a forked RNG and restored buffers, so the trajectory is the same as without.
+    extra   ExtraPass     one process otherwise, no BatchNorm: one more forward/backward on the batch's first
+                          quarter (b = max(1, m // 4)), a quarter of a step per measurement (2.5 % at every = 10).
+                          It runs with a forked RNG and restored buffers, so the trajectory is the same as without.
+    pair    QuarterPair   one process with BatchNorm and no accumulation: BatchNorm makes a network's gradient
+                          on b examples a different function from its gradient on B (each normalises over its
+                          own batch), so the step's gradient cannot be the big one. Two extra passes on the
+                          first two quarters (b = m // 4 each) give g_1 and g_2 under the same normalisation:
+                          |G_b|^2 = (|g_1|^2 + |g_2|^2) / 2 and |G_B|^2 = |(g_1 + g_2) / 2|^2 with B = 2 b.
+                          Half a step per measurement (5 % at every = 10); same RNG and buffer care as extra.
+                          (micro and rank are already consistent: each part normalises over its own
+                          micro-batch or rank and the step's gradient is their mean.)
 
 The trainer's ``backward(x, y, parts, reduce=True, after_first=None)`` runs
 forward and backward over ``parts`` micro-batches with each loss scaled by
@@ -119,10 +127,11 @@ class ExtraPass(NoiseProbe):
 
     def measure(self, backward: Backward, x: Tensor, y: Tensor) -> tuple[Tensor, NoiseSample]:
         loss = backward(x, y, 1)
-        return loss, self._sample(self._small_batch_grad_sq(x[:self.b_small], y[:self.b_small]))
+        return loss, self._sample(_sq_norm(self._grads(x[:self.b_small], y[:self.b_small])))
 
-    def _small_batch_grad_sq(self, x: Tensor, y: Tensor) -> Tensor:
-        """|G_b|^2 of (x, y) at the step's weights, without touching ``.grad``, the RNGs or the buffers."""
+    def _grads(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """The gradient of the mean loss on (x, y) at the step's weights, leaving ``.grad``, the RNGs and the
+        buffers (BatchNorm's running statistics) as they were."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -130,7 +139,23 @@ class ExtraPass(NoiseProbe):
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
-        return torch.nn.utils.get_total_norm([g for g in grads if g is not None]).double().pow(2)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+
+
+class QuarterPair(ExtraPass):
+    mode = "pair"
+
+    def measure(self, backward: Backward, x: Tensor, y: Tensor) -> tuple[Tensor, NoiseSample]:
+        loss = backward(x, y, 1)
+        b = self.b_small
+        g1, g2 = self._grads(x[:b], y[:b]), self._grads(x[b:2 * b], y[b:2 * b])
+        small = (_sq_norm(g1) + _sq_norm(g2)) / 2
+        big = _sq_norm([(a + c) / 2 for a, c in zip(g1, g2)])
+        return loss, NoiseSample(b, 2 * b, small, big)
+
+
+def _sq_norm(grads: Sequence[Tensor]) -> Tensor:
+    return torch.nn.utils.get_total_norm(grads).double().pow(2)
 
 
 def noise_probe(every: int, *, m: int, accumulation: int, dist: Dist, model: nn.Module,
@@ -152,4 +177,7 @@ def noise_probe(every: int, *, m: int, accumulation: int, dist: Dist, model: nn.
     batch_norm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules())
     if m % 2 == 0 and not batch_norm and task != "segmentation":
         return Halves(m // 2, m, every, params, dist)
+    if batch_norm:
+        b = m // 4 if m >= 8 else m // 2
+        return QuarterPair(b, 2 * b, every, params, dist, model=model, loss_of=loss_of, device=device)
     return ExtraPass(max(1, m // 4), m, every, params, dist, model=model, loss_of=loss_of, device=device)
