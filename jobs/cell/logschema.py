@@ -92,13 +92,18 @@ def success_summary(
     final: dict[str, Any],
     code_version: str,
     reason: str | None = None,
+    logs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``_SUCCESS``.
 
     ``final`` holds the last evaluation: ``train_loss``, ``test_loss``,
     ``metric``, ``test_metric`` and ``lin_approx_error`` (paper 4.2), any of
     which may be None (a diverged cell has no final weights worth measuring).
+    ``logs``, the manifest of what the store holds, per kind:
+    ``{"steps": {"rows": 7680, "parts": [bytes of part 0, ...]}, "evals": {...}}``;
+    a part missing or of another size marks the cell damaged (critbatch.jobs.store.cellstate).
     """
+    extra = {} if logs is None else {"logs": logs}
     return {
         "cell_id": cell_id,
         "status": status,
@@ -108,4 +113,5 @@ def success_summary(
         "final": final,
         "code_version": code_version,
         "reason": reason,
+        **extra,
     }

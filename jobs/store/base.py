@@ -34,6 +34,19 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove a key; a missing key is not an error."""
 
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist, atomically: True if this call created it.
+
+        Of several callers racing on one key exactly one gets True (where the
+        server honours the condition; see :class:`.s3.S3Store`). The object is
+        whole when it appears. The one primitive the cell lease needs (:mod:`.lease`).
+        """
+
+    @abstractmethod
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every key under ``prefix`` with its size in bytes (one listing; what ``list`` returns, plus sizes)."""
+
     def check(self) -> None:
         """Raise StoreUnavailable (or ConfigError) when the store cannot be used."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from critbatch.jobs.cell.errors import ConfigError
@@ -50,6 +51,33 @@ class LocalStore(Store):
                     continue
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """A complete temporary file hard-linked into place: link() fails if the key exists, and never
+        shows a half-written file (O_CREAT | O_EXCL would, between the create and the write)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        out = {}
+        for key in self.list(prefix):
+            try:
+                out[key] = (self.root / key).stat().st_size
+            except FileNotFoundError:  # deleted since the listing
+                continue
+        return out
 
     def delete(self, key: str) -> None:
         try:

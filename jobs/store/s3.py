@@ -110,6 +110,40 @@ class S3Store(Store):
 
         return self._call("list", run)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``): the server refuses it (412) when the key exists.
+
+        AWS S3 (since 2024), MinIO and SeaweedFS (4.x; tests/test_lease.py checks the loopback one, racers
+        included) honour the condition. A server that ignores it overwrites instead, and returns True to
+        every racer: the lease therefore reads its record back before trusting it (:mod:`.lease`).
+        A 409 (another conditional write to the key in flight) counts as losing the race.
+        """
+        from botocore.exceptions import ClientError
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                   "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+
+        return self._call("create", put)
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def run() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                out.update((obj["Key"][strip:], int(obj["Size"])) for obj in page.get("Contents", []))
+            return dict(sorted(out.items()))
+
+        return self._call("list", run)
+
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
