@@ -126,26 +126,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
     p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
                    help="override the grid's backend (default: job for one node, pytorchjob for several)")
-    p.add_argument("--no-analysis", action="store_true", help="leave out the analysis Job")
+    p.add_argument("--analysis", action="store_true",
+                   help="the analysis Job alone, which starts at once: apply it when every cell has finished "
+                   "(the cells' stream leaves it out, so re-applying that never touches a running analysis)")
     p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
     p.add_argument("--image", default=None, help="override the grid's image")
     p.add_argument("--namespace", default=None, help="override the grid's namespace")
 
-    p = _command(sub, "submit", "critbatch.jobs.sweep.cluster:cli_submit", "create a grid's objects on the cluster")
+    p = _command(sub, "submit", "critbatch.jobs.sweep.submit:cli_submit", "create a grid's objects on the cluster")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
-    p.add_argument("--max-active", type=int, default=0, help="cap on cells running at once (0: no cap)")
+    p.add_argument("--max-active", type=int, default=0,
+                   help="cap on cells running at once; the rest wait suspended (default: the grid's max_active; "
+                   "0: no cap)")
     p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
+    p.add_argument("--image", default=None, help="override the grid's image (the placeholder critbatch:latest is refused)")
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+                   help="override the grid's backend")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="delete failed cells' objects and _FAILED markers and create them anew")
     p.add_argument("--wait", action="store_true",
                    help="keep submitting until every cell has finished, then start the analysis Job")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="polling interval with --wait")
     p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
     p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
 
-    p = _command(sub, "status", "critbatch.jobs.sweep.cluster:cli_status", "one table of every cell's cluster and store state")
+    p = _command(sub, "status", "critbatch.jobs.sweep.status:cli_status", "one table of every cell's cluster and store state")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--store", default=None, help="override the grid's store")
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+                   help="the backend the cells were submitted with, if not the grid's")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 
     p = _command(sub, "presets", "critbatch.jobs.sweep.grid:cli_presets", "list the grid presets shipped with critbatch")

@@ -196,6 +196,7 @@ def test_too_many_cells_is_an_error():
 def test_name_budget_grows_with_nodes_for_multi_node_backends():
     assert max_sweep_length("job", 1) == 42
     assert max_sweep_length("pytorchjob", 4) == 42 - len("-worker-2")
+    assert max_sweep_length("pytorchjob", 1) == 42 - len("-master-0")  # the master pod's hostname
     assert max_sweep_length("trainjob", 16) == 42 - len("-node-0-15")
     long = "a" * 40
     load_grid(spec(sweep=long))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -259,25 +260,26 @@ def test_pytorchjob_gets_rendezvous_from_the_operator_without_a_shell():
         assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": k8s.PYTORCHJOB_PORT}]
 
 
-def test_analysis_job_runs_analyze_and_starts_suspended():
+def test_analysis_job_runs_analyze_and_carries_no_suspend_flag():
     grid = small()
     obj = render.render_analysis_job(grid)
     assert obj["metadata"]["name"] == "critbatch-golden-analysis"
     assert obj["metadata"]["labels"][k8s.LABEL_COMPONENT] == "analysis"
-    assert obj["spec"]["suspend"] is True
+    assert "suspend" not in obj["spec"]  # a re-applied manifest would reset it, stopping a running analysis
     container = obj["spec"]["template"]["spec"]["containers"][0]
     assert "command" not in container  # the image's entrypoint is critbatch
     assert container["args"] == ["analyze", "--store", "s3://critbatch/runs", "--sweep", "golden"]
 
 
-@pytest.mark.parametrize("backend,nodes", [("job", 1), ("pytorchjob", 4), ("trainjob", 16)])
+@pytest.mark.parametrize("backend,nodes", [("job", 1), ("pytorchjob", 1), ("pytorchjob", 4), ("trainjob", 16)])
 def test_longest_allowed_sweep_keeps_every_derived_name_within_63(backend, nodes):
     sweep = "s" * max_sweep_length(backend, nodes)
     grid = small(sweep=sweep, backend=backend, resources={"gpus": 1, "nodes": nodes}, batch_size=[64, 256])
+    derived = {"PyTorchJob": ["-master-0"] + [f"-worker-{i}" for i in range(nodes - 1)],
+               "TrainJob": [f"-node-0-{i}" for i in range(nodes)]}
     for obj in render.render_grid(grid):
-        name = obj["metadata"]["name"]
-        longest = name + {"PyTorchJob": f"-worker-{nodes - 2}", "TrainJob": f"-node-0-{nodes - 1}"}.get(obj["kind"], "")
-        assert len(longest) <= 63, longest
+        for suffix in derived.get(obj["kind"], [""]):
+            assert len(obj["metadata"]["name"] + suffix) <= 63, obj["metadata"]["name"] + suffix
 
 
 def test_every_kind_uses_the_same_security_profile():
@@ -438,13 +440,13 @@ def test_rerender_is_byte_identical(tmp_path, capsys):
     first = capsys.readouterr().out
     assert cli.main(["render", str(spec)]) == 0
     assert capsys.readouterr().out == first
-    assert first.count("\n---\n") + 1 == len(load_grid(str(spec)).cells()) + 1
+    assert first.count("\n---\n") + 1 == len(load_grid(str(spec)).cells())  # the cells; no analysis Job
     out = tmp_path / "out"
     assert cli.main(["render", str(spec), "-o", str(out)]) == 0
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert cli.main(["render", str(spec), "-o", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
-    assert len(files) == 5
+    assert len(files) == 4
     assert b"".join(b"---\n" + files[n] for n in sorted(files)) != b""  # non-empty files
     assert sorted(yaml.safe_load_all(first), key=lambda o: o["metadata"]["name"]) == \
         sorted((yaml.safe_load(b) for b in files.values()), key=lambda o: o["metadata"]["name"])
@@ -452,12 +454,28 @@ def test_rerender_is_byte_identical(tmp_path, capsys):
 
 def test_render_options_override_the_grid(tmp_path, capsys):
     assert cli.main(["render", "table1-wikitext2-lstm", "--store", "s3://other/p", "--image", "reg/cb:1",
-                     "--namespace", "ml", "--backend", "trainjob", "--no-analysis"]) == 0
+                     "--namespace", "ml", "--backend", "trainjob"]) == 0
     objects = list(yaml.safe_load_all(capsys.readouterr().out))
     assert {o["kind"] for o in objects} == {"TrainJob"}
     assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
     assert {o["spec"]["trainer"]["image"] for o in objects} == {"reg/cb:1"}
     assert all("s3://other/p/datasets" in o["spec"]["trainer"]["args"] for o in objects)
+
+
+@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
+def test_workload_identity_renders_no_credential_variables(backend):
+    grid = small(backend=backend, store_secret=None, resources={"gpus": 1, "nodes": 1 if backend == "job" else 2})
+    for obj in (render.render_cell(grid, grid.cells()[0]), render.render_analysis_job(grid)):
+        names = {var["name"] for env in render.env_lists(obj) for var in env}
+        assert "CRITBATCH_STORE" in names and not names & set(render.CREDENTIAL_VARS)
+        assert "secretKeyRef" not in json.dumps(obj)
+
+
+def test_render_analysis_is_the_analysis_job_alone(capsys):
+    assert cli.main(["render", "table1-wikitext2-lstm", "--analysis"]) == 0
+    (obj,) = yaml.safe_load_all(capsys.readouterr().out)
+    assert obj["kind"] == "Job" and obj["metadata"]["name"] == "critbatch-table1-wikitext2-lstm-analysis"
+    assert "suspend" not in obj["spec"]
 
 
 def test_local_store_cannot_be_rendered(capsys):

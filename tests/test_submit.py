@@ -1,27 +1,35 @@
 """`submit` and `status` against the real `kubernetes` client, its HTTP calls answered on loopback.
 
 No Kubernetes API server can run on these machines (no Kubernetes binaries are reachable), so a small
-http.server plays the few REST endpoints submit and status use - list/create/patch of batch/v1 Jobs and
-list/create of custom objects - with the API server's status codes (201 Created, 409 AlreadyExists as a
-Status object) and label selectors. Everything above the HTTP layer is the real client: request building,
-serialisation, ApiException on errors. The store is the real loopback S3 server or a local directory.
+http.server plays the REST endpoints submit and status use - list/create/merge-patch/delete of batch/v1
+Jobs and custom objects, list of pods, read of a Secret - with the API server's status codes (201 Created,
+409 AlreadyExists and 404 NotFound as Status objects), label selectors, and the faults a real one gives
+under load: 429 with Retry-After, 500/503, and no answer at all (the server stopped mid `--wait`).
+Everything above the HTTP layer is the real client: request building, serialisation, ApiException on
+errors, urllib3's connection handling. The store is the real loopback S3 server or a local directory.
+What a controller would do (a Job completing, failing, its pods stuck) the tests write into the objects.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 from kubernetes import client
 
 from critbatch.jobs import cli
-from critbatch.jobs.sweep import cluster as submit, k8s
-from critbatch.jobs.sweep.grid import load_grid
+from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.layout import failed_key, success_key
 from critbatch.jobs.store import open_store
-from critbatch.jobs.cell.layout import success_key
+from critbatch.jobs.store.local import LocalStore
+from critbatch.jobs.sweep import cluster as api, k8s, status, submit
+from critbatch.jobs.sweep.grid import load_grid
+from critbatch.jobs.sweep.markers import MarkerBook
 
 SPEC = {
     "sweep": "sub",
@@ -35,77 +43,143 @@ SPEC = {
     "batch_size": [16, 32, 64],
     "resources": {"gpus": 0, "cpu": 1, "memory": "1Gi", "shm": "64Mi"},
     "store": "s3://critbatch/runs",
+    "image": "registry.example/critbatch:1.0",
 }
+JOBS = "/apis/batch/v1/namespaces/critbatch/jobs"
+PODS = "/api/v1/namespaces/critbatch/pods"
+SECRETS = "/api/v1/namespaces/critbatch/secrets"
+
+
+def merge_patch(target, patch):
+    """RFC 7386, as the API server applies application/merge-patch+json."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = value
+
+
+def status_body(code, reason, message=""):
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
+            "message": message}
 
 
 class FakeApiServer:
-    """Objects by (path prefix, name); each request recorded as (method, path)."""
+    """Objects by collection path and name; each request recorded as (method, path).
+
+    ``faults``: (method, path prefix, status, headers) answered, once each and in order, to the first
+    requests they match, before any real handling - the throttling and outages of a busy API server.
+    """
 
     def __init__(self):
         self.objects: dict[str, dict[str, dict]] = {}
         self.requests: list[tuple[str, str]] = []
         self.conflict_on_create: set[str] = set()  # names whose create answers 409 though never listed
+        self.faults: list[tuple[str, str, int, dict]] = []
+        self.port = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _send(self, code, body):
+            def _send(self, code, body, headers=()):
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for key, value in dict(headers).items():
+                    self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(data)
 
             def _body(self):
                 return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
 
-            def do_GET(self):
+            def _start(self, method):
                 url = urllib.parse.urlsplit(self.path)
-                fake.requests.append(("GET", url.path))
-                query = urllib.parse.parse_qs(url.query)
-                selector = dict(kv.split("=", 1) for kv in query.get("labelSelector", [""])[0].split(",") if kv)
-                items = [o for o in fake.objects.get(url.path, {}).values()
-                         if all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
-                self._send(200, {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
+                fake.requests.append((method, url.path))
+                for fault in fake.faults:
+                    if fault[0] == method and url.path.startswith(fault[1]):
+                        fake.faults.remove(fault)
+                        self._body() if method != "GET" else None
+                        self._send(fault[2], status_body(fault[2], "Fault"), fault[3])
+                        return None
+                return url
+
+            def do_GET(self):
+                url = self._start("GET")
+                if url is None:
+                    return
+                if url.path in fake.objects or url.path.endswith(("/jobs", "/pods", "/pytorchjobs", "/trainjobs")):
+                    query = urllib.parse.parse_qs(url.query)
+                    selector = dict(kv.split("=", 1) for kv in query.get("labelSelector", [""])[0].split(",") if kv)
+                    items = [o for o in fake.objects.get(url.path, {}).values()
+                             if all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
+                    self._send(200, {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
+                    return
+                prefix, _, name = url.path.rpartition("/")
+                obj = fake.objects.get(prefix, {}).get(name)
+                self._send(200, obj) if obj else self._send(404, status_body(404, "NotFound", f"{name} not found"))
 
             def do_POST(self):
-                path = urllib.parse.urlsplit(self.path).path
-                fake.requests.append(("POST", path))
+                url = self._start("POST")
+                if url is None:
+                    return
                 obj = self._body()
                 name = obj["metadata"]["name"]
-                bucket = fake.objects.setdefault(path, {})
+                bucket = fake.objects.setdefault(url.path, {})
                 if name in bucket or name in fake.conflict_on_create:
-                    self._send(409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409,
-                                     "reason": "AlreadyExists", "message": f'"{name}" already exists'})
+                    self._send(409, status_body(409, "AlreadyExists", f'"{name}" already exists'))
                     return
-                obj.setdefault("metadata", {})["uid"] = f"uid-{len(fake.requests)}"
+                obj["metadata"]["uid"] = f"uid-{len(fake.requests)}"
                 bucket[name] = obj
                 self._send(201, obj)
 
             def do_PATCH(self):
-                path = urllib.parse.urlsplit(self.path).path
-                fake.requests.append(("PATCH", path))
+                url = self._start("PATCH")
+                if url is None:
+                    return
                 assert self.headers["Content-Type"] == "application/merge-patch+json"
-                prefix, _, name = path.rpartition("/")
+                prefix, _, name = url.path.rpartition("/")
                 obj = fake.objects.get(prefix, {}).get(name)
                 if obj is None:
-                    self._send(404, {"kind": "Status", "apiVersion": "v1", "code": 404, "reason": "NotFound"})
+                    self._send(404, status_body(404, "NotFound"))
                     return
-                obj["spec"].update(self._body().get("spec", {}))
+                merge_patch(obj, self._body())
                 self._send(200, obj)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            def do_DELETE(self):
+                url = self._start("DELETE")
+                if url is None:
+                    return
+                assert self._body() == {"propagationPolicy": "Background"}
+                prefix, _, name = url.path.rpartition("/")
+                obj = fake.objects.get(prefix, {}).pop(name, None)
+                self._send(200, obj) if obj else self._send(404, status_body(404, "NotFound"))
+
+        self.handler = Handler
+        self.start()
+
+    def start(self):
+        """Listen (again, on the same port after a stop) and serve from a thread."""
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        """Stop listening: connections are refused until start()."""
+        self.server.shutdown()
+        self.server.server_close()
 
     @property
     def host(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
-    def jobs(self, namespace="critbatch") -> dict[str, dict]:
-        return self.objects.get(f"/apis/batch/v1/namespaces/{namespace}/jobs", {})
+    def jobs(self) -> dict[str, dict]:
+        return self.objects.get(JOBS, {})
 
     def custom(self, group, version, plural, namespace="critbatch") -> dict[str, dict]:
         return self.objects.get(f"/apis/{group}/{version}/namespaces/{namespace}/{plural}", {})
@@ -113,20 +187,46 @@ class FakeApiServer:
     def creates(self):
         return [r for r in self.requests if r[0] == "POST"]
 
+    def add_secret(self, name="critbatch-store", keys=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")):
+        self.objects.setdefault(SECRETS, {})[name] = {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "critbatch"},
+            "data": {k: "c2VjcmV0" for k in keys}}
+
+    def add_pod(self, cell_id, name, *, waiting=None, unschedulable=None, phase="Pending"):
+        """A cell's pod as the kubelet or the scheduler reports it: a container waiting (reason, message),
+        or PodScheduled False with the scheduler's message."""
+        labels = {k8s.LABEL_SWEEP: "sub", k8s.LABEL_COMPONENT: k8s.COMPONENT_CELL, k8s.LABEL_CELL: cell_id}
+        pod_status = {"phase": phase}
+        if waiting:
+            pod_status["containerStatuses"] = [{
+                "name": "critbatch", "image": "registry.example/critbatch:1.0", "imageID": "", "ready": False,
+                "restartCount": 0, "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
+        if unschedulable:
+            pod_status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                         "message": unschedulable}]
+        self.objects.setdefault(PODS, {})[name] = {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "critbatch", "labels": labels},
+            "spec": {"containers": [{"name": "critbatch", "image": "registry.example/critbatch:1.0"}]},
+            "status": pod_status}
+
 
 @pytest.fixture
 def api_server():
     server = FakeApiServer()
-    server.thread.start()
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.stop()
 
 
 @pytest.fixture
-def cluster(api_server):
+def sleeps():
+    """The backoff's sleeps, recorded instead of slept."""
+    return []
+
+
+@pytest.fixture
+def cluster(api_server, sleeps):
     configuration = client.Configuration(host=api_server.host)
-    return submit.Cluster(client.ApiClient(configuration), "critbatch")
+    return api.Cluster(client.ApiClient(configuration), "critbatch", sleep=sleeps.append)
 
 
 @pytest.fixture
@@ -142,31 +242,46 @@ def cell_jobs(api_server):
     return {n: o for n, o in api_server.jobs().items() if o["metadata"]["labels"][k8s.LABEL_COMPONENT] == "cell"}
 
 
-def mark(obj, state):
-    """Give an object the status the Job controller would."""
+def by_cell(objects):
+    return {o["metadata"]["labels"][k8s.LABEL_CELL]: o for o in objects.values()}
+
+
+def mark(obj, state, reason=""):
+    """Give an object the status its controller would."""
     if state == "running":
         obj["status"] = {"active": 1}
     elif state in ("Complete", "Failed"):
-        obj["status"] = {"conditions": [{"type": state, "status": "True"}]}
+        obj["status"] = {"conditions": [{"type": state, "status": "True", "reason": reason,
+                                         "message": f"the controller's words for {reason}"}]}
 
 
-def finish_in_store(store, g, cell, status="done"):
-    store.put_text(success_key(g.sweep, cell.id), json.dumps({"status": status}))
+def finish_in_store(store, g, cell_id, status="done"):
+    store.put_text(success_key(g.sweep, cell_id), json.dumps({"status": status}))
 
 
-# ---- submit --------------------------------------------------------------------------------------------------
+def kubeconfig(tmp_path, monkeypatch, api_server):
+    path = tmp_path / "config"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api_server.host}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(path))
 
 
-def test_submit_creates_every_cell_and_a_suspended_analysis_job(api_server, cluster, store):
+# ---- submit: creating, capping, resuming -----------------------------------------------------------------
+
+
+def test_submit_creates_every_cell_running_and_no_analysis_job_yet(api_server, cluster, store):
     g = grid()
     report = submit.submit_once(g, cluster, store)
-    assert sorted(report.created) == sorted(c.id for c in g.cells())
-    jobs = api_server.jobs()
-    assert len(cell_jobs(api_server)) == 6
-    analysis = jobs["critbatch-sub-analysis"]
-    assert analysis["spec"]["suspend"] is True and report.analysis == "created (suspended)"
-    sent = jobs[k8s.object_name("sub", g.cells()[0].id)]
-    assert sent["spec"]["template"]["spec"]["containers"][0]["command"] == ["torchrun"]
+    assert sorted(report.created) == sorted(report.started) == sorted(g.cell_ids())
+    jobs = cell_jobs(api_server)
+    assert len(jobs) == 6 and {o["spec"]["suspend"] for o in jobs.values()} == {False}
+    assert "critbatch-sub-analysis" not in api_server.jobs() and report.analysis == ""
+    # Nothing rendered for kubectl carries the flag: a re-applied stream never suspends or resumes a cell.
+    assert "suspend" not in submit.render_cell(g, g.cells()[0])["spec"]
 
 
 def test_submit_is_idempotent(api_server, cluster, store):
@@ -180,82 +295,157 @@ def test_submit_is_idempotent(api_server, cluster, store):
 
 def test_already_exists_counts_as_done(api_server, cluster, store):
     g = grid()
-    racing = k8s.object_name("sub", g.cells()[2].id)
+    racing = k8s.object_name("sub", g.cell_ids()[2])
     api_server.conflict_on_create.add(racing)  # created by someone else between our list and our create
     report = submit.submit_once(g, cluster, store)
-    assert g.cells()[2].id in report.already_existed
+    assert g.cell_ids()[2] in report.already_existed
     assert len(report.created) == 5
-    assert ("POST", "/apis/batch/v1/namespaces/critbatch/jobs") in api_server.creates()
 
 
-def test_other_api_errors_are_raised(api_server, cluster, store):
-    from kubernetes.client.exceptions import ApiException
-
-    g = grid(namespace="missing")
-    cluster.namespace = "missing"
-    api_server.server.RequestHandlerClass.do_POST = lambda self: self._send(403, {"kind": "Status", "code": 403})
-    with pytest.raises(ApiException) as info:
-        submit.submit_once(g, cluster, store)
-    assert info.value.status == 403
+def test_a_refusal_is_one_config_error_and_not_retried(api_server, cluster, store, sleeps):
+    api_server.faults.append(("POST", JOBS, 403, {}))
+    with pytest.raises(ConfigError, match="create Job critbatch-sub-.* in namespace critbatch: 403 Forbidden"):
+        submit.submit_once(grid(), cluster, store)
+    assert len(api_server.creates()) == 1 and sleeps == []
 
 
 def test_cells_finished_in_the_store_are_skipped(api_server, cluster, store):
     g = grid()
-    finish_in_store(store, g, g.cells()[0])
-    finish_in_store(store, g, g.cells()[1], "diverged")
+    finish_in_store(store, g, g.cell_ids()[0])
+    finish_in_store(store, g, g.cell_ids()[1], "diverged")
     report = submit.submit_once(g, cluster, store)
-    assert sorted(report.skipped_done) == sorted([g.cells()[0].id, g.cells()[1].id])
+    assert sorted(report.skipped_done) == sorted(g.cell_ids()[:2])
     names = set(cell_jobs(api_server))
-    assert k8s.object_name("sub", g.cells()[0].id) not in names and len(names) == 4
+    assert k8s.object_name("sub", g.cell_ids()[0]) not in names and len(names) == 4
 
 
-def test_concurrency_cap_counts_active_jobs_of_the_sweep(api_server, cluster, store):
+def test_cap_creates_the_rest_suspended_and_resumes_as_cells_finish(api_server, cluster, store):
     g = grid()
     report = submit.submit_once(g, cluster, store, max_active=2)
-    assert len(report.created) == 2 and len(report.waiting) == 4
-    # Nothing finished: a second pass creates nothing more.
+    assert len(report.created) == 6 and len(report.started) == 2 and len(report.waiting) == 4
+    jobs = by_cell(cell_jobs(api_server))
+    assert sorted(c for c, o in jobs.items() if not o["spec"]["suspend"]) == sorted(report.started)
+    # Nothing finished: a second pass creates and resumes nothing.
     report = submit.submit_once(g, cluster, store, max_active=2)
-    assert report.created == [] and len(report.waiting) == 4
-    # One Job completes (its marker is in the store), one is still running: one slot frees up.
-    first, second = cell_jobs(api_server).values()
-    mark(first, "Complete")
-    mark(second, "running")
+    assert report.created == [] and report.started == [] and len(report.waiting) == 4
+    # One cell completes (its marker is in the store), one is still running: one slot frees up, and the
+    # first suspended cell in the grid's order is resumed by a merge patch.
+    first, second = report.already_existed
+    mark(jobs[first], "Complete")
+    finish_in_store(store, g, first)
+    mark(jobs[second], "running")
     report = submit.submit_once(g, cluster, store, max_active=2)
-    assert len(report.created) == 1 and len(report.waiting) == 3
+    resumed = [c for c in g.cell_ids() if c not in (first, second)][0]
+    assert report.started == [resumed] and len(report.waiting) == 3
+    assert jobs[resumed]["spec"]["suspend"] is False
+    assert ("PATCH", f"{JOBS}/{k8s.object_name('sub', resumed)}") in api_server.requests
     # Jobs of another sweep do not count against this one's cap.
-    other = grid(sweep="other")
-    report = submit.submit_once(other, cluster, store, max_active=2)
-    assert len(report.created) == 2
+    report = submit.submit_once(grid(sweep="other"), cluster, store, max_active=2)
+    assert len(report.started) == 2
 
 
-def test_the_grid_cap_applies_and_failed_cells_are_not_recreated(api_server, cluster, store):
-    g = grid(max_active=3)
-    submit.submit_once(g, cluster, store, max_active=g.max_active)
-    assert len(cell_jobs(api_server)) == 3
+def test_with_a_kueue_queue_every_cell_waits_for_admission(api_server, cluster, store):
+    g = grid(queue="team-a")
+    report = submit.submit_once(g, cluster, store, max_active=2)
+    assert len(report.created) == 6 and report.started == [] and len(report.waiting) == 6
+    jobs = cell_jobs(api_server).values()
+    assert {o["spec"]["suspend"] for o in jobs} == {True}
+    assert {o["metadata"]["labels"][k8s.LABEL_QUEUE] for o in jobs} == {"team-a"}
+    submit.submit_once(g, cluster, store, max_active=2)
+    assert not [r for r in api_server.requests if r[0] == "PATCH"]  # resuming is Kueue's admission
+
+
+def test_store_markers_are_read_with_one_list_per_pass(api_server, cluster, tmp_path):
+    calls = []
+
+    class Counting(LocalStore):
+        def list(self, prefix):
+            calls.append(("list", prefix))
+            return super().list(prefix)
+
+        def exists(self, key):
+            calls.append(("exists", key))
+            return super().exists(key)
+
+    store = Counting(tmp_path)
+    g = grid()
+    finish_in_store(store, g, g.cell_ids()[0])
+    book = MarkerBook(store, g.sweep)
+    for _ in range(3):
+        submit.submit_once(g, cluster, store, book=book)
+    assert calls == [("list", "sub/cells/")] * 3
+
+
+# ---- failed cells --------------------------------------------------------------------------------------------
+
+
+def test_a_failed_cell_is_remembered_in_the_store_and_not_recreated(api_server, cluster, store):
+    g = grid()
+    submit.submit_once(g, cluster, store)
+    jobs = by_cell(cell_jobs(api_server))
+    bad = g.cell_ids()[3]
+    mark(jobs[bad], "Failed", "PodFailurePolicy")
+    report = submit.submit_once(g, cluster, store)
+    assert report.failed == {bad: "PodFailurePolicy: the controller's words for PodFailurePolicy"}
+    marker = json.loads(store.get_text(failed_key("sub", bad)))
+    assert marker["reason"] == report.failed[bad] and marker["by"] == "submit" and marker["kind"] == "Job"
+    # The Job's TTL deletes it: the next pass reports the cell failed from the store and creates nothing.
+    del api_server.jobs()[k8s.object_name("sub", bad)]
+    creates = len(api_server.creates())
+    report = submit.submit_once(g, cluster, store)
+    assert report.failed == {bad: marker["reason"]} and len(api_server.creates()) == creates
+    # Every other cell finishes: the sweep is finished, and the analysis held back, saying why.
+    for cell_id, obj in jobs.items():
+        if cell_id != bad:
+            mark(obj, "Complete")
+            finish_in_store(store, g, cell_id)
+    report = submit.submit_once(g, cluster, store)
+    assert report.finished and report.analysis.startswith("held: 1 cells failed")
+    assert "critbatch-sub-analysis" not in api_server.jobs()
+
+
+def test_retry_failed_deletes_the_object_and_the_marker_and_creates_the_cell_anew(api_server, cluster, store):
+    g = grid()
+    submit.submit_once(g, cluster, store)
+    jobs = by_cell(cell_jobs(api_server))
+    bad, gone = g.cell_ids()[1], g.cell_ids()[4]
+    mark(jobs[bad], "Failed", "BackoffLimitExceeded")
+    mark(jobs[gone], "Failed", "DeadlineExceeded")
+    submit.submit_once(g, cluster, store)
+    del api_server.jobs()[k8s.object_name("sub", gone)]  # deleted by its TTL; only the marker is left
+    report = submit.submit_once(g, cluster, store, retry_failed=True)
+    assert sorted(report.retried) == sorted([bad, gone]) and sorted(report.created) == sorted([bad, gone])
+    assert ("DELETE", f"{JOBS}/{k8s.object_name('sub', bad)}") in api_server.requests
+    assert not store.exists(failed_key("sub", bad)) and not store.exists(failed_key("sub", gone))
+    fresh = by_cell(cell_jobs(api_server))
+    assert "status" not in fresh[bad] and "status" not in fresh[gone]
+
+
+# ---- the --wait loop ------------------------------------------------------------------------------------------
+
+
+def complete_everything(api_server, store, g):
     for obj in cell_jobs(api_server).values():
-        mark(obj, "Failed")
-    report = submit.submit_once(g, cluster, store, max_active=g.max_active)
-    assert len(report.failed) == 3 and len(report.created) == 3
+        mark(obj, "Complete")
+        finish_in_store(store, g, obj["metadata"]["labels"][k8s.LABEL_CELL])
 
 
-def test_wait_keeps_submitting_then_starts_the_analysis(api_server, cluster, store):
+def test_wait_keeps_submitting_then_creates_the_analysis(api_server, cluster, store):
     g = grid()
     polls = []
 
     def sleep(seconds):
-        # Between polls the cluster runs what was created: each running cell finishes and writes _SUCCESS.
+        # Between polls the cluster runs what was resumed: each running cell finishes and writes _SUCCESS.
         polls.append(seconds)
         for obj in cell_jobs(api_server).values():
-            mark(obj, "Complete")
-            cell_id = obj["metadata"]["labels"][k8s.LABEL_CELL]
-            finish_in_store(store, g, next(c for c in g.cells() if c.id == cell_id))
+            if not obj["spec"]["suspend"]:
+                mark(obj, "Complete")
+                finish_in_store(store, g, obj["metadata"]["labels"][k8s.LABEL_CELL])
 
     report = submit.submit(g, cluster, store, max_active=4, wait=True, poll_seconds=0.5, sleep=sleep)
     assert report.finished and polls == [0.5, 0.5]
-    assert len(cell_jobs(api_server)) == 6
-    assert api_server.jobs()["critbatch-sub-analysis"]["spec"]["suspend"] is False
-    assert report.analysis == "resumed"
-    assert ("PATCH", "/apis/batch/v1/namespaces/critbatch/jobs/critbatch-sub-analysis") in api_server.requests
+    analysis = api_server.jobs()["critbatch-sub-analysis"]
+    assert "suspend" not in analysis["spec"] and report.analysis == "created"
 
 
 def test_wait_times_out(api_server, cluster, store):
@@ -263,18 +453,198 @@ def test_wait_times_out(api_server, cluster, store):
         submit.submit(grid(), cluster, store, wait=True, poll_seconds=1.0, timeout=1.5, sleep=lambda s: None)
 
 
-@pytest.mark.parametrize("backend,kind,group,version,plural", [
-    ("pytorchjob", "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs"),
-    ("trainjob", "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs"),
-])
-def test_custom_objects_for_multi_node_backends(api_server, cluster, store, backend, kind, group, version, plural):
-    g = grid(backend=backend, resources={"gpus": 0, "nodes": 2, "cpu": 1, "memory": "1Gi"})
+# ---- transient API errors ----------------------------------------------------------------------------------
+
+
+def test_429_waits_at_least_what_retry_after_asks(api_server, cluster, store, sleeps):
+    api_server.faults.append(("POST", JOBS, 429, {"Retry-After": "3"}))
+    report = submit.submit_once(grid(), cluster, store)
+    assert len(report.created) == 6
+    assert len(sleeps) == 1 and 3 <= sleeps[0] <= 4  # Retry-After plus at most a second of jitter
+    assert len(api_server.creates()) == 7  # the throttled create, sent again
+
+
+def test_retry_after_as_an_http_date_and_capped():
+    from kubernetes.client.exceptions import ApiException
+
+    err = ApiException(status=429)
+    err.headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}  # in the past: no wait
+    assert api.retry_after(err) == 0.0
+    err.headers = {"Retry-After": "86400"}
+    state = type("State", (), {"outcome": type("O", (), {"exception": lambda self: err})()})()
+    assert api.MAX_RETRY_AFTER <= api.wait_retry_after(None)(state) <= api.MAX_RETRY_AFTER + 1
+
+
+def test_500s_back_off_exponentially_then_succeed(api_server, cluster, store, sleeps):
+    api_server.faults += [("GET", JOBS, 500, {}), ("GET", JOBS, 503, {}), ("GET", JOBS, 502, {})]
+    report = submit.submit_once(grid(), cluster, store)
+    assert len(report.created) == 6
+    assert len(sleeps) == 3 and all(0 <= s <= 2 ** i for i, s in enumerate(sleeps))  # jittered: below 1, 2, 4 s
+    assert [r for r in api_server.requests if r == ("GET", JOBS)][:4] == [("GET", JOBS)] * 4
+
+
+def test_an_outage_past_the_retries_is_cluster_unavailable(api_server, cluster, store, sleeps):
+    api_server.faults += [("GET", JOBS, 503, {})] * cluster.attempts
+    with pytest.raises(api.ClusterUnavailable, match=fr"list Jobs: 503 Service Unavailable \(after {cluster.attempts} tries\)"):
+        submit.submit_once(grid(), cluster, store)
+    assert len(sleeps) == cluster.attempts - 1 and api_server.creates() == []
+
+
+def test_wait_survives_the_api_server_going_away(api_server, cluster, store):
+    g = grid()
+    lines, polls = [], []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 1:
+            api_server.stop()  # connections refused through the whole next pass
+        elif len(polls) == 2:
+            api_server.start()
+            complete_everything(api_server, store, g)
+
+    report = submit.submit(g, cluster, store, wait=True, poll_seconds=5, sleep=sleep, log=lines.append)
+    assert report.finished and report.analysis == "created" and polls == [5, 5]
+    assert lines[0].startswith("created 6, started 6")
+    assert lines[1].startswith("this poll failed (kubernetes: list Jobs: MaxRetryError") and "trying again in 5 s" in lines[1]
+    assert lines[2].startswith("created 0") and lines[2].endswith("analysis job created")
+
+
+def test_a_store_outage_mid_wait_is_one_line_too(api_server, cluster, tmp_path):
+    from critbatch.jobs.cell.errors import StoreUnavailable
+
+    class Flaky(LocalStore):
+        down = False
+
+        def list(self, prefix):
+            if self.down:
+                raise StoreUnavailable("s3 unreachable")
+            return super().list(prefix)
+
+    store, g, lines = Flaky(tmp_path), grid(), []
+
+    def sleep(seconds):
+        store.down = not store.down
+        if not store.down:
+            complete_everything(api_server, store, g)
+
+    report = submit.submit(g, cluster, store, wait=True, poll_seconds=1, sleep=sleep, log=lines.append)
+    assert report.finished and lines[1] == "this poll failed (s3 unreachable); trying again in 1 s"
+
+
+# ---- stuck pods --------------------------------------------------------------------------------------------------
+
+
+STUCK = [
+    ("ImagePullBackOff", 'Back-off pulling image "registry.example/critbatch:1.0"', None),
+    ("CreateContainerConfigError", 'secret "critbatch-store" not found', None),
+    ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.", "unschedulable"),
+]
+
+
+def test_stuck_pods_are_reported_per_cell_by_submit_and_status(api_server, cluster, store):
+    g = grid()
+    submit.submit_once(g, cluster, store)
+    ids = g.cell_ids()
+    for i, (reason, message, how) in enumerate(STUCK):
+        if how:
+            api_server.add_pod(ids[i], f"pod-{i}", unschedulable=message)
+        else:
+            api_server.add_pod(ids[i], f"pod-{i}", waiting=(reason, message))
+        mark(by_cell(cell_jobs(api_server))[ids[i]], "running")  # a Job counts a pending pod as active
+    api_server.add_pod(ids[3], "pod-3", waiting=("ContainerCreating", ""))  # on its normal way: not stuck
+    api_server.add_pod(ids[4], "pod-4a", waiting=("ImagePullBackOff", "old"))  # an earlier pod, now replaced
+    api_server.add_pod(ids[4], "pod-4b", phase="Running")
+    for i in (3, 4):
+        mark(by_cell(cell_jobs(api_server))[ids[i]], "running")
     report = submit.submit_once(g, cluster, store)
+    assert report.stuck == {ids[i]: (reason, message, f"pod-{i}") for i, (reason, message, _) in enumerate(STUCK)}
+    assert "stuck: 1 CreateContainerConfigError, 1 ImagePullBackOff, 1 Unschedulable" in report.summary()
+    objects = {o["metadata"]["name"]: o for o in cluster.list("Job", k8s.cell_selector("sub"))}
+    pods = api.pods_by_cell(cluster.list("Pod", k8s.cell_selector("sub")))
+    rows = {r["cell"]: r for r in status.cell_states(g, MarkerBook(store, "sub").read(), objects, pods)}
+    for i, (reason, message, _) in enumerate(STUCK):
+        assert rows[ids[i]]["state"] == "pending" and rows[ids[i]]["why"] == f"{reason}: {message}"
+    assert rows[ids[4]]["state"] == "running" and rows[ids[3]]["why"] == "-"
+
+
+# ---- status ------------------------------------------------------------------------------------------------------
+
+
+def test_status_joins_cluster_and_store(api_server, cluster, store):
+    g = grid()
+    submit.submit_once(g, cluster, store, max_active=4)
+    jobs = by_cell(cell_jobs(api_server))
+    started = [c for c in g.cell_ids() if not jobs[c]["spec"]["suspend"]]
+    mark(jobs[started[0]], "Complete")
+    finish_in_store(store, g, started[0])
+    mark(jobs[started[1]], "Complete")
+    finish_in_store(store, g, started[1], "diverged")
+    mark(jobs[started[2]], "Failed", "BackoffLimitExceeded")
+    mark(jobs[started[3]], "running")
+    objects = {o["metadata"]["name"]: o for o in cluster.list("Job", k8s.cell_selector(g.sweep))}
+    rows = status.cell_states(g, MarkerBook(store, g.sweep).read(), objects, {})
+    by_id = {r["cell"]: r for r in rows}
+    assert by_id[started[0]]["state"] == "done" and by_id[started[1]]["state"] == "diverged"
+    assert by_id[started[2]]["state"] == "failed" and by_id[started[2]]["why"].startswith("BackoffLimitExceeded")
+    assert by_id[started[3]]["cluster"] == "running" and by_id[started[3]]["state"] == "running"
+    held = [r for r in rows if r["cluster"] == "suspended"]
+    assert len(held) == 2 and {r["state"] for r in held} == {"pending"}
+    table = status.format_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["CELL", "DATASET", "MODEL"]
+    assert table.splitlines()[-1] == "done 1  diverged 1  running 1  pending 2  failed 1  (total 6)"
+
+
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+
+
+@pytest.mark.parametrize("trainjob_status,suspend,expected", [
+    # Kubeflow Trainer has no Running condition: a TrainJob runs while a child Job has active pods.
+    ({"jobsStatus": [{"name": "node", "active": 1, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 0}]},
+     False, ("running", "running")),
+    ({"jobsStatus": [{"name": "node", "active": 0, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 1}],
+      "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": ""}]},
+     True, ("suspended", "pending")),
+    ({"conditions": [{"type": "Suspended", "status": "False", "reason": "Resumed", "message": ""}]},
+     False, ("created", "pending")),
+    ({"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": ""}]},
+     False, ("succeeded", "running")),
+    ({"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs", "message": "node failed"}]},
+     False, ("failed", "failed")),
+])
+def test_status_reads_trainjob_conditions(api_server, cluster, store, trainjob_status, suspend, expected):
+    g = grid(backend="trainjob", resources={"gpus": 0, "nodes": 2, "cpu": 1, "memory": "1Gi"})
+    submit.submit_once(g, cluster, store)
+    obj = by_cell(api_server.custom(*TRAINJOB))[g.cell_ids()[0]]
+    obj["spec"]["suspend"] = suspend
+    obj["status"] = trainjob_status
+    objects = {o["metadata"]["name"]: o for o in cluster.list("TrainJob", k8s.cell_selector(g.sweep))}
+    row = status.cell_states(g, MarkerBook(store, g.sweep).read(), objects, {})[0]
+    assert (row["cluster"], row["state"]) == expected
+    if expected[1] == "failed":
+        assert row["why"] == "FailedJobs: node failed"
+
+
+@pytest.mark.parametrize("backend,kind,group,version,plural,suspend_path", [
+    ("pytorchjob", "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", ("spec", "runPolicy", "suspend")),
+    ("trainjob", "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", ("spec", "suspend")),
+])
+def test_custom_objects_for_multi_node_backends(api_server, cluster, store, backend, kind, group, version, plural,
+                                                suspend_path):
+    def suspended(obj):
+        for key in suspend_path:
+            obj = obj[key]
+        return obj
+
+    g = grid(backend=backend, resources={"gpus": 0, "nodes": 2, "cpu": 1, "memory": "1Gi"})
+    report = submit.submit_once(g, cluster, store, max_active=1)
     objs = api_server.custom(group, version, plural)
     assert len(objs) == 6 and {o["kind"] for o in objs.values()} == {kind}
-    assert len(report.created) == 6
-    report = submit.submit_once(g, cluster, store)
-    assert report.created == [] and len(report.already_existed) == 6
+    assert sorted(suspended(o) for o in objs.values()) == [False] + [True] * 5
+    first = by_cell(objs)[report.started[0]]
+    first["status"] = {"conditions": [{"type": "Succeeded" if kind == "PyTorchJob" else "Complete", "status": "True"}]}
+    report = submit.submit_once(g, cluster, store, max_active=1)
+    assert report.created == [] and len(report.started) == 1
+    assert suspended(by_cell(objs)[report.started[0]]) is False  # resumed through the kind's own flag
 
 
 def test_dry_run_creates_nothing(api_server, cluster, store):
@@ -282,86 +652,101 @@ def test_dry_run_creates_nothing(api_server, cluster, store):
     assert len(report.created) == 6 and api_server.creates() == []
 
 
-# ---- status ---------------------------------------------------------------------------------------------------
-
-
-def test_status_joins_cluster_and_store(api_server, cluster, store):
-    g = grid()
-    cells = g.cells()
-    submit.submit_once(g, cluster, store, max_active=4)
-    jobs = {o["metadata"]["labels"][k8s.LABEL_CELL]: o for o in cell_jobs(api_server).values()}
-    created = [c for c in cells if c.id in jobs]
-    mark(jobs[created[0].id], "Complete")
-    finish_in_store(store, g, created[0])
-    mark(jobs[created[1].id], "Complete")
-    finish_in_store(store, g, created[1], "diverged")
-    mark(jobs[created[2].id], "Failed")
-    mark(jobs[created[3].id], "running")
-    objects = {o["metadata"]["name"]: o for o in cluster.list("Job", k8s.cell_selector(g.sweep))}
-    rows = submit.cell_states(g, store, objects)
-    by_id = {r["cell"]: r for r in rows}
-    assert by_id[created[0].id]["state"] == "done" and by_id[created[1].id]["state"] == "diverged"
-    assert by_id[created[2].id]["state"] == "failed" and by_id[created[3].id]["cluster"] == "running"
-    absent = [r for r in rows if r["cluster"] == "absent"]
-    assert len(absent) == 2 and {r["state"] for r in absent} == {"pending"}
-    table = submit.format_table(rows)
-    assert table.splitlines()[0].split()[:3] == ["CELL", "DATASET", "MODEL"]
-    assert table.splitlines()[-1] == "done 1  diverged 1  running 1  pending 2  failed 1  (total 6)"
+# ---- the commands ----------------------------------------------------------------------------------------------
 
 
 def test_status_command_without_cluster(tmp_path, capsys):
     store_dir = tmp_path / "store"
     g = grid(store=str(store_dir))
     store = open_store(str(store_dir))
-    finish_in_store(store, g, g.cells()[0])
+    finish_in_store(store, g, g.cell_ids()[0])
+    MarkerBook(store, g.sweep).record_failure(g.cell_ids()[1], kind="Job", name="x", reason="DeadlineExceeded",
+                                              by="status")
     spec = tmp_path / "g.json"
     spec.write_text(json.dumps({**SPEC, "store": str(store_dir)}))
     assert cli.main(["status", str(spec), "--no-cluster"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "done 1  diverged 0  running 0  pending 5  failed 0  (total 6)"
-    assert len(out) == 1 + 6 + 1
+    assert out[-1] == "done 1  diverged 0  running 0  pending 4  failed 1  (total 6)"
+    assert len(out) == 1 + 6 + 1 and "DeadlineExceeded" in out[2]
 
 
 def test_submit_without_any_cluster_config_is_one_clear_error(tmp_path, monkeypatch, capsys, s3_url):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "nothing"))
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    assert cli.main(["submit", "table1-wikitext2-lstm", "--store", s3_url, "--dry-run"]) == 2
+    assert cli.main(["submit", "table1-wikitext2-lstm", "--store", s3_url, "--image", "reg/cb:1", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no kube config found" in err[0]
 
 
 def test_submit_refuses_a_local_store(capsys, tmp_path):
-    assert cli.main(["submit", "table1-wikitext2-lstm", "--store", str(tmp_path)]) == 2
+    assert cli.main(["submit", "table1-wikitext2-lstm", "--store", str(tmp_path), "--image", "reg/cb:1"]) == 2
     assert "pods cannot reach" in capsys.readouterr().err
 
 
-def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, monkeypatch, capsys, s3_url):
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": api_server.host}}],
-        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-    }))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    spec = tmp_path / "g.yaml"
+def test_submit_refuses_the_placeholder_image(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    assert cli.main(["submit", "table1-wikitext2-lstm", "--store", s3_url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image: 'critbatch:latest' is the placeholder" in err[0] and "--image" in err[0]
+    assert api_server.requests == []
+
+
+@pytest.mark.parametrize("keys,problem", [
+    (None, "store_secret: no Secret 'critbatch-store' in namespace critbatch"),
+    (("AWS_ACCESS_KEY_ID",), "store_secret: Secret 'critbatch-store' in namespace critbatch lacks AWS_SECRET_ACCESS_KEY"),
+])
+def test_submit_checks_the_store_secret_first(api_server, tmp_path, monkeypatch, capsys, s3_url, keys, problem):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    if keys:
+        api_server.add_secret(keys=keys)
+    spec = tmp_path / "g.json"
     spec.write_text(json.dumps(SPEC))
-    assert cli.main(["submit", str(spec), "--store", s3_url, "--max-active", "4"]) == 0
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"critbatch submit: error: {problem}")
+    assert api_server.creates() == []
+
+
+def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_secret()
+    spec = tmp_path / "g.yaml"
+    spec.write_text(json.dumps({**SPEC, "image": "critbatch:latest"}))
+    assert cli.main(["submit", str(spec), "--store", s3_url, "--max-active", "4", "--image", "reg/cb:2",
+                     "--backend", "job"]) == 0
     out = capsys.readouterr()
-    assert len(out.out.splitlines()) == 4 and all(line.startswith("created critbatch-sub-") for line in out.out.splitlines())
-    assert "created 4, already there 0, done in store 0, held by the cap 2" in out.err
-    assert open_store(s3_url).exists("sub/sweep.yaml")
+    assert len(out.out.splitlines()) == 6 and all(line.startswith("created critbatch-sub-") for line in out.out.splitlines())
+    assert "created 6, started 4, already there 0, done in store 0, held by the cap 2" in out.err
+    assert {o["spec"]["template"]["spec"]["containers"][0]["image"] for o in cell_jobs(api_server).values()} == {"reg/cb:2"}
+    assert yaml.safe_load(open_store(s3_url).get_text("sub/sweep.yaml"))["spec"]["sweep"] == "sub"
+    jobs = by_cell(cell_jobs(api_server))
+    failed = next(c for c, o in jobs.items() if not o["spec"]["suspend"])
+    mark(jobs[failed], "Failed", "PodFailurePolicy")
     assert cli.main(["status", str(spec), "--store", s3_url]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[-1] == "done 0  diverged 0  running 0  pending 6  failed 0  (total 6)"
-    assert sum(" created " in line for line in table) == 4 and sum(" absent " in line for line in table) == 2
+    assert table[-1] == "done 0  diverged 0  running 0  pending 5  failed 1  (total 6)"
+    assert sum(" suspended " in line for line in table) == 2
+    # status wrote what it saw into the store: the failure outlives the Job.
+    assert json.loads(open_store(s3_url).get_text(failed_key("sub", failed)))["by"] == "status"
 
 
-def test_a_broken_kubeconfig_is_named(tmp_path, monkeypatch, capsys):
+def test_status_with_the_api_server_down_shows_the_store(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.stop()
+    monkeypatch.setattr(api.Cluster, "__init__", functools.partialmethod(api.Cluster.__init__, sleep=lambda s: None))
+    spec = tmp_path / "g.yaml"
+    spec.write_text(json.dumps(SPEC))
+    assert cli.main(["status", str(spec), "--store", s3_url]) == 0
+    out = capsys.readouterr()
+    assert "showing the store alone" in out.err and out.out.splitlines()[-1].endswith("(total 6)")
+    api_server.start()
+
+
+def test_a_broken_kubeconfig_is_named(tmp_path, monkeypatch):
     bad = tmp_path / "config"
     bad.write_text("apiVersion: v1\nkind: Config\ncurrent-context: nowhere\n")
     monkeypatch.setenv("KUBECONFIG", str(bad))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(submit.ConfigError, match=f"cannot use the kube config {bad}"):
-        submit.api_client()
+    with pytest.raises(ConfigError, match=f"cannot use the kube config {bad}"):
+        api.api_client()

@@ -1,7 +1,7 @@
 """Where a sweep's objects live in the store (design section 5).
 
     <store>/<sweep>/sweep.yaml
-    <store>/<sweep>/cells/<cell-id>/{cell.json, steps/, evals/, checkpoint/, _SUCCESS}
+    <store>/<sweep>/cells/<cell-id>/{cell.json, steps/, evals/, checkpoint/, _SUCCESS, _FAILED}
     <store>/<sweep>/report/...
 """
 
@@ -17,6 +17,12 @@ def cell_prefix(sweep: str, cell_id: str) -> str:
 
 def success_key(sweep: str, cell_id: str) -> str:
     return f"{cell_prefix(sweep, cell_id)}/_SUCCESS"
+
+
+def failed_key(sweep: str, cell_id: str) -> str:
+    """``_FAILED``: the cell's object failed on the cluster (JSON: reason, object, when). Written by
+    ``critbatch submit``/``status``, so a failure outlives the Job's TTL; ``submit --retry-failed`` removes it."""
+    return f"{cell_prefix(sweep, cell_id)}/_FAILED"
 
 
 def report_prefix(sweep: str) -> str:

@@ -1,15 +1,15 @@
-"""Create a grid's objects on a cluster, and report where every cell stands.
+"""The cluster's API as ``submit`` and ``status`` use it: a few calls on plain dicts, each one retried
+through transient errors, and the words they read back from an object or a pod.
 
-    critbatch submit table1-cifar10-resnet34                    # create what is missing, once
-    critbatch submit GRID --max-active 8 --wait                 # keep 8 cells running until all finish,
-                                                                # then start the analysis Job
-    critbatch status GRID                                       # one table: cluster state + store markers
-    critbatch status GRID --no-cluster                          # the store alone
+Every call goes through :meth:`Cluster._call`. A 429 or a 5xx answer, a refused or dropped connection
+and a timeout are retried with jittered exponential backoff (tenacity), waiting at least what the
+server's ``Retry-After`` asks; what still fails after the last attempt raises :class:`ClusterUnavailable`,
+which ``submit --wait`` reports in one line and survives, polling on. The kubernetes client's own
+``client_go_retries`` covers reads only, so a create answered 429 would not be retried by it.
 
-``submit`` is idempotent: it renders the grid, skips every cell whose ``_SUCCESS`` is in the store and
-every object that already exists, and treats "409 AlreadyExists" as success (another submit got there
-first). Failed objects are left for a person to look at: delete one and submit again to retry it. The
-analysis Job is created suspended and resumed once every cell has finished.
+Anything else the API server refuses (403 Forbidden, 404 for a kind the cluster does not serve, 422
+Invalid) is not retried: retrying cannot help, so it is a :class:`ConfigError` with the server's reason.
+A caller that expects a status (409 on create, 404 on delete) names it and gets the ApiException.
 
 Talks to the cluster with the ``kubernetes`` client: the current kube config context, else the pod's
 in-cluster service account.
@@ -17,24 +17,28 @@ in-cluster service account.
 
 from __future__ import annotations
 
-import argparse
+import email.utils
 import json
 import os
-import sys
+import random
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import k8s
-from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
-from .grid import Grid
-from .render import grid_for_command, render_analysis_job, render_cell
-from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.cell.layout import success_key
+import tenacity
 
-#: What ``status`` calls a cell, in the order of its counts line.
-STATES = ("done", "diverged", "running", "pending", "failed")
+from . import k8s
+from critbatch.jobs.cell.errors import ConfigError
+
+#: HTTP statuses worth another try: throttled, or the API server (or what is in front of it) failing.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: The longest Retry-After honoured; a server asking for more is asked again after this long.
+MAX_RETRY_AFTER = 120.0
+#: Container waiting reasons that are the normal way into running, not a reason to report.
+NORMAL_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+class ClusterUnavailable(RuntimeError):
+    """The API server could not be reached, or kept answering 429/5xx, through every retry."""
 
 
 def api_client():
@@ -58,70 +62,263 @@ def api_client():
     return client.ApiClient()
 
 
+# ---- transient errors ------------------------------------------------------------------------------------
+
+
+def is_transient(err: BaseException) -> bool:
+    """A 429/5xx answer, or no answer at all (refused, reset, timed out)."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(err, ApiException):
+        return err.status in TRANSIENT_STATUSES
+    return isinstance(err, (urllib3.exceptions.HTTPError, OSError))
+
+
+def retry_after(err: BaseException) -> float | None:
+    """Seconds the server's ``Retry-After`` header asks for (a number or an HTTP date), else None."""
+    value = (getattr(err, "headers", None) or {}).get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class wait_retry_after(tenacity.wait.wait_base):
+    """At least the Retry-After the server asked for (capped, plus up to a second of jitter so that
+    throttled clients do not come back together); without one, ``fallback``."""
+
+    def __init__(self, fallback: tenacity.wait.wait_base):
+        self.fallback = fallback
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        after = retry_after(retry_state.outcome.exception())
+        if after is None:
+            return self.fallback(retry_state)
+        return min(after, MAX_RETRY_AFTER) + random.uniform(0, 1)
+
+
+def describe(err: BaseException) -> str:
+    """One line for an API error: status, reason and the server's message; or the connection error."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not isinstance(err, ApiException):
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    message = ""
+    try:
+        message = json.loads(err.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        pass
+    return f"{err.status} {err.reason}" + (f": {message}" if message else "")
+
+
+# ---- the calls -------------------------------------------------------------------------------------------
+
+
+def suspend_patch(kind: str, suspend: bool) -> dict:
+    """The merge patch that suspends or resumes an object: PyTorchJob keeps the flag in its runPolicy."""
+    if kind == "PyTorchJob":
+        return {"spec": {"runPolicy": {"suspend": suspend}}}
+    return {"spec": {"suspend": suspend}}
+
+
+def set_suspend(obj: dict, suspend: bool) -> dict:
+    """``obj`` with its suspend flag set (the field submit owns: never rendered, so re-applying a rendered
+    stream never resets it)."""
+    spec = obj["spec"]["runPolicy"] if obj["kind"] == "PyTorchJob" else obj["spec"]
+    spec["suspend"] = suspend
+    return obj
+
+
 class Cluster:
-    """The few API calls submit and status make, per backend kind, on plain dicts."""
+    """The API calls submit and status make, per kind, on plain dicts; each retried through transient errors.
 
-    def __init__(self, api, namespace: str):
-        from kubernetes import client
-
-        self.api = api
-        self.namespace = namespace
-        self.batch = client.BatchV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+    ``attempts`` tries per call, waits from ``wait`` (default: jittered exponential from 1 s up to 30 s,
+    at least the server's Retry-After), slept with ``sleep``; ``timeout`` is each request's (connect,
+    read) timeout in seconds, so a hung API server counts as a failed attempt rather than a hung submit.
+    """
 
     _CRDS = {
         "PyTorchJob": (k8s.PYTORCHJOB_GROUP, k8s.PYTORCHJOB_VERSION, k8s.PYTORCHJOB_PLURAL),
         "TrainJob": (k8s.TRAINJOB_GROUP, k8s.TRAINJOB_VERSION, k8s.TRAINJOB_PLURAL),
     }
+    #: Items per page of a LIST: a sweep of thousands of cells is read in pages, not one huge answer.
+    PAGE = 500
+
+    def __init__(self, api, namespace: str, *, attempts: int = 6, sleep: Callable[[float], None] = time.sleep,
+                 wait: tenacity.wait.wait_base | None = None, timeout: tuple[float, float] = (10.0, 60.0)):
+        from kubernetes import client
+
+        self.api = api
+        self.namespace = namespace
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.attempts = attempts
+        self.sleep = sleep
+        self.wait = wait or wait_retry_after(tenacity.wait_random_exponential(multiplier=1, max=30))
+        self.timeout = timeout
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, expect: tuple[int, ...] = (), **kwargs: Any):
+        """``fn(*args, **kwargs)``, retried through transient errors. An ApiException whose status is in
+        ``expect`` is raised as it is; ``what`` names the call in messages."""
+        from kubernetes.client.exceptions import ApiException
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=self.wait,
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(fn, *args, _request_timeout=self.timeout, **kwargs)
+        except ApiException as err:
+            if err.status in expect:
+                raise
+            if is_transient(err):
+                raise ClusterUnavailable(f"kubernetes: {what}: {describe(err)} (after {self.attempts} tries)") from None
+            raise ConfigError(f"kubernetes: {what} in namespace {self.namespace}: {describe(err)}") from None
+        except Exception as err:
+            if is_transient(err):
+                raise ClusterUnavailable(f"kubernetes: {what}: {describe(err)} (after {self.attempts} tries)") from None
+            raise
+
+    def _read(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict:
+        """A GET's answer as the server's JSON: no client models built and flattened again (a sweep's
+        LIST may hold thousands of objects), and custom objects and built-in kinds read alike."""
+        def read(*a: Any, **k: Any) -> dict:
+            return json.loads(fn(*a, _preload_content=False, **k).data)  # the body read inside the retries
+
+        return self._call(what, read, *args, **kwargs)
 
     def list(self, kind: str, selector: str) -> list[dict]:
+        """Every object of ``kind`` (Job, PyTorchJob, TrainJob, Pod) matching the label selector, page by page."""
         if kind == "Job":
-            result = self.batch.list_namespaced_job(self.namespace, label_selector=selector)
-            return self.api.sanitize_for_serialization(result).get("items", [])
-        group, version, plural = self._CRDS[kind]
-        result = self.custom.list_namespaced_custom_object(group, version, self.namespace, plural,
-                                                           label_selector=selector)
-        return list(result.get("items", []))
+            fn, args = self.batch.list_namespaced_job, (self.namespace,)
+        elif kind == "Pod":
+            fn, args = self.core.list_namespaced_pod, (self.namespace,)
+        else:
+            group, version, plural = self._CRDS[kind]
+            fn, args = self.custom.list_namespaced_custom_object, (group, version, self.namespace, plural)
+        items: list[dict] = []
+        token = None
+        while True:
+            page = self._read(f"list {kind}s", fn, *args, label_selector=selector, limit=self.PAGE,
+                              **({"_continue": token} if token else {}))
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     def create(self, obj: dict) -> bool:
         """Create ``obj``; False when it already exists (409), which counts as done."""
         from kubernetes.client.exceptions import ApiException
 
+        kind = obj["kind"]
         try:
-            if obj["kind"] == "Job":
-                self.batch.create_namespaced_job(self.namespace, obj)
+            if kind == "Job":
+                self._call(f"create Job {obj['metadata']['name']}", self.batch.create_namespaced_job,
+                           self.namespace, obj, expect=(409,))
             else:
-                group, version, plural = self._CRDS[obj["kind"]]
-                self.custom.create_namespaced_custom_object(group, version, self.namespace, plural, obj)
-        except ApiException as err:
-            if err.status == 409:
-                return False
-            raise
+                group, version, plural = self._CRDS[kind]
+                self._call(f"create {kind} {obj['metadata']['name']}", self.custom.create_namespaced_custom_object,
+                           group, version, self.namespace, plural, obj, expect=(409,))
+        except ApiException:  # 409 AlreadyExists: another submit, or an earlier pass, got there first
+            return False
         return True
 
-    def resume_job(self, name: str) -> None:
-        self.batch.patch_namespaced_job(name, self.namespace, {"spec": {"suspend": False}},
-                                        _content_type="application/merge-patch+json")
+    def set_suspended(self, kind: str, name: str, suspend: bool) -> bool:
+        """Suspend or resume an object with a merge patch; False when it is gone (404)."""
+        from kubernetes.client.exceptions import ApiException
+
+        body = suspend_patch(kind, suspend)
+        verb = "suspend" if suspend else "resume"
+        try:
+            if kind == "Job":
+                self._call(f"{verb} Job {name}", self.batch.patch_namespaced_job, name, self.namespace, body,
+                           _content_type="application/merge-patch+json", expect=(404,))
+            else:
+                group, version, plural = self._CRDS[kind]
+                self._call(f"{verb} {kind} {name}", self.custom.patch_namespaced_custom_object, group, version,
+                           self.namespace, plural, name, body, _content_type="application/merge-patch+json",
+                           expect=(404,))
+        except ApiException:
+            return False
+        return True
+
+    def delete(self, kind: str, name: str) -> bool:
+        """Delete an object and, in the background, its pods; False when it was already gone (404)."""
+        from kubernetes.client.exceptions import ApiException
+
+        body = {"propagationPolicy": "Background"}
+        try:
+            if kind == "Job":
+                self._call(f"delete Job {name}", self.batch.delete_namespaced_job, name, self.namespace, body=body,
+                           expect=(404,))
+            else:
+                group, version, plural = self._CRDS[kind]
+                self._call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object, group, version,
+                           self.namespace, plural, name, body=body, expect=(404,))
+        except ApiException:
+            return False
+        return True
+
+    def secret_keys(self, name: str) -> set[str] | None:
+        """The key names of a Secret (never its values); None when it does not exist. A 403 (no right to
+        read Secrets) is raised as the ApiException, for the caller to skip its check."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            secret = self._read(f"read Secret {name}", self.core.read_namespaced_secret, name, self.namespace,
+                                expect=(403, 404))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
 
 
-# ---- state of one object ------------------------------------------------------------------------------------
+# ---- what an object or a pod says -------------------------------------------------------------------------
 
 
-def _true_conditions(obj: dict) -> set[str]:
+def true_conditions(obj: dict) -> set[str]:
     return {c.get("type") for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
 
 
+def is_suspended(obj: dict) -> bool:
+    spec = obj.get("spec") or {}
+    flag = (spec.get("runPolicy") or {}).get("suspend") if obj.get("kind") == "PyTorchJob" else spec.get("suspend")
+    return bool(flag) or k8s.CONDITION_SUSPENDED in true_conditions(obj)
+
+
 def object_state(obj: dict) -> str:
-    """succeeded | failed | running | suspended | created: one word for any of the kinds rendered."""
-    conditions = _true_conditions(obj)
+    """succeeded | failed | deleting | suspended | running | created: one word for any kind rendered.
+
+    Job: Complete / Failed conditions, ``status.active``. PyTorchJob: Succeeded / Failed / Running /
+    Restarting. TrainJob: Complete / Failed / Suspended, and running while one of its child Jobs
+    (``status.jobsStatus``) has active or ready pods - it has no Running condition.
+    """
+    conditions = true_conditions(obj)
     status = obj.get("status") or {}
-    if conditions & {"Complete", "Succeeded"}:
+    if conditions & set(k8s.CONDITIONS_SUCCEEDED):
         return "succeeded"
-    if "Failed" in conditions:
+    if k8s.CONDITION_FAILED in conditions:
         return "failed"
-    if (obj.get("spec") or {}).get("suspend") or "Suspended" in conditions:
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return "deleting"
+    if is_suspended(obj):
         return "suspended"
-    if status.get("active") or conditions & {"Running", "Restarting"}:
+    children = status.get("jobsStatus") or []
+    if status.get("active") or conditions & set(k8s.CONDITIONS_RUNNING) or any(
+            j.get("active") or j.get("ready") for j in children):
         return "running"
     return "created"
 
@@ -130,197 +327,48 @@ def is_finished(obj: dict) -> bool:
     return object_state(obj) in ("succeeded", "failed")
 
 
-# ---- submit ---------------------------------------------------------------------------------------------------
+def failure(obj: dict) -> str:
+    """The Failed condition's reason and message, e.g. ``BackoffLimitExceeded: Job has reached ...``."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == k8s.CONDITION_FAILED and cond.get("status") == "True":
+            return ": ".join(p for p in (cond.get("reason"), cond.get("message")) if p) or "Failed"
+    return "Failed"
 
 
-@dataclass
-class SubmitReport:
-    created: list[str] = field(default_factory=list)
-    already_existed: list[str] = field(default_factory=list)  # seen in the listing, or a 409 on create
-    skipped_done: list[str] = field(default_factory=list)  # _SUCCESS in the store
-    waiting: list[str] = field(default_factory=list)  # held back by the concurrency cap
-    failed: list[str] = field(default_factory=list)
-    analysis: str = ""  # created | exists | resumed | ""
-    finished: bool = False  # every cell done or failed
-
-    def summary(self) -> str:
-        return (f"created {len(self.created)}, already there {len(self.already_existed)}, "
-                f"done in store {len(self.skipped_done)}, held by the cap {len(self.waiting)}, "
-                f"failed {len(self.failed)}" + (f"; analysis job {self.analysis}" if self.analysis else ""))
-
-
-def cell_kind(grid: Grid) -> str:
-    return {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[grid.backend]
+def pod_problem(pod: dict) -> tuple[str, str] | None:
+    """Why a Pending pod is not running: a container's waiting reason (ImagePullBackOff,
+    CreateContainerConfigError for a missing Secret or key, ...) or the scheduler's (Unschedulable:
+    "0/3 nodes are available: 3 Insufficient nvidia.com/gpu"); None for a pod on its normal way."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending":
+        return None
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in NORMAL_WAITING:
+            return reason, waiting.get("message", "")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond.get("reason") or "Unschedulable", cond.get("message", "")
+    return None
 
 
-def finished_cells(grid: Grid, store: Store | None) -> dict[str, dict]:
-    """Cell id -> its _SUCCESS summary, for every cell whose marker is in the store."""
-    out: dict[str, dict] = {}
-    if store is None:
-        return out
-    for cell in grid.cells():
-        key = success_key(grid.sweep, cell.id)
-        if store.exists(key):
-            try:
-                out[cell.id] = json.loads(store.get_text(key))
-            except (ValueError, UnicodeDecodeError):
-                out[cell.id] = {"status": "done"}
+def pods_by_cell(pods: list[dict]) -> dict[str, list[dict]]:
+    """The cells' pods, grouped by their cell-id label, each group sorted by name."""
+    out: dict[str, list[dict]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        cell_id = (pod["metadata"].get("labels") or {}).get(k8s.LABEL_CELL)
+        if cell_id:
+            out.setdefault(cell_id, []).append(pod)
     return out
 
 
-def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0,
-                dry_run: bool = False, analysis: bool = True) -> SubmitReport:
-    """One pass: create every missing cell object (within the cap) and the analysis Job."""
-    report = SubmitReport()
-    done = finished_cells(grid, store)
-    kind = cell_kind(grid)
-    existing = {o["metadata"]["name"]: o for o in cluster.list(kind, k8s.cell_selector(grid.sweep))}
-    active = sum(1 for o in existing.values() if not is_finished(o))
-    cell_ids = {c.id for c in grid.cells()}
-    for cell in grid.cells():
-        name = k8s.object_name(grid.sweep, cell.id)
-        if cell.id in done:
-            report.skipped_done.append(cell.id)
-            continue
-        if name in existing:
-            (report.failed if object_state(existing[name]) == "failed" else report.already_existed).append(cell.id)
-            continue
-        if max_active and active >= max_active:
-            report.waiting.append(cell.id)
-            continue
-        if dry_run:
-            report.created.append(cell.id)
-            active += 1
-            continue
-        if cluster.create(render_cell(grid, cell)):
-            report.created.append(cell.id)
-            active += 1
-        else:
-            report.already_existed.append(cell.id)
-    succeeded = {o["metadata"]["labels"].get(k8s.LABEL_CELL) for o in existing.values()
-                 if object_state(o) == "succeeded"}
-    report.finished = all(c in done or c in succeeded or c in report.failed for c in cell_ids)
-    if analysis:
-        report.analysis = _ensure_analysis(grid, cluster, dry_run, start=report.finished and not report.failed)
-    return report
-
-
-def _ensure_analysis(grid: Grid, cluster: Cluster, dry_run: bool, start: bool) -> str:
-    obj = render_analysis_job(grid)
-    name = obj["metadata"]["name"]
-    selector = f"{k8s.LABEL_SWEEP}={grid.sweep},{k8s.LABEL_COMPONENT}={k8s.COMPONENT_ANALYSIS}"
-    found = {o["metadata"]["name"]: o for o in cluster.list("Job", selector)}
-    state = "exists"
-    if name not in found:
-        state = "created (suspended)"
-        if not dry_run:
-            cluster.create(obj)
-    elif object_state(found[name]) != "suspended":
-        return object_state(found[name])
-    if start:
-        if not dry_run:
-            cluster.resume_job(name)
-        state = "resumed"
-    return state
-
-
-def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, wait: bool = False,
-           poll_seconds: float = 30.0, timeout: float = 0.0, dry_run: bool = False,
-           log: Callable[[str], None] = lambda s: None, sleep: Callable[[float], None] = time.sleep) -> SubmitReport:
-    """``submit_once``, repeated every ``poll_seconds`` with ``wait`` until every cell has finished."""
-    started = time.monotonic()
-    while True:
-        report = submit_once(grid, cluster, store, max_active=max_active, dry_run=dry_run)
-        log(report.summary())
-        if not wait or dry_run or report.finished:
-            return report
-        if timeout and time.monotonic() - started + poll_seconds > timeout:
-            raise TimeoutError(f"cells still unfinished after {timeout:g} s: {report.summary()}")
-        sleep(poll_seconds)
-
-
-def _store_for(grid: Grid, url: str | None) -> Store:
-    store = open_store(url or grid.store, retries=2)
-    store.check()
-    return store
-
-
-def cli_submit(args: argparse.Namespace) -> int:
-    grid = grid_for_command(args, cluster_store=True)
-    if args.max_active < 0:
-        raise ConfigError(f"--max-active: must be >= 0 (0 = no cap), got {args.max_active}")
-    max_active = args.max_active or grid.max_active
-    store = _store_for(grid, None)
-    cluster = Cluster(api_client(), grid.namespace)
-    if not args.dry_run:
-        key = f"{grid.sweep}/sweep.yaml"
-        text = grid.sweep_yaml()
-        if not store.exists(key) or store.get_text(key) != text:
-            store.put_text(key, text)
-    try:
-        report = submit(grid, cluster, store, max_active=max_active, wait=args.wait, poll_seconds=args.poll_seconds,
-                        timeout=args.timeout, dry_run=args.dry_run,
-                        log=lambda s: print(f"{grid.sweep}: {s}", file=sys.stderr))
-    except TimeoutError as err:
-        print(f"critbatch submit: {err}", file=sys.stderr)
-        return 1
-    verb = "would create" if args.dry_run else "created"
-    for cell_id in report.created:
-        print(f"{verb} {k8s.object_name(grid.sweep, cell_id)}")
-    return 1 if report.failed and report.finished else 0
-
-
-# ---- status ----------------------------------------------------------------------------------------------------
-
-
-def cell_states(grid: Grid, store: Store | None, objects: dict[str, dict] | None) -> list[dict[str, Any]]:
-    """One row per cell: its id, axes, the object's state on the cluster, the store's marker, the verdict."""
-    done = finished_cells(grid, store)
-    rows = []
-    for cell in grid.cells():
-        name = k8s.object_name(grid.sweep, cell.id)
-        marker = done.get(cell.id)
-        store_state = str(marker.get("status", "done")) if marker else "-"
-        if objects is None:
-            cluster_state = "?"
-        else:
-            cluster_state = object_state(objects[name]) if name in objects else "absent"
-        if store_state in ("done", "diverged"):
-            state = store_state
-        elif cluster_state == "failed":
-            state = "failed"
-        elif cluster_state in ("running", "succeeded"):
-            state = "running"  # succeeded on the cluster but no marker yet: still uploading, or lost
-        else:
-            state = "pending"
-        rows.append({"cell": cell.id, "dataset": cell.dataset.name, "model": cell.model, "strategy": cell.strategy,
-                     "batch": cell.batch_size, "seed": cell.seed, "cluster": cluster_state, "store": store_state,
-                     "state": state})
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
-    counts = Counter(r["state"] for r in rows)
-    lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in STATES) + f"  (total {len(rows)})")
-    return "\n".join(lines)
-
-
-def cli_status(args: argparse.Namespace) -> int:
-    grid = grid_for_command(args)
-    try:
-        store = _store_for(grid, None)
-    except StoreUnavailable as err:
-        print(f"critbatch status: store unreachable ({err}); showing the cluster alone", file=sys.stderr)
-        store = None
-    objects = None
-    if not args.no_cluster:
-        cluster = Cluster(api_client(), grid.namespace)
-        objects = {o["metadata"]["name"]: o for o in cluster.list(cell_kind(grid), k8s.cell_selector(grid.sweep))}
-    print(format_table(cell_states(grid, store, objects)))
-    return 0
+def cell_problem(pods: list[dict]) -> tuple[str, str, str] | None:
+    """(reason, message, pod name) when none of a cell's pods runs and one is stuck; else None."""
+    if not pods or any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+        return None
+    for pod in pods:
+        problem = pod_problem(pod)
+        if problem:
+            return (*problem, pod["metadata"]["name"])
+    return None

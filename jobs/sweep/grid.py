@@ -164,7 +164,9 @@ class GridSettings(Strict):
     image: Annotated[str, Matches(r"^\S+$", "an image reference")] = k8s.DEFAULT_IMAGE
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     store: str = Field(k8s.DEFAULT_STORE, description="s3://BUCKET/PREFIX, file://DIR or a directory")
-    store_secret: DNSSubdomain = Field(k8s.DEFAULT_STORE_SECRET, description="the Secret with the store's keys")
+    store_secret: DNSSubdomain | None = Field(
+        k8s.DEFAULT_STORE_SECRET, description="the Secret with the store's keys; null: no keys in the pods, the "
+        "service account's workload identity (IRSA, EKS Pod Identity) brings the credentials")
     store_endpoint: str | None = k8s.DEFAULT_STORE_ENDPOINT
     data_root: str | None = Field(
         None, description="default: <store>/datasets, where `critbatch data stage` puts datasets")
@@ -206,7 +208,7 @@ class Grid:
     image: str
     image_pull_policy: str
     store: str
-    store_secret: str
+    store_secret: str | None
     store_endpoint: str | None
     data_root: str
     backend: str
@@ -374,12 +376,13 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
 def name_budget(backend: str, nodes: int) -> int:
     """Characters the longest derived name adds after ``critbatch-<sweep>-<cell-id>``.
 
-    A Job's pods keep the Job name as hostname; PyTorchJob makes a Service per
-    replica (``<name>-worker-<i>``) and a TrainJob's JobSet names pods
-    ``<name>-node-0-<i>``: each must stay a DNS label of at most 63 characters.
+    A Job's pods keep the Job name as hostname; PyTorchJob names each replica's
+    pod and Service ``<name>-master-0`` and ``<name>-worker-<i>`` (the pod's
+    hostname) and a TrainJob's JobSet names pods ``<name>-node-0-<i>``: each
+    must stay a DNS label of at most 63 characters.
     """
-    if backend == "pytorchjob" and nodes > 1:
-        return len(f"-worker-{nodes - 2}")
+    if backend == "pytorchjob":
+        return max(len(suffix) for suffix in ["-master-0"] + ([f"-worker-{nodes - 2}"] if nodes > 1 else []))
     if backend == "trainjob":
         return len(f"-node-0-{nodes - 1}")
     return 0

@@ -53,6 +53,14 @@ LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 COMPONENT_CELL = "cell"
 COMPONENT_ANALYSIS = "analysis"
 
+# ---- condition types read back by submit and status -------------------------------------
+#: Job and TrainJob say Complete, PyTorchJob says Succeeded.
+CONDITIONS_SUCCEEDED = ("Complete", "Succeeded")
+CONDITION_FAILED = "Failed"
+CONDITION_SUSPENDED = "Suspended"
+#: PyTorchJob's; a Job counts status.active, a TrainJob its child Jobs' active or ready pods.
+CONDITIONS_RUNNING = ("Running", "Restarting")
+
 # ---- API groups ---------------------------------------------------------------------
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"

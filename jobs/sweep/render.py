@@ -219,7 +219,11 @@ def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
 
 
 def render_analysis_job(grid: Grid) -> dict:
-    """``critbatch analyze --store S --sweep NAME`` as a suspended batch/v1 Job."""
+    """``critbatch analyze --store S --sweep NAME`` as a batch/v1 Job, which starts when created.
+
+    Not suspended: a suspend flag in a manifest is reset by every re-apply of it, which would stop a running
+    analysis; so the Job is created only when every cell has finished (by submit, or ``render --analysis``).
+    """
     return render_analysis_document(grid).obj
 
 
@@ -412,7 +416,9 @@ def grid_for_command(args: argparse.Namespace, *, cluster_store: bool = False) -
 
 def cli_render(args: argparse.Namespace) -> int:
     grid = grid_for_command(args, cluster_store=True)
-    docs = render_documents(grid, analysis=not args.no_analysis)  # everything rendered before anything is written
+    # Everything rendered before anything is written. The cells' stream leaves the analysis Job out: it runs
+    # as soon as it exists, so it is applied (`--analysis`) or created by submit once every cell has finished.
+    docs = [render_analysis_document(grid)] if args.analysis else render_documents(grid, analysis=False)
     if args.output in ("-", ""):
         sys.stdout.write(dump_stream(docs))
         return 0

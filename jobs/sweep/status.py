@@ -1,0 +1,108 @@
+"""Where every cell of a grid stands: one table joining the cluster and the store.
+
+    critbatch status GRID                 # cluster state, store marker, verdict and why, per cell; then counts
+    critbatch status GRID --no-cluster    # the store alone
+
+One LIST of the store's markers, one of the cell objects and one of their pods. The verdict:
+``done``/``diverged`` from ``_SUCCESS``; ``failed`` from a Failed object or, after the Job's TTL has
+deleted it, from the ``_FAILED`` marker (status writes that marker when it sees a Failed object, as submit
+does); ``running`` while a pod runs; otherwise ``pending``, with the reason when a pod is stuck
+(ImagePullBackOff, CreateContainerConfigError: a missing Secret or key, Unschedulable: the scheduler's
+message), so a cell that can never start does not pass for one that is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from typing import Any
+
+from . import k8s
+from .cluster import Cluster, ClusterUnavailable, api_client, cell_problem, failure, object_state, pods_by_cell
+from .grid import Grid
+from .markers import MarkerBook, Markers
+from .render import grid_for_command
+from .submit import cell_kind, store_for
+from critbatch.jobs.cell.errors import StoreUnavailable
+
+#: What ``status`` calls a cell, in the order of its counts line.
+STATES = ("done", "diverged", "running", "pending", "failed")
+
+
+def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
+                pods: dict[str, list[dict]] | None = None) -> list[dict[str, Any]]:
+    """One row per cell: id, axes, the object's state on the cluster, the store's marker, the verdict, why."""
+    rows = []
+    for cell in grid.cells():
+        name = k8s.object_name(grid.sweep, cell.id)
+        obj = (objects or {}).get(name)
+        done, failed = marks.done.get(cell.id), marks.failed.get(cell.id)
+        store_state = str(done.get("status", "done")) if done else "failed" if failed else "-"
+        cluster_state = "?" if objects is None else object_state(obj) if obj else "absent"
+        problem = None if obj is None or cluster_state in ("succeeded", "failed") else cell_problem(
+            (pods or {}).get(cell.id, []))
+        why = "-"
+        if store_state in ("done", "diverged"):
+            state = store_state
+        elif cluster_state == "failed" or (store_state == "failed" and cluster_state in ("absent", "?")):
+            state = "failed"
+            why = failure(obj) if cluster_state == "failed" else failed.get("reason", "")
+        elif problem:
+            state, why = "pending", f"{problem[0]}: {problem[1]}" if problem[1] else problem[0]
+        elif cluster_state in ("running", "succeeded"):
+            state = "running"  # succeeded on the cluster but no marker yet: still uploading, or lost
+        else:
+            state = "pending"
+            why = "suspended: held by the cap or queued" if cluster_state == "suspended" else "-"
+        rows.append({"cell": cell.id, "dataset": cell.dataset.name, "model": cell.model, "strategy": cell.strategy,
+                     "batch": cell.batch_size, "seed": cell.seed, "cluster": cluster_state, "store": store_state,
+                     "state": state, "why": why})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
+    counts = Counter(r["state"] for r in rows)
+    lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in STATES) + f"  (total {len(rows)})")
+    return "\n".join(lines)
+
+
+def record_failures(grid: Grid, book: MarkerBook, marks: Markers, objects: dict[str, dict]) -> None:
+    """Write ``_FAILED`` for every Failed cell object the store does not know about yet."""
+    for cell_id in grid.cell_ids():
+        name = k8s.object_name(grid.sweep, cell_id)
+        obj = objects.get(name)
+        if obj and cell_id not in marks.failed and cell_id not in marks.done and object_state(obj) == "failed":
+            marks.failed[cell_id] = book.record_failure(cell_id, kind=obj["kind"], name=name, reason=failure(obj),
+                                                        by="status")
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    grid = grid_for_command(args)
+    try:
+        store = store_for(grid)
+    except StoreUnavailable as err:
+        print(f"critbatch status: store unreachable ({err}); showing the cluster alone", file=sys.stderr)
+        store = None
+    book = MarkerBook(store, grid.sweep)
+    marks = book.read()
+    objects = pods = None
+    if not args.no_cluster:
+        cluster = Cluster(api_client(), grid.namespace)
+        selector = k8s.cell_selector(grid.sweep)
+        try:
+            objects = {o["metadata"]["name"]: o for o in cluster.list(cell_kind(grid), selector)}
+            pods = pods_by_cell(cluster.list("Pod", selector)) if objects else {}
+        except ClusterUnavailable as err:
+            print(f"critbatch status: {err}; showing the store alone", file=sys.stderr)
+            objects = None
+        else:
+            record_failures(grid, book, marks, objects)
+    print(format_table(cell_states(grid, marks, objects, pods)))
+    return 0

@@ -1,0 +1,275 @@
+"""Create a grid's objects on a cluster and keep them going until every cell has finished.
+
+    critbatch submit table1-cifar10-resnet34 --image REGISTRY/critbatch:TAG     # create what is missing, once
+    critbatch submit GRID --image IMG --max-active 8 --wait     # 8 cells running at a time until all finish,
+                                                                # then the analysis Job
+    critbatch submit GRID --image IMG --retry-failed            # give failed cells another go
+
+Each pass (``--wait`` repeats one every ``--poll-seconds``) reads the store's markers with one LIST and
+the sweep's objects and pods with one LIST each, then:
+
+- skips every cell whose ``_SUCCESS`` is in the store;
+- creates every missing cell **suspended** and resumes as many as the cap allows (``--max-active`` or the
+  grid's ``max_active``; 0 = all). A suspended Job's ``activeDeadlineSeconds`` does not run, so the last
+  cells of a big sweep cannot time out before they start. With a Kueue ``queue`` Kueue resumes them
+  (admission) and the cap is Kueue's quota. "409 AlreadyExists" counts as done: another submit got there first;
+- writes ``_FAILED`` (the reason) into the store for a cell whose object failed, so the failure is
+  remembered after the Job's TTL deletes it; such a cell is reported, never silently created again, until
+  ``--retry-failed`` deletes the failed object and the marker and creates it anew;
+- creates the analysis Job (it runs at once) when every cell is done, and no cell has failed;
+- reports cells whose pods are stuck: ImagePullBackOff, CreateContainerConfigError (a missing Secret or
+  key), Unschedulable.
+
+Before the first pass a cluster submit refuses the placeholder image ``critbatch:latest`` (no registry
+serves it: every pod would sit in ImagePullBackOff, which never fails a Job) and checks that the store
+Secret exists with both keys (a pod would sit in CreateContainerConfigError). A transient API or store
+error inside ``--wait`` is one line in the log, and the next poll tries again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import k8s
+from .cluster import (
+    Cluster,
+    ClusterUnavailable,
+    api_client,
+    cell_problem,
+    describe,
+    failure,
+    object_state,
+    pods_by_cell,
+    set_suspend,
+)
+from .grid import Grid
+from .markers import MarkerBook
+from .render import grid_for_command, render_analysis_job, render_cell
+from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
+from critbatch.jobs.store import Store, open_store
+
+#: The Secret keys every pod reads (k8s/store-secret.example.yaml).
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass
+class SubmitReport:
+    """What one pass did and found; each list holds cell ids."""
+
+    created: list[str] = field(default_factory=list)  # new objects, suspended unless started at once
+    started: list[str] = field(default_factory=list)  # created running, or resumed
+    already_existed: list[str] = field(default_factory=list)  # running or queued already, or a 409 on create
+    skipped_done: list[str] = field(default_factory=list)  # _SUCCESS in the store
+    waiting: list[str] = field(default_factory=list)  # suspended: held by the cap, or queued in Kueue
+    failed: dict[str, str] = field(default_factory=dict)  # cell id -> why (on the cluster, or remembered)
+    retried: list[str] = field(default_factory=list)  # failed cells deleted and created anew
+    stuck: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # cell id -> (reason, message, pod)
+    analysis: str = ""
+    finished: bool = False  # every cell done or failed
+
+    def summary(self) -> str:
+        text = (f"created {len(self.created)}, started {len(self.started)}, already there {len(self.already_existed)}, "
+                f"done in store {len(self.skipped_done)}, held by the cap {len(self.waiting)}, "
+                f"failed {len(self.failed)}")
+        if self.retried:
+            text += f" ({len(self.retried)} retried)"
+        if self.stuck:
+            reasons = Counter(reason for reason, _, _ in self.stuck.values())
+            text += "; stuck: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+        return text + (f"; analysis job {self.analysis}" if self.analysis else "")
+
+
+def cell_kind(grid: Grid) -> str:
+    return {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[grid.backend]
+
+
+def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, dry_run: bool = False,
+                analysis: bool = True, retry_failed: bool = False, book: MarkerBook | None = None) -> SubmitReport:
+    """One pass: create every missing cell (suspended), resume within the cap, remember failures, and
+    create the analysis Job once every cell is done."""
+    report = SubmitReport()
+    book = book or MarkerBook(store, grid.sweep)
+    marks = book.read()
+    kind = cell_kind(grid)
+    selector = k8s.cell_selector(grid.sweep)
+    objects = {o["metadata"]["name"]: o for o in cluster.list(kind, selector)}
+    pods = pods_by_cell(cluster.list("Pod", selector)) if objects else {}
+    states = {name: object_state(o) for name, o in objects.items()}
+    kueue = bool(grid.queue)  # Kueue admits (resumes) queued cells; submit resumes nothing itself
+    active = sum(1 for s in states.values() if s not in ("succeeded", "failed", "suspended", "deleting"))
+    suspended: list[tuple[str, str]] = []
+    succeeded: set[str] = set()
+    for cell in grid.cells():
+        name = k8s.object_name(grid.sweep, cell.id)
+        state = states.get(name)
+        if cell.id in marks.done:
+            report.skipped_done.append(cell.id)
+            continue
+        if state == "failed" or (state is None and cell.id in marks.failed):
+            if not retry_failed:
+                if cell.id not in marks.failed and not dry_run:
+                    book.record_failure(cell.id, kind=kind, name=name, reason=failure(objects[name]), by="submit")
+                report.failed[cell.id] = failure(objects[name]) if state else marks.failed[cell.id].get("reason", "")
+                continue
+            report.retried.append(cell.id)
+            if not dry_run:
+                if state:
+                    cluster.delete(kind, name)
+                if cell.id in marks.failed:
+                    book.forget_failure(cell.id)
+            state = None
+        if state == "succeeded":
+            succeeded.add(cell.id)  # no _SUCCESS yet: its last upload is on the way
+        if state == "suspended":
+            suspended.append((cell.id, name))
+            continue
+        if state is not None:
+            report.already_existed.append(cell.id)
+            problem = cell_problem(pods.get(cell.id, []))
+            if problem and state != "succeeded":
+                report.stuck[cell.id] = problem
+            continue
+        start = not kueue and (not max_active or active < max_active)
+        if dry_run or cluster.create(set_suspend(render_cell(grid, cell), not start)):
+            report.created.append(cell.id)
+            (report.started if start else report.waiting).append(cell.id)
+            active += start
+        else:
+            report.already_existed.append(cell.id)
+    for cell_id, name in suspended:
+        if kueue or (max_active and active >= max_active):
+            report.waiting.append(cell_id)
+            continue
+        if dry_run or cluster.set_suspended(kind, name, False):
+            report.started.append(cell_id)
+            active += 1
+    report.finished = all(c in marks.done or c in succeeded or c in report.failed for c in grid.cell_ids())
+    if analysis:
+        report.analysis = _ensure_analysis(grid, cluster, dry_run, report)
+    return report
+
+
+def _ensure_analysis(grid: Grid, cluster: Cluster, dry_run: bool, report: SubmitReport) -> str:
+    """The analysis Job's state; created (it runs at once) when every cell is done and none failed."""
+    selector = f"{k8s.LABEL_SWEEP}={grid.sweep},{k8s.LABEL_COMPONENT}={k8s.COMPONENT_ANALYSIS}"
+    found = cluster.list("Job", selector)
+    if found:
+        return object_state(found[0])
+    if not report.finished:
+        return ""
+    if report.failed:
+        return f"held: {len(report.failed)} cells failed (--retry-failed, or delete them from the grid)"
+    if not dry_run:
+        cluster.create(render_analysis_job(grid))
+    return "created"
+
+
+def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, wait: bool = False,
+           poll_seconds: float = 30.0, timeout: float = 0.0, dry_run: bool = False, retry_failed: bool = False,
+           log: Callable[[str], None] = lambda s: None, sleep: Callable[[float], None] = time.sleep) -> SubmitReport:
+    """``submit_once``, repeated every ``poll_seconds`` with ``wait`` until every cell has finished.
+
+    With ``wait``, a pass that the cluster or the store fails (past the retries of each call) is logged
+    and the next poll tries again; ``--retry-failed`` applies to the first pass only (a cell that fails
+    again is reported, not retried forever)."""
+    started = time.monotonic()
+    book = MarkerBook(store, grid.sweep)
+    report = SubmitReport()
+    while True:
+        try:
+            report = submit_once(grid, cluster, store, max_active=max_active, dry_run=dry_run, book=book,
+                                 retry_failed=retry_failed)
+        except (ClusterUnavailable, StoreUnavailable) as err:
+            if not wait or dry_run:
+                raise
+            log(f"this poll failed ({err}); trying again in {poll_seconds:g} s")
+        else:
+            retry_failed = False
+            log(report.summary())
+            if not wait or dry_run or report.finished:
+                return report
+        if timeout and time.monotonic() - started + poll_seconds > timeout:
+            raise TimeoutError(f"cells still unfinished after {timeout:g} s: {report.summary()}")
+        sleep(poll_seconds)
+
+
+# ---- checks before the first pass ------------------------------------------------------------------------
+
+
+def check_image(grid: Grid) -> None:
+    if grid.image == k8s.DEFAULT_IMAGE:
+        raise ConfigError(f"image: {grid.image!r} is the placeholder default, which no registry serves (every pod "
+                          "would wait in ImagePullBackOff); build and push the image (images/build.sh), then pass "
+                          "--image REGISTRY/critbatch:TAG or set image: in the grid")
+
+
+def check_secret(grid: Grid, cluster: Cluster, log: Callable[[str], None]) -> None:
+    """The store Secret exists with both keys; else a pod would wait in CreateContainerConfigError."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not grid.store_secret:
+        return  # workload identity: the pods' service account brings the credentials
+    try:
+        keys = cluster.secret_keys(grid.store_secret)
+    except ApiException as err:
+        log(f"cannot read Secret {grid.store_secret} ({describe(err)}): not checked")
+        return
+    if keys is None:
+        raise ConfigError(f"store_secret: no Secret {grid.store_secret!r} in namespace {grid.namespace}: every pod "
+                          "would wait in CreateContainerConfigError; create it (k8s/store-secret.example.yaml, or "
+                          f"kubectl -n {grid.namespace} create secret generic {grid.store_secret} "
+                          "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...)")
+    missing = [k for k in SECRET_KEYS if k not in keys]
+    if missing:
+        raise ConfigError(f"store_secret: Secret {grid.store_secret!r} in namespace {grid.namespace} lacks "
+                          f"{', '.join(missing)} (it has: {', '.join(sorted(keys)) or 'no keys'})")
+
+
+def store_for(grid: Grid) -> Store:
+    store = open_store(grid.store, retries=2)
+    store.check()
+    return store
+
+
+def cli_submit(args: argparse.Namespace) -> int:
+    grid = grid_for_command(args, cluster_store=True)
+    check_image(grid)
+    if args.max_active < 0:
+        raise ConfigError(f"--max-active: must be >= 0 (0 = no cap), got {args.max_active}")
+    if args.poll_seconds <= 0:
+        raise ConfigError(f"--poll-seconds: must be > 0, got {args.poll_seconds:g}")
+    max_active = args.max_active or grid.max_active
+    store = store_for(grid)
+
+    def log(line: str) -> None:
+        print(f"{grid.sweep}: {line}", file=sys.stderr)
+
+    try:
+        cluster = Cluster(api_client(), grid.namespace)
+        check_secret(grid, cluster, log)
+        if not args.dry_run:
+            key = f"{grid.sweep}/sweep.yaml"
+            text = grid.sweep_yaml()
+            if not store.exists(key) or store.get_text(key) != text:
+                store.put_text(key, text)
+        report = submit(grid, cluster, store, max_active=max_active, wait=args.wait, poll_seconds=args.poll_seconds,
+                        timeout=args.timeout, dry_run=args.dry_run, retry_failed=args.retry_failed, log=log)
+    except ClusterUnavailable as err:
+        print(f"critbatch submit: error: {err}; nothing more was done, run it again later", file=sys.stderr)
+        return 1
+    except TimeoutError as err:
+        print(f"critbatch submit: {err}", file=sys.stderr)
+        return 1
+    verb = "would create" if args.dry_run else "created"
+    for cell_id in report.created:
+        print(f"{verb} {k8s.object_name(grid.sweep, cell_id)}")
+    for cell_id, (reason, message, pod) in sorted(report.stuck.items()):
+        log(f"stuck: {k8s.object_name(grid.sweep, cell_id)}: pod {pod}: {reason}: {message}")
+    for cell_id, reason in sorted(report.failed.items()):
+        log(f"failed: {k8s.object_name(grid.sweep, cell_id)}: {reason}")
+    return 1 if report.failed and report.finished else 0
