@@ -11,7 +11,7 @@
 
 Every subcommand's options are defined here, so ``--help`` is fast (nothing
 heavy is imported until a command runs). Bad input, a missing file or an
-unreachable store prints one line and exits with code 2 (``train``: 75 for the
+unreachable store prints one line and exits with code 2 (``train``: 202 for the
 store, which a retry can cure; ``critbatch train --help`` lists its codes).
 """
 
@@ -28,9 +28,12 @@ from critbatch.jobs.cell.analysis_args import add_analyze_options
 from critbatch.jobs.cell.errors import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
+    EXIT_LEASE_HELD,
+    EXIT_NO_DEVICE,
     EXIT_PREEMPTED,
     EXIT_STORE_UNAVAILABLE,
     ConfigError,
+    DeviceMissing,
     StoreUnavailable,
 )
 
@@ -57,9 +60,11 @@ _TRAIN_EXIT_CODES = f"""exit codes:
   1    a crash: a bug, with its traceback
   {EXIT_CONFIG:<4} bad input: the cell, the data, the options or the store settings (nothing written;
        retrying cannot help)
+  {EXIT_NO_DEVICE:<4} --device cuda, and torch sees no CUDA device (an old driver, a pod without its GPU)
   {EXIT_STORE_UNAVAILABLE:<4} the store stayed unreachable past the retries (retryable: the next attempt resumes)
   {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
-  {EXIT_PREEMPTED:<4} stopped by SIGTERM after a checkpoint (the next attempt resumes)"""
+  {EXIT_PREEMPTED:<4} stopped by SIGTERM after a checkpoint (the next attempt resumes)
+  {EXIT_LEASE_HELD:<4} another trainer holds the cell's lease (retryable; nothing of the cell was touched)"""
 
 
 def _store_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -107,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0: time only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--force", action="store_true", help="train again even if the cell's _SUCCESS exists")
+    p.add_argument("--lease-seconds", type=float, default=float(os.environ.get("CRITBATCH_LEASE_SECONDS") or 60.0),
+                   help="the cell's lease in the store lives this long without a renewal (renewed every third of "
+                   "it); env CRITBATCH_LEASE_SECONDS")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "json", "none"],
                    help="progress display: a bar on a terminal, periodic lines otherwise; json: one JSON "
                    "object per line, for programs")
@@ -226,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"critbatch {args.command}: error: store unreachable: {err}", file=sys.stderr)
         # In a pod, a store outage is worth a retry (which resumes); exit code 2 would fail the Job for good.
         return EXIT_STORE_UNAVAILABLE if args.command == "train" else EXIT_CONFIG
+    except DeviceMissing as err:
+        print(f"critbatch {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_NO_DEVICE
     except FileNotFoundError as err:
         print(f"critbatch {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -124,7 +124,7 @@ def test_s3_server_outage_and_recovery(s3_server, s3_url):
 @pytest.mark.parametrize("argv, code", [
     (["analyze", "--store", "s3://bucket/p", "--sweep", "x"], 2),  # a user at a terminal: one line, exit 2
     (["train", "--cell", '{"dataset": {"name": "linreg"}, "model": "linear", "strategy": "oracle", "batch_size": 4,'
-      ' "base_lr": 1.0, "base_batch": 4, "epochs": 1}', "--store", "s3://bucket/p"], 75),  # a pod: retryable
+      ' "base_lr": 1.0, "base_batch": 4, "epochs": 1}', "--store", "s3://bucket/p"], 202),  # a pod: retryable
 ])
 def test_unreachable_store_exit_codes(argv, code, unreachable_s3, capsys):
     from critbatch.jobs.cli import main

@@ -355,7 +355,7 @@ class FlakyStore(LocalStore):
 
 @pytest.mark.parametrize("failures, patience_s, written", [(2, 60.0, True), (float("inf"), 1.5, False)])
 def test_final_writes_wait_out_an_outage_then_end_in_store_unavailable(tmp_path, failures, patience_s, written):
-    """model.pt then _SUCCESS, each retried through the outage; past the patience StoreUnavailable (exit 75)."""
+    """model.pt then _SUCCESS, each retried through the outage; past the patience StoreUnavailable (exit 202)."""
     from critbatch.jobs.train.finish import write_results
 
     cell = Cell.from_json(cell_json())

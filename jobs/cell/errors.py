@@ -3,8 +3,8 @@
 ``ConfigError`` is bad input (exit code 2, reserved in the manifests'
 ``podFailurePolicy`` as "retrying cannot help"); ``StoreUnavailable`` is a
 store that could not be reached after retries; ``LeaseHeld`` is a cell another
-trainer is working on. An uncaught exception (a bug)
-exits 1 with its traceback.
+trainer is working on; ``DeviceMissing`` is a GPU asked for and not there. An
+uncaught exception (a bug) exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ from __future__ import annotations
 EXIT_CONFIG = 2
 
 
-#: Exit code of ``critbatch train`` when the store stays unreachable (EX_TEMPFAIL): unlike a bad
-#: configuration, a retry can help, so the manifests' failure policy lets the Job retry it.
-EXIT_STORE_UNAVAILABLE = 75
+#: Exit code of ``critbatch train`` when the cell asked for CUDA (``--device cuda``, what a GPU pod
+#: renders) and torch sees no device: a node whose driver is older than the image's CUDA, or a pod
+#: without its GPU. Permanent (below 128) like a bad configuration: the manifests fail at once rather
+#: than train on the CPU or retry onto the same node pool.
+EXIT_NO_DEVICE = 4
+
+#: Exit code of ``critbatch train`` when the store stays unreachable. 202 = 128 + EX_IOERR (74): at
+#: least 128, so every backend retries it - the PyTorchJob ExitCode policy treats 1-127 as permanent -
+#: and above 128 + 64 (SIGRTMAX), so no signal death reports it.
+EXIT_STORE_UNAVAILABLE = 202
 
 #: Exit code after Ctrl-C (128 + SIGINT).
 EXIT_INTERRUPTED = 130
@@ -51,6 +58,10 @@ class ConfigError(ValueError):
 
 class StoreUnavailable(RuntimeError):
     """The object store could not be reached (after the retries allowed)."""
+
+
+class DeviceMissing(RuntimeError):
+    """The cell asked for a device (CUDA) that this process cannot see."""
 
 
 class LeaseHeld(RuntimeError):

@@ -11,7 +11,7 @@ Two layers, one per time scale:
   wait: the log stream's uploader (training goes on meanwhile, and the parts
   cut in the meantime wait in the spool on local disk) and the trainer's final
   writes (``model.pt``, ``_SUCCESS``). Past its deadline the wait ends in
-  :class:`StoreUnavailable`, which ``critbatch train`` exits with as code 75:
+  :class:`StoreUnavailable`, which ``critbatch train`` exits with as code 202:
   retryable, and the next attempt resumes from the last checkpoint.
 
 Everything else is raised at once: a refused request or a bug is not an outage.

@@ -11,7 +11,8 @@ the store works too) or inline JSON (``critbatch cells GRID`` prints them):
         torchrun --standalone --nproc-per-node=2 -m critbatch.jobs.cli train --cell cell.json \\
             --store s3://critbatch/runs
 
-    # on a cluster: one Job (or PyTorchJob / TrainJob) per cell, each pod running the torchrun line above
+    # on a cluster: one Job (or PyTorchJob / TrainJob) per cell, each pod running the launcher, which runs
+    # this command directly for one process and through torch.distributed.run for several (launch.py)
     critbatch render grid.yaml | kubectl apply -f -
     kubectl -n critbatch logs -f job/critbatch-<sweep>-<cell-id>
 
@@ -21,7 +22,8 @@ Exit codes (one table for every backend; jobs/cell/errors.py):
     1    a crash: a bug, with its traceback (the Job retries the pod, which resumes)
     2    bad input: the cell, the data, the options or the store settings (nothing written; the
          manifests' podFailurePolicy fails the Job at once, since retrying cannot help)
-    75   the store stayed unreachable past the retries (retryable: the next attempt resumes)
+    4    --device cuda (what a GPU pod renders) and torch sees no CUDA device (permanent: an old driver)
+    202  the store stayed unreachable past the retries (retryable: the next attempt resumes)
     130  interrupted (Ctrl-C)
     143  stopped by SIGTERM after a checkpoint (preemption: the next attempt resumes)
 
@@ -42,7 +44,7 @@ from typing import Any
 
 import torch
 
-from critbatch.jobs.cell.errors import EXIT_PREEMPTED, ConfigError
+from critbatch.jobs.cell.errors import EXIT_PREEMPTED, ConfigError, DeviceMissing
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import load_task_data, mix_seed
@@ -51,9 +53,11 @@ from critbatch.jobs.store import Store, open_store
 
 from . import distributed
 from .distributed import Dist, dist_from_env
+from .launch import record_cause
 from .trainer import Preempted, Trainer
 
 
+@record_cause
 def main(args: argparse.Namespace) -> int:
     """Validate the cell, the store and the data, then train; the exit code (see the module docstring)."""
     cell = read_cell(args.cell)
@@ -121,11 +125,11 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
                   f"{store.join(done_key)} exists, nothing to do (--force trains it again)", flush=True)
         return summary
 
+    dev = pick_device(device, dist)  # before the data: a GPU pod without its GPU fails in seconds
     data = load_task_data(cell, data_root, download=download)
     if cell.batch_size > data.n_train:
         raise ConfigError(f"cell.batch_size: {cell.batch_size} is larger than the training set "
                           f"({data.n_train} examples)")
-    dev = pick_device(device, dist)
     # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
     torch.manual_seed(mix_seed("init", cell.seed))
     model = build_model(cell, data)
@@ -150,7 +154,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
 def pick_device(name: str, dist: Dist) -> torch.device:
     """``auto``: this rank's GPU (local rank modulo the GPUs seen) if there is one, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda asked for, but torch sees no CUDA device; allowed here: auto, cpu")
+        raise DeviceMissing(f"--device cuda: torch {torch.__version__} sees no CUDA device (built for CUDA "
+                            f"{torch.version.cuda}; an older driver, or a pod without its GPU); not training on the CPU")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         dev = torch.device("cuda", dist.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
