@@ -103,7 +103,7 @@ def test_world_size_is_gpus_times_nodes_and_cpu_nodes_run_one_process():
 def test_run_settings_defaults():
     grid = load_grid(spec())
     assert grid.namespace == "critbatch" and grid.store == "s3://critbatch/runs"
-    assert grid.data_root == "s3://critbatch/runs/datasets"
+    assert grid.data_root == "s3://critbatch/runs"  # staged sets sit at <store>/datasets/<name>/
     assert grid.queue is None and grid.max_active == 0
 
 

@@ -459,7 +459,9 @@ def test_render_options_override_the_grid(tmp_path, capsys):
     assert {o["kind"] for o in objects} == {"TrainJob"}
     assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
     assert {o["spec"]["trainer"]["image"] for o in objects} == {"reg/cb:1"}
-    assert all("s3://other/p/datasets" in o["spec"]["trainer"]["args"] for o in objects)
+    # --data-root is the store: `critbatch data stage` puts datasets under <store>/datasets/<name>/
+    assert all(o["spec"]["trainer"]["args"][o["spec"]["trainer"]["args"].index("--data-root") + 1] == "s3://other/p"
+               for o in objects)
 
 
 @pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])

@@ -169,7 +169,8 @@ class GridSettings(Strict):
         "service account's workload identity (IRSA, EKS Pod Identity) brings the credentials")
     store_endpoint: str | None = k8s.DEFAULT_STORE_ENDPOINT
     data_root: str | None = Field(
-        None, description="default: <store>/datasets, where `critbatch data stage` puts datasets")
+        None, description="default: the store, under whose datasets/NAME/ `critbatch data stage` puts "
+        "each dataset")
     backend: Literal[k8s.BACKENDS] | None = Field(
         None, description="default: job for one node, else pytorchjob")
     namespace: DNSLabel = k8s.DEFAULT_NAMESPACE
@@ -366,7 +367,8 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
         raise ConfigError(problems)
     run = {name: getattr(settings, name) for name in GRID_FIELDS}
     run["backend"] = settings.effective_backend
-    run["data_root"] = settings.data_root or f"{settings.store.rstrip('/')}/datasets"
+    # A store as data root is read at <store>/datasets/<name>/, where `critbatch data stage` wrote it.
+    run["data_root"] = settings.data_root or settings.store
     return Grid(**run, raw=data, source=source, _cells=cells)
 
 
