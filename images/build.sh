@@ -42,6 +42,12 @@ fi
 docker "${args[@]}" "${extra[@]}" "$repo"
 
 if [[ -n "$kind_cluster" ]]; then
-  kind load docker-image "$tag" --name "$kind_cluster"
+  # `kind load docker-image` fails with Docker's containerd image store (its export lacks the layers it
+  # expects); an archive from `docker save` loads with either store.
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  archive="$scratch/image.tar"
+  docker save --output "$archive" "$tag"
+  kind load image-archive "$archive" --name "$kind_cluster"
 fi
 echo "built $tag${kind_cluster:+ and loaded it into kind cluster $kind_cluster}"
