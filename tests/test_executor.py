@@ -141,5 +141,9 @@ def test_run_takes_the_grids_local_store_and_checkpoint_seconds(tmp_path, monkey
     (cell,) = load_grid(str(grid_path)).cells()
     assert json.loads(store.get_text(success_key("tiny", cell.id)))["status"] == "done"
     # 160 steps: checkpoints by the grid's clock (the default, 300 s, would make none in a run this short).
-    assert len(Checkpointer(store, f"tiny/cells/{cell.id}").complete_steps()) == 2  # the newest two are kept
+    # Each one syncs the step log into a part of its own (without them: about one per evaluation, 10);
+    # _SUCCESS then pruned them (model.pt stays).
+    prefix = f"tiny/cells/{cell.id}"
+    assert len(store.list(f"{prefix}/steps/")) > 40
+    assert Checkpointer(store, prefix).complete_steps() == [] and store.exists(f"{prefix}/model.pt")
     assert not (tmp_path / "critbatch-out").exists()

@@ -4,8 +4,10 @@
 the store. Rank 0's final writes wait out a store outage, together for at
 most STORE_PATIENCE_S (:func:`critbatch.jobs.store.retry.wait_out_outage`);
 past that they end in StoreUnavailable, which ``critbatch train`` exits with
-as 75: the Job retries the pod, and the next attempt resumes from the last
-checkpoint.
+as 202: the Job retries the pod, and the next attempt resumes from the last
+checkpoint. Once ``_SUCCESS`` is there the checkpoints are deleted (a
+finished cell is never resumed; ``model.pt`` keeps its final weights), so a
+sweep's store holds checkpoints only for the cells still running.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from critbatch.jobs.cell.errors import StoreUnavailable
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, success_summary
 from critbatch.jobs.cell.spec import Cell
@@ -84,7 +88,8 @@ def summarize(cell: Cell, *, steps: int, wall_time_s: float, metric: str, last_e
 
 def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | None,
                   weights: dict[str, Tensor] | None, patience_s: float = STORE_PATIENCE_S) -> None:
-    """Rank 0's last writes, in order: every log part, ``model.pt`` (``weights``; None: none), ``_SUCCESS``.
+    """Rank 0's last writes, in order: every log part, ``model.pt`` (``weights``; None: none), ``_SUCCESS``;
+    then the checkpoints are pruned (:func:`prune_checkpoints`).
 
     Raises StoreUnavailable if the store is still down ``patience_s`` seconds after the start.
     """
@@ -96,6 +101,22 @@ def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | 
         torch.save(weights, buf)
         _put(store, f"{cell_prefix(cell.sweep, cell.id)}/model.pt", buf.getvalue(), deadline)
     _put(store, success_key(cell.sweep, cell.id), (json.dumps(summary, indent=2) + "\n").encode(), deadline)
+    prune_checkpoints(store, cell)
+
+
+def prune_checkpoints(store: Store, cell: Cell) -> None:
+    """Delete ``<cell>/checkpoint/`` once ``_SUCCESS`` is written: a finished cell is never resumed.
+
+    A ResNet-34 cell's two checkpoints (weights and momentum, about 170 MB each) would otherwise outlive
+    it. The cell is done whatever happens here, so a store that fails now leaves them, with one line
+    saying so, instead of failing the cell.
+    """
+    folder = f"{cell_prefix(cell.sweep, cell.id)}/checkpoint/"
+    try:
+        store.delete_prefix(folder)
+    except StoreUnavailable as err:
+        print(f"critbatch train: cell {cell.id} is done, but its checkpoints stay in {store.join(folder)} "
+              f"(store unavailable: {err})", file=sys.stderr, flush=True)
 
 
 def _put(store: Store, key: str, data: bytes, deadline: float) -> None:
