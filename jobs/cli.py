@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0: time only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--force", action="store_true", help="train again even if the cell's _SUCCESS exists")
-    p.add_argument("--lease-seconds", type=float, default=float(os.environ.get("CRITBATCH_LEASE_SECONDS") or 60.0),
-                   help="the cell's lease in the store lives this long without a renewal (renewed every third of "
-                   "it); env CRITBATCH_LEASE_SECONDS")
+    p.add_argument("--lease-seconds", type=float, default=None,
+                   help="the cell's lease in the store lives this long without a renewal, renewed every third of "
+                   "it (default: env CRITBATCH_LEASE_SECONDS, else 60)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "json", "none"],
                    help="progress display: a bar on a terminal, periodic lines otherwise; json: one JSON "
                    "object per line, for programs")

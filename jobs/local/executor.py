@@ -5,10 +5,23 @@
 
 Each cell runs the same entrypoint a pod runs (under torchrun when the grid
 asks for several processes per cell), N cells at a time with the machine's CPU
-threads divided among them. Cells whose ``_SUCCESS`` is in the store are
-skipped, so an interrupted sweep picks up where it stopped (an interrupted cell
-resumes from its last checkpoint). A failed cell is reported with the tail of
-its log while the others go on; the exit code is 1 if any cell failed.
+threads divided among them. Finished cells (a readable ``_SUCCESS`` whose
+parts are all in the store) are skipped, so an interrupted sweep picks up where
+it stopped (an interrupted cell resumes from its last checkpoint); a damaged
+one (an unreadable ``_SUCCESS``, a part missing or cut) is trained again. A
+cell whose lease another trainer holds (another ``run``, a pod on the same
+store) is left to it and reported as busy. A failed cell is reported with the
+tail of its log while the others go on.
+
+The executor owns its trainers: each runs in a session of its own, armed to
+die with the executor (PR_SET_PDEATHSIG, see critbatch.jobs.train.parent), and
+every way out of ``run`` stops them: SIGTERM, SIGHUP or Ctrl-C is forwarded
+to each as SIGTERM, each checkpoints (up to STOP_GRACE_S, then SIGKILL), and
+``run`` exits with 128 + the signal (143 after SIGTERM); an exception kills
+them. A second signal while they checkpoint kills them at once.
+
+Exit code: 0 when every cell is finished; 1 if any failed; else 203 (the
+trainer's EXIT_LEASE_HELD) if any was busy elsewhere: run again later.
 
 The store is ``--store``, else the grid's ``store`` if it is a local
 directory, else ./critbatch-out; cells checkpoint every ``checkpoint_seconds``
@@ -30,14 +43,19 @@ from pathlib import Path
 from typing import Sequence
 
 from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, ConfigError
 from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.cell.layout import DEFAULT_STORE, success_key
+from critbatch.jobs.cell.layout import DEFAULT_STORE, cell_prefix
+from critbatch.jobs.store.cellstate import DAMAGED, sweep_states
+from critbatch.jobs.store.lease import live_holder
+from critbatch.jobs.train.parent import DIE_WITH_PARENT_ENV, preexec
 
 #: Lines of a failed cell's log shown in the report.
 TAIL_LINES = 15
 #: Bytes at the end of a cell's log searched for its latest progress line.
 PROGRESS_TAIL_BYTES = 4096
+#: Seconds the trainers get to checkpoint after a forwarded SIGTERM before they are killed.
+STOP_GRACE_S = 60.0
 
 
 @dataclass
@@ -48,7 +66,7 @@ class CellRun:
     log_file: object | None = None
     started: float = 0.0
     last_line: str = ""
-    status: str = "pending"  # pending | running | done | failed | skipped
+    status: str = "pending"  # pending | running | done | failed | busy | stopped
     returncode: int | None = None
     progress: tuple[int, int] | None = None  # (step, total)
     loss: float | None = None
@@ -66,10 +84,21 @@ class RunResult:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # another trainer holds their lease
+    stopped: list[str] = field(default_factory=list)  # running when a signal stopped the run
+    signal: int | None = None  # the signal that stopped the run
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        if self.signal is not None:
+            return 128 + self.signal
+        return 1 if self.failed else EXIT_LEASE_HELD if self.busy else 0
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, nproc: int = 1,
@@ -83,12 +112,20 @@ def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, n
     return [sys.executable, "-m", "critbatch.jobs.cli", *tail]
 
 
-def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell]]:
-    """Split cells into (to run, already finished)."""
-    todo, finished = [], []
+def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell], dict[str, list[str]]]:
+    """Split cells into (to run, finished, {id: problems} of the damaged ones, which are among those to run)."""
+    todo, finished, damaged = [], [], {}
+    by_sweep: dict[str, list[Cell]] = {}
     for cell in cells:
-        (finished if store.exists(success_key(cell.sweep, cell.id)) else todo).append(cell)
-    return todo, finished
+        by_sweep.setdefault(cell.sweep, []).append(cell)
+    for sweep, members in by_sweep.items():
+        states = sweep_states(store, sweep, [c.id for c in members])
+        for cell in members:
+            state = states[cell.id]
+            (finished if state.finished else todo).append(cell)
+            if state.state == DAMAGED:
+                damaged[cell.id] = state.problems
+    return todo, finished, damaged
 
 
 def run_cells(
@@ -103,11 +140,14 @@ def run_cells(
     label: str = "cells",
     extra_args: Sequence[str] = (),
 ) -> RunResult:
-    """Train every unfinished cell of ``store`` (already checked), ``parallel`` at a time; return what happened."""
+    """Train every unfinished cell of ``store`` (already checked), ``parallel`` at a time; return what happened.
+
+    Ctrl-C: the trainers checkpoint and stop, then KeyboardInterrupt is raised again.
+    """
     if parallel < 1:
         raise ConfigError(f"--parallel: must be at least 1, got {parallel}")
     store_url = store.url
-    todo, finished = pending_cells(cells, store)
+    todo, finished, damaged = pending_cells(cells, store)
     result = RunResult(skipped=[c.id for c in finished])
     logs = Path(log_dir) if log_dir else _default_log_dir(store_url)
     logs.mkdir(parents=True, exist_ok=True)
@@ -122,17 +162,26 @@ def run_cells(
     bar = _Bar(len(cells), len(finished), label, show_progress)
     if finished:
         bar.note(f"{len(finished)} of {len(cells)} {label} already done (their _SUCCESS exists): skipped")
+    for cell_id, problems in damaged.items():
+        bar.note(f"damaged {cell_id}: {'; '.join(problems)}: training it again")
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               **{DIE_WITH_PARENT_ENV: "1"})
+    handlers = _catch_signals()
     try:
         while queue or running:
             while queue and len(running) < slots:
                 run = queue.popleft()
+                holder = live_holder(store, cell_prefix(run.cell.sweep, run.cell.id))
+                if holder is not None:
+                    _busy(run, result, bar, holder.describe())
+                    continue
                 run.log_file = open(run.log_path, "ab")
                 cmd = train_command(run.cell, store_url, data_root=data_root, threads=threads, nproc=nproc,
                                     extra=extra_args)
+                # A session of its own: Ctrl-C reaches the executor alone, which forwards it as SIGTERM.
                 run.proc = subprocess.Popen(cmd, stdout=run.log_file, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=preexec())
                 run.started = time.monotonic()
                 run.status = "running"
                 running.append(run)
@@ -146,10 +195,14 @@ def run_cells(
                 run.log_file.close()
                 run.returncode = code
                 took = time.monotonic() - run.started
+                holder = None if code == 0 else live_holder(store, cell_prefix(run.cell.sweep, run.cell.id))
                 if code == 0:
                     run.status = "done"
                     result.done.append(run.cell.id)
                     bar.note(f"done   {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}) in {took:.0f} s")
+                elif code == EXIT_LEASE_HELD or holder is not None:
+                    _busy(run, result, bar, holder.describe() if holder else "held by another trainer")
+                    continue
                 else:
                     run.status = "failed"
                     result.failed.append(run.cell.id)
@@ -157,21 +210,64 @@ def run_cells(
                              f"log: {run.log_path}\n" + "\n".join(f"    | {line}" for line in run.tail()))
                 bar.advance()
             bar.show_running(running)
-    except KeyboardInterrupt:
-        # SIGTERM lets each trainer checkpoint; a rerun resumes from there.
-        bar.note("interrupted: asking running cells to checkpoint and stop ...")
+    except (KeyboardInterrupt, _Signalled) as stop:
+        name = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else str(stop)
+        bar.note(f"{name}: asking {len(running)} running cells to checkpoint and stop ...")
+        _stop(running, result)
+        if isinstance(stop, KeyboardInterrupt):
+            raise
+        result.signal = stop.signum
+    finally:
+        # Any other way out (an exception): no trainer outlives the executor.
         for run in running:
-            _signal(run.proc, signal.SIGTERM)
-        for run in running:
-            try:
-                run.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            if run.proc.poll() is None:
                 _signal(run.proc, signal.SIGKILL)
                 run.proc.wait()
+        _restore_signals(handlers)
         bar.close()
-        raise
-    bar.close()
     return result
+
+
+def _busy(run: CellRun, result: RunResult, bar: "_Bar", holder: str) -> None:
+    run.status = "busy"
+    result.busy.append(run.cell.id)
+    bar.note(f"busy   {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}): {holder}; left to it")
+    bar.advance()
+
+
+def _stop(running: list[CellRun], result: RunResult) -> None:
+    """SIGTERM to every trainer (each checkpoints), wait up to STOP_GRACE_S in all, then SIGKILL."""
+    for run in running:
+        _signal(run.proc, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for run in list(running):
+        try:
+            run.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(run.proc, signal.SIGKILL)
+            run.proc.wait()
+        run.status = "stopped"
+        result.stopped.append(run.cell.id)
+        running.remove(run)
+
+
+def _catch_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP raise _Signalled in the main loop (in the main thread; elsewhere nothing changes)."""
+    def handler(signum, frame):  # noqa: ARG001 - signal API
+        raise _Signalled(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            break
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
@@ -284,5 +380,8 @@ def cli_run(args) -> int:
                        nproc=nproc, label=grid.sweep,
                        extra_args=["--checkpoint-seconds", repr(float(grid.checkpoint_seconds))])
     print(f"critbatch run: {len(result.done)} trained, {len(result.skipped)} already done, "
-          f"{len(result.failed)} failed", file=sys.stderr)
+          f"{len(result.failed)} failed" + (f", {len(result.busy)} busy elsewhere (run again once they finish)"
+                                            if result.busy else "")
+          + (f", {len(result.stopped)} stopped by {signal.Signals(result.signal).name} after a checkpoint"
+             if result.signal is not None else ""), file=sys.stderr)
     return result.exit_code

@@ -16,6 +16,11 @@ gaps, so a checkpoint records the next index of each kind (:meth:`sync`), and
 :meth:`resume` deletes whatever was written after it: after a restart no step
 appears twice and none is missing.
 
+Two hooks let the cell's lease guard the stream: ``fence()`` runs before
+:meth:`resume` deletes anything (it raises to refuse), and every upload waits,
+as through an outage, while ``may_write()`` is false (the lease is not
+confirmed).
+
 Call order: ``LogStream(...)``, ``resume(parts or None)``, then ``log_*``;
 ``sync()`` before each checkpoint; ``close()`` at the end.
 """
@@ -30,7 +35,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -52,7 +57,8 @@ def spool_dir(store: Store) -> Path:
 class LogStream:
     def __init__(self, store: Store, prefix: str, *, spool_dir: str | os.PathLike[str], flush_steps: int = 500,
                  flush_seconds: float = 15.0, cell_id: str, retry_base_delay: float = 0.5,
-                 retry_max_delay: float = 30.0):
+                 retry_max_delay: float = 30.0, fence: Callable[[], None] | None = None,
+                 may_write: Callable[[], bool] | None = None):
         if flush_steps < 1 or flush_seconds <= 0:
             raise ValueError(f"logstream: need flush_steps >= 1 and flush_seconds > 0, "
                              f"got {flush_steps} and {flush_seconds}")
@@ -63,6 +69,8 @@ class LogStream:
         self.flush_seconds = flush_seconds
         self.retry_base_delay = retry_base_delay
         self.retry_max_delay = retry_max_delay
+        self._fence = fence
+        self._may_write = may_write
         # The spool mirrors the store layout, so two cells sharing a spool dir never collide.
         self.spool = Path(spool_dir) / self.prefix
         # deque.append and popleft are atomic under the GIL: the training thread appends,
@@ -105,12 +113,17 @@ class LogStream:
         unknown = set(parts) - set(KINDS)
         if unknown:
             raise ValueError(f"logstream: unknown part kinds {sorted(unknown)}; allowed: {list(KINDS)}")
+        stored_by_kind = {kind: {part_index(k): k for k in self.store.list(f"{self.prefix}/{kind}/") if "part-" in k}
+                          for kind in KINDS}
+        doomed = [key for kind in KINDS for index, key in sorted(stored_by_kind[kind].items())
+                  if index >= int(parts.get(kind, 0))]
+        if doomed and self._fence is not None:
+            self._fence()
+        for key in doomed:
+            self.store.delete(key)
         for kind in KINDS:
             nxt = int(parts.get(kind, 0))
-            stored = {part_index(k): k for k in self.store.list(f"{self.prefix}/{kind}/") if "part-" in k}
-            for index, key in sorted(stored.items()):
-                if index >= nxt:
-                    self.store.delete(key)
+            stored = {i: k for i, k in stored_by_kind[kind].items() if i < nxt}
             folder = self.spool / kind
             folder.mkdir(parents=True, exist_ok=True)
             for path in sorted(folder.iterdir()):
@@ -298,7 +311,7 @@ class LogStream:
             key = part_key(self.prefix, kind, index)
             try:
                 body = data if data is not None else path.read_bytes()
-                wait_out_outage(lambda: self.store.put_bytes(key, body), what=f"upload {key}",
+                wait_out_outage(lambda: self._put(key, body), what=f"upload {key}",
                                 deadline=None, stop=self._stop, base_delay=self.retry_base_delay,
                                 max_delay=self.retry_max_delay, on_error=self._note_error,
                                 note=f"; later parts wait in {self.spool}")
@@ -314,6 +327,11 @@ class LogStream:
                 self._uploaded[kind] = index + 1
                 self._last_error = None
                 self._state.notify_all()
+
+    def _put(self, key: str, body: bytes) -> None:
+        if self._may_write is not None and not self._may_write():
+            raise StoreUnavailable("the cell's lease is not confirmed (lost, or not renewed for a while)")
+        self.store.put_bytes(key, body)
 
     def _note_error(self, err: BaseException) -> None:
         with self._state:

@@ -18,7 +18,7 @@ import io
 import pickle
 import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -83,21 +83,34 @@ class Checkpointer:
             for name in sorted(names - {COMPLETE}):
                 self.store.delete(f"{folder}/{name}")
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    def load_latest(self, map_location: str | torch.device = "cpu",
+                    accept: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any] | None:
         """The state of the newest complete checkpoint, or None when there is none.
 
         Loaded onto the CPU by default: RNG states must be CPU tensors, and
         ``load_state_dict`` of modules and optimizers moves tensors to the
         parameters' device. A checkpoint that fails to load (which atomic
-        writes should rule out) is reported and the next older one is tried.
+        writes should rule out) is reported and the next older one is tried,
+        as is one that ``accept`` refuses (it returns the reason; None accepts).
         """
         for step in reversed(self.complete_steps()):
-            try:
-                data = self.store.get_bytes(f"{self._dir(step)}/{STATE}")
-            except KeyError:  # pruned by another writer since the listing
+            state = self.load(step, map_location)
+            if state is None:
                 continue
-            try:
-                return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-                print(f"checkpoint: cannot load step {step} ({err}); trying an older one", file=sys.stderr)
+            refused = accept(state) if accept is not None else None
+            if refused is None:
+                return state
+            print(f"checkpoint: not resuming from step {step}: {refused}; trying an older one", file=sys.stderr)
         return None
+
+    def load(self, step: int, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The state saved at ``step``; None (reported) if it is gone or does not load."""
+        try:
+            data = self.store.get_bytes(f"{self._dir(step)}/{STATE}")
+        except KeyError:  # pruned by another writer since the listing
+            return None
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            print(f"checkpoint: cannot load step {step} ({err}); trying an older one", file=sys.stderr)
+            return None

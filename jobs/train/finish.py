@@ -1,7 +1,10 @@
 """The end of a cell: paper 4.2's error at the final weights, then the log parts, ``model.pt`` and ``_SUCCESS``.
 
 ``_SUCCESS`` is written last, so its presence means everything else is in
-the store. Rank 0's final writes wait out a store outage, together for at
+the store: before it, the log parts are read back, every step must be there
+exactly once and every part whole (else :class:`DamagedLogs`, and nothing is
+marked), and their sizes and row counts go into ``_SUCCESS`` as its ``logs``
+manifest; the cell's lease is checked right before the write. Rank 0's final writes wait out a store outage, together for at
 most STORE_PATIENCE_S (:func:`critbatch.jobs.store.retry.wait_out_outage`);
 past that they end in StoreUnavailable, which ``critbatch train`` exits with
 as 202: the Job retries the pod, and the next attempt resumes from the last
@@ -24,15 +27,17 @@ from torch import Tensor, nn
 
 from critbatch.jobs.cell.errors import StoreUnavailable
 from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, success_summary
+from critbatch.jobs.cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, success_summary
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.store import Store
+from critbatch.jobs.store.cellstate import readable_parts
 from critbatch.jobs.store.logstream import LogStream
 from critbatch.jobs.store.retry import wait_out_outage
 
 from .distributed import Dist, average_gradients_
 from .evaluate import linear_approx_error
+from .guard import CellGuard
 
 #: Seconds the final writes (log parts, model.pt, _SUCCESS) wait out a store outage, all together.
 STORE_PATIENCE_S = 1800.0
@@ -86,22 +91,57 @@ def summarize(cell: Cell, *, steps: int, wall_time_s: float, metric: str, last_e
     )
 
 
+class DamagedLogs(RuntimeError):
+    """The cell's log parts in the store are not whole at the end (a part lost or cut since its upload)."""
+
+
 def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | None,
-                  weights: dict[str, Tensor] | None, patience_s: float = STORE_PATIENCE_S) -> None:
+                  weights: dict[str, Tensor] | None, patience_s: float = STORE_PATIENCE_S,
+                  guard: CellGuard | None = None) -> dict:
     """Rank 0's last writes, in order: every log part, ``model.pt`` (``weights``; None: none), ``_SUCCESS``;
     then the checkpoints are pruned (:func:`prune_checkpoints`).
 
-    Raises StoreUnavailable if the store is still down ``patience_s`` seconds after the start.
+    With a log stream, its parts are then read back and checked (:func:`log_manifest`), and the
+    ``_SUCCESS`` written (and returned) carries their manifest; with a ``guard``, the lease is
+    checked before it is written. Raises StoreUnavailable if the store is still down ``patience_s``
+    seconds after the start; DamagedLogs or LeaseHeld with nothing marked.
     """
     deadline = time.monotonic() + patience_s
     if logs is not None:
         logs.close(timeout=max(0.0, deadline - time.monotonic()))
+        prefix = cell_prefix(cell.sweep, cell.id)
+        manifest = wait_out_outage(lambda: log_manifest(store, prefix, summary["steps"]),
+                                   what=f"read back {store.join(prefix)}", deadline=deadline, base_delay=1.0)
+        summary = {**summary, "logs": manifest}
     if weights is not None:
         buf = io.BytesIO()
         torch.save(weights, buf)
         _put(store, f"{cell_prefix(cell.sweep, cell.id)}/model.pt", buf.getvalue(), deadline)
+    if guard is not None:
+        wait_out_outage(lambda: guard.fence("writing _SUCCESS"), what="check the lease", deadline=deadline,
+                        base_delay=1.0)
     _put(store, success_key(cell.sweep, cell.id), (json.dumps(summary, indent=2) + "\n").encode(), deadline)
     prune_checkpoints(store, cell)
+    return summary
+
+
+def log_manifest(store: Store, prefix: str, steps: int) -> dict:
+    """The log parts as the store holds them: ``{kind: {"rows": n, "parts": [bytes, ...]}}``.
+
+    Every part must be whole and the step rows exactly 1..``steps``, each once (else DamagedLogs).
+    """
+    manifest = {}
+    for kind in SCHEMAS:
+        scan = readable_parts(store, prefix, kind)
+        if scan.problem is not None:
+            raise DamagedLogs(f"{store.join(prefix)}: {scan.problem}")
+        if kind == "steps":
+            logged = scan.steps.to_pylist() if scan.steps is not None else []
+            if sorted(logged) != list(range(1, steps + 1)):
+                raise DamagedLogs(f"{store.join(prefix)}: {len(logged)} step rows ({len(set(logged))} distinct), "
+                                  f"not steps 1..{steps} once each")
+        manifest[kind] = {"rows": scan.rows, "parts": scan.sizes}
+    return manifest
 
 
 def prune_checkpoints(store: Store, cell: Cell) -> None:

@@ -26,6 +26,8 @@ Exit codes (one table for every backend; jobs/cell/errors.py):
     202  the store stayed unreachable past the retries (retryable: the next attempt resumes)
     130  interrupted (Ctrl-C)
     143  stopped by SIGTERM after a checkpoint (preemption: the next attempt resumes)
+    203  another trainer holds the cell's lease (retryable: the next attempt finds it finished, or takes
+         over once the lease expires; nothing of the cell was touched)
 
 What is written, in order (rank 0 alone writes): ``cell.json`` (the cell,
 its id, code version and derived figures), step and eval log parts, checkpoints,
@@ -37,29 +39,33 @@ cell's prefix and trains it again. The batch arithmetic is printed at start
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from critbatch.jobs.cell.errors import EXIT_PREEMPTED, ConfigError, DeviceMissing
-from critbatch.jobs.cell.layout import cell_prefix, success_key
+from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, EXIT_PREEMPTED, ConfigError, DeviceMissing, LeaseHeld
+from critbatch.jobs.cell.layout import success_key
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import load_task_data, mix_seed
 from critbatch.jobs.models.zoo import build_model
 from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.store.cellstate import DAMAGED, cell_state
 
 from . import distributed
-from .distributed import Dist, dist_from_env
+from .distributed import Dist, all_gather_object, dist_from_env
+from .finish import DamagedLogs
+from .guard import CellGuard, default_lease_seconds
 from .launch import record_cause
+from .parent import arm_from_env
 from .trainer import Preempted, Trainer
 
 
 @record_cause
 def main(args: argparse.Namespace) -> int:
     """Validate the cell, the store and the data, then train; the exit code (see the module docstring)."""
+    arm_from_env()  # under `critbatch run`: die with the executor (or with torchrun, which dies with it)
     cell = read_cell(args.cell)
     dist = dist_from_env()
     problems = cell.problems(world_size=dist.world)
@@ -74,12 +80,15 @@ def main(args: argparse.Namespace) -> int:
             cell, store, data_root=args.data_root, device=args.device, flush_steps=args.flush_steps,
             flush_seconds=args.flush_seconds, checkpoint_seconds=args.checkpoint_seconds,
             checkpoint_steps=args.checkpoint_steps, download=args.download, force=args.force,
-            progress=args.progress,
+            progress=args.progress, lease_seconds=args.lease_seconds,
         )
     except Preempted as stop:
         if dist.is_main:
             print(f"critbatch train: cell {cell.id}: {stop}; exit {EXIT_PREEMPTED}", flush=True)
         return EXIT_PREEMPTED
+    except LeaseHeld as held:
+        print(f"critbatch train: {held}; the cell is left to it, exit {EXIT_LEASE_HELD}", flush=True)
+        return EXIT_LEASE_HELD
     if dist.is_main:
         final = summary.get("final") or {}
         print(f"critbatch train: cell {cell.id} {summary['status']} after {summary['steps']} steps "
@@ -101,12 +110,16 @@ def read_cell(text: str) -> Cell:
 
 def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto", flush_steps: int = 500,
                flush_seconds: float = 15.0, checkpoint_seconds: float = 300.0, checkpoint_steps: int = 0,
-               download: bool = False, force: bool = False, progress: str = "auto") -> dict:
+               download: bool = False, force: bool = False, progress: str = "auto",
+               lease_seconds: float | None = None) -> dict:
     """Train ``cell`` (resuming from its newest checkpoint) and return its ``_SUCCESS`` summary.
 
     Everything that can be wrong with the input (the cell for this world
     size, the data, the model options) raises ConfigError before anything is
-    written. Raises :class:`Preempted` after a SIGTERM.
+    written. Raises :class:`Preempted` after a SIGTERM, LeaseHeld when another
+    trainer holds the cell's lease (taken by rank 0 before the data is loaded,
+    renewed every ``lease_seconds / 3``). A cell whose ``_SUCCESS`` is unreadable
+    or whose parts are damaged is not finished: it is trained again (guard.py).
     """
     dist = dist_from_env()
     problems = cell.problems(world_size=dist.world)
@@ -117,38 +130,85 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
     if checkpoint_steps < 0 or checkpoint_seconds <= 0:
         raise ConfigError(f"--checkpoint-steps must be >= 0 and --checkpoint-seconds > 0, "
                           f"got {checkpoint_steps}, {checkpoint_seconds}")
-    done_key = success_key(cell.sweep, cell.id)
-    if not force and store.exists(done_key):
-        summary = json.loads(store.get_text(done_key))
-        if dist.is_main:
-            print(f"critbatch train: cell {cell.id} already finished ({summary.get('status')}); "
-                  f"{store.join(done_key)} exists, nothing to do (--force trains it again)", flush=True)
-        return summary
+    if lease_seconds is not None and not lease_seconds > 0:
+        raise ConfigError(f"--lease-seconds: must be positive, got {lease_seconds}")
+    if not force:
+        state = cell_state(store, cell.sweep, cell.id)
+        if state.finished:
+            return _already_finished(cell, store, state.summary, dist)
 
     dev = pick_device(device, dist)  # before the data: a GPU pod without its GPU fails in seconds
     data = load_task_data(cell, data_root, download=download)
     if cell.batch_size > data.n_train:
         raise ConfigError(f"cell.batch_size: {cell.batch_size} is larger than the training set "
                           f"({data.n_train} examples)")
-    # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
-    torch.manual_seed(mix_seed("init", cell.seed))
-    model = build_model(cell, data)
+    model = _initial_model(cell, data)
 
-    distributed.init(dist, dev)
-    previous_handler = None
+    # The lease only now, so that bad input (above) leaves nothing in the store, not even a lease record.
+    guard = CellGuard(store, cell, ttl_s=lease_seconds or default_lease_seconds()).acquire() if dist.is_main else None
     try:
-        if force and dist.is_main:
-            store.delete_prefix(cell_prefix(cell.sweep, cell.id) + "/")
-        distributed.barrier(dist)
-        trainer = Trainer(cell, store, data.to(dev), model, dev, dist, flush_steps=flush_steps,
-                          flush_seconds=flush_seconds, checkpoint_seconds=checkpoint_seconds,
-                          checkpoint_steps=checkpoint_steps, progress=progress)
-        previous_handler = _install_sigterm(trainer)
-        return trainer.run()
+        distributed.init(dist, dev)
+        previous_handler = None
+        try:
+            finished = _claim(guard, force) if guard is not None else None
+            if dist.active:
+                finished = all_gather_object(finished, dist)[0]
+            if finished is not None:
+                return _already_finished(cell, store, finished, dist)
+            data = data.to(dev)
+
+            def run_once(model: torch.nn.Module) -> dict:
+                nonlocal previous_handler
+                trainer = Trainer(cell, store, data, model, dev, dist, flush_steps=flush_steps,
+                                  flush_seconds=flush_seconds, checkpoint_seconds=checkpoint_seconds,
+                                  checkpoint_steps=checkpoint_steps, progress=progress, guard=guard)
+                handler = _install_sigterm(trainer)
+                previous_handler = handler if previous_handler is None else previous_handler
+                return trainer.run()
+
+            try:
+                return run_once(model)
+            except DamagedLogs as err:
+                # A part lost or cut while the cell trained: once more, from the newest checkpoint before it.
+                # Several ranks cannot agree on that here: the process fails, and its retry resumes.
+                if dist.active:
+                    raise
+                print(f"critbatch train: cell {cell.id}: {err}; training again", flush=True)
+                return run_once(_initial_model(cell, data))
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            distributed.shutdown()
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        distributed.shutdown()
+        if guard is not None:
+            guard.release()
+
+
+def _initial_model(cell: Cell, data) -> torch.nn.Module:
+    """The cell's model at its initial weights, the same on every rank (DDP also broadcasts rank 0's)."""
+    torch.manual_seed(mix_seed("init", cell.seed))
+    return build_model(cell, data)
+
+
+def _claim(guard: CellGuard, force: bool) -> dict | None:
+    """Rank 0, holding the lease: the summary if the cell finished meanwhile (another trainer), else None
+    after clearing the way: ``--force`` wipes the cell, a damaged one loses its ``_SUCCESS``."""
+    state = cell_state(guard.store, guard.cell.sweep, guard.cell.id)
+    if force:
+        guard.wipe()
+    elif state.finished:
+        return state.summary
+    elif state.state == DAMAGED:
+        guard.withdraw_success("not finished: " + "; ".join(state.problems))
+    return None
+
+
+def _already_finished(cell: Cell, store: Store, summary: dict, dist: Dist) -> dict:
+    if dist.is_main:
+        print(f"critbatch train: cell {cell.id} already finished ({summary.get('status')}); "
+              f"{store.join(success_key(cell.sweep, cell.id))} exists, nothing to do (--force trains it again)",
+              flush=True)
+    return summary
 
 
 def pick_device(name: str, dist: Dist) -> torch.device:

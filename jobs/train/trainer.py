@@ -7,6 +7,7 @@
     Evaluator   loss and metric over the train subset and the test split       evaluate.py
     LogStream   step and eval rows to the store, in the background             critbatch.jobs.store.logstream
     Checkpointer  the resumable state in the store                             checkpoint.py
+    CellGuard   rank 0's lease on the cell, the fence before deletions         guard.py
     Progress    the bar, lines or JSON lines on rank 0                         progress.py
     finish      paper 4.2's error, model.pt and _SUCCESS                       finish.py
 
@@ -16,6 +17,12 @@ state dict, checkpointed every ``checkpoint_seconds`` / ``checkpoint_steps``
 and on SIGTERM (then :class:`Preempted` is raised). On the CPU a resumed run
 ends with weights bit-identical to an uninterrupted one (deterministic
 algorithms, same thread count). Rank 0 alone writes.
+
+A resume starts from the newest checkpoint whose log parts are all whole in
+the store (rank 0 reads them back first): a part lost or cut sends it back to
+an older checkpoint, or to the start, and the parts past that point are
+deleted behind the fence. A lease lost to another trainer stops the loop like
+a SIGTERM, but the checkpoint is refused and LeaseHeld raised.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.data.datasets import TaskData
 from critbatch.jobs.models.zoo import loss_fn, metric_name
 from critbatch.jobs.store import Store
+from critbatch.jobs.store.cellstate import KINDS, readable_parts
 from critbatch.jobs.store.logstream import LogStream, spool_dir
 
 from . import distributed
@@ -45,6 +53,7 @@ from .checkpoint import Checkpointer
 from .distributed import Dist, all_gather_object
 from .evaluate import Evaluator
 from .finish import final_linear_approx_error, summarize, write_results
+from .guard import CellGuard
 from .noise import NoiseSample, noise_probe
 from .plan import Plan
 from .progress import Progress
@@ -75,8 +84,9 @@ class Trainer:
 
     def __init__(self, cell: Cell, store: Store, data: TaskData, model: nn.Module, device: torch.device,
                  dist: Dist, *, flush_steps: int, flush_seconds: float, checkpoint_seconds: float,
-                 checkpoint_steps: int, progress: str):
+                 checkpoint_steps: int, progress: str, guard: CellGuard | None = None):
         self.cell, self.store, self.data, self.device, self.dist = cell, store, data, device, dist
+        self.guard = guard  # rank 0 in a run that holds the cell's lease
         self.prefix = cell_prefix(cell.sweep, cell.id)
         self.flush_steps, self.flush_seconds, self.progress_mode = flush_steps, flush_seconds, progress
         self.checkpoint_seconds, self.checkpoint_steps = checkpoint_seconds, checkpoint_steps
@@ -153,7 +163,7 @@ class Trainer:
             noise = self.noise.describe() if self.noise is not None else "off"
             print(self.plan.banner(noise=noise, device=self.device, store=self.store.join(self.prefix)), flush=True)
         seed_rngs(self.cell.seed, self.dist.rank)
-        checkpoint = self.checkpointer.load_latest()
+        checkpoint = self._resume_point()
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
         if self.dist.active:
@@ -173,11 +183,38 @@ class Trainer:
             if self.progress is not None:
                 self.progress.close()
 
+    def _resume_point(self) -> dict | None:
+        """The newest checkpoint whose log parts are all whole in the store (rank 0 reads them back and
+        chooses; every rank loads that one), or None: start from step 0."""
+        state = None
+        if self.dist.is_main:
+            scans = {kind: readable_parts(self.store, self.prefix, kind) for kind in KINDS}
+            damage = "; ".join(scan.problem for scan in scans.values() if scan.problem)
+
+            def whole_below(state: dict) -> str | None:
+                logs = state.get("logs") or {}
+                return None if all(int(logs.get(k, 0)) <= scans[k].readable for k in KINDS) else \
+                    f"its log parts are not all whole ({damage})"
+
+            state = self.checkpointer.load_latest(accept=whole_below)
+            if damage:
+                start = f"the checkpoint at step {state['step']}" if state is not None else "step 0"
+                print(f"critbatch train: cell {self.cell.id}: {damage}; training again from {start}", flush=True)
+        if self.dist.active:
+            step = all_gather_object(None if state is None else state["step"], self.dist)[0]
+            if not self.dist.is_main and step is not None:
+                state = self.checkpointer.load(step)
+        return state
+
     def _open_logs(self, checkpoint: dict | None) -> None:
         """Rank 0: cell.json (on the first start), the log stream from the checkpoint's part indices, progress."""
         _write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
-        self.logs = LogStream(self.store, self.prefix, spool_dir=spool_dir(self.store), flush_steps=self.flush_steps,
-                              flush_seconds=self.flush_seconds, cell_id=self.cell.id)
+        guard = self.guard
+        self.logs = LogStream(
+            self.store, self.prefix, spool_dir=guard.spool if guard else spool_dir(self.store),
+            flush_steps=self.flush_steps, flush_seconds=self.flush_seconds, cell_id=self.cell.id,
+            fence=(lambda: guard.fence("deleting the log parts past the checkpoint")) if guard else None,
+            may_write=guard.may_write if guard else None)
         self.logs.resume(checkpoint["logs"] if checkpoint is not None else None)
         if checkpoint is not None:
             print(f"critbatch train: resumed from the checkpoint at step {self.step} "
@@ -188,7 +225,8 @@ class Trainer:
         """On an exception: stop the log threads; rows past the last checkpoint are redone on resume."""
         if self.logs is not None:
             try:
-                self.logs.close(timeout=10.0)
+                # With the lease lost, nothing more may reach the store: do not wait for the parts.
+                self.logs.close(timeout=0.0 if self.guard is not None and self.guard.lost else 10.0)
             except (StoreUnavailable, RuntimeError) as err:
                 print(f"critbatch train: log parts not all uploaded on exit ({err})", file=sys.stderr)
             self.logs = None
@@ -291,7 +329,8 @@ class Trainer:
         due by rank 0's clock. Rows after a non-finite loss are not logged.
         """
         due = self.dist.is_main and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
-        rows, (stop, due) = self.step_sync.sync(self.stop_requested, due, now=self.stopwatch.now)
+        stop = self.stop_requested or (self.guard is not None and self.guard.lost is not None)
+        rows, (stop, due) = self.step_sync.sync(stop, due, now=self.stopwatch.now)
         for row in rows:
             if self.logs is not None:
                 self.logs.log_step(row)
@@ -322,6 +361,8 @@ class Trainer:
                 try:
                     timeout = (SIGTERM_LOG_TIMEOUT_S if stopping else
                                CHECKPOINT_LOG_TIMEOUT_DOWN_S if self._store_down else CHECKPOINT_LOG_TIMEOUT_S)
+                    if self.guard is not None:
+                        self.guard.fence("checkpoint")  # LeaseHeld: the lease was lost; nothing more is written
                     parts = self.logs.sync(timeout=timeout)
                     self.checkpointer.save(self.step, self.state_dict(rngs, parts))
                     saved, self._store_down = True, False
@@ -352,7 +393,7 @@ class Trainer:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
             logs, self.logs = self.logs, None
             weights = None if reason is not None else self.raw_model.state_dict()
-            write_results(self.store, self.cell, summary, logs=logs, weights=weights)
+            summary = write_results(self.store, self.cell, summary, logs=logs, weights=weights, guard=self.guard)
         distributed.barrier(self.dist)
         return summary
 
