@@ -323,10 +323,6 @@ def object_state(obj: dict) -> str:
     return "created"
 
 
-def is_finished(obj: dict) -> bool:
-    return object_state(obj) in ("succeeded", "failed")
-
-
 def failure(obj: dict) -> str:
     """The Failed condition's reason and message, e.g. ``BackoffLimitExceeded: Job has reached ...``."""
     for cond in (obj.get("status") or {}).get("conditions") or []:
