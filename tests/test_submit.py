@@ -708,6 +708,16 @@ def test_submit_checks_the_store_secret_first(api_server, tmp_path, monkeypatch,
     assert api_server.creates() == []
 
 
+def test_a_secret_submit_may_not_read_is_not_checked(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.faults.append(("GET", SECRETS, 403, {}))  # RBAC without get on Secrets
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps(SPEC))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
+    assert "cannot read Secret critbatch-store (403 Forbidden): not checked" in capsys.readouterr().err
+    assert len(cell_jobs(api_server)) == 6
+
+
 def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, monkeypatch, capsys, s3_url):
     kubeconfig(tmp_path, monkeypatch, api_server)
     api_server.add_secret()
