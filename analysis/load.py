@@ -90,6 +90,8 @@ class CellSummary:
     noise_points: int  # steps with gradient-noise statistics
     noise: NoiseTrace | None  # their estimates of |G|^2 and tr(Sigma) (None without)
     duplicates: int = 0  # step rows dropped as duplicates
+    step_rows: int = 0  # distinct steps logged (the audit compares them with _SUCCESS's steps)
+    eval_rows: int = 0  # eval rows logged (... with _SUCCESS's manifest)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -379,6 +381,7 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
     duplicates = 0
     empty = np.zeros(0)
     grid_steps, grid_wall, grid_samples, run = empty, empty, empty, None
+    steps_logged = 0
     noise_points, noise = 0, None
 
     if steps is not None and steps.num_rows:
@@ -402,6 +405,7 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
         grid_samples = column("samples_seen", np.int64)[g].astype(float)
         run = Curve(*running_mean(loss, window, steps=step.astype(float), at=g))
         last_step = int(step[-1])
+        steps_logged = len(step)
         noise_points, noise = _noise(steps, idx if duplicates else None, _train_size(doc, cell), notes)
         del step, loss
 
@@ -439,7 +443,8 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
         train_eval=train_eval, test_eval=test_eval, test_metric=test_metric, metric=metric,
         running_mean=run, grid_steps=grid_steps, grid_wall=grid_wall, grid_samples=grid_samples,
         last_step=last_step, diverged_at=diverged_at, noise_points=noise_points, noise=noise,
-        duplicates=duplicates, notes=notes,
+        duplicates=duplicates, notes=notes, step_rows=steps_logged,
+        eval_rows=evals.num_rows if evals is not None else 0,
     )
 
 

@@ -31,11 +31,12 @@ import yaml
 
 from . import compute, plots
 from .compute import CurveResult, Group
+from .audit import audit as audit_sweep
 from .fit import MEASURED_COVERAGE
 from .load import INCOMPLETE, Loaded, load_sweeps
 from .plots import Artifact, fmt
 from critbatch.jobs.cell.version import code_version
-from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.errors import EXIT_INCOMPLETE, ConfigError
 from critbatch.jobs.store import S3Store, Store, open_store
 from critbatch.jobs.cell.layout import report_prefix
 
@@ -218,7 +219,15 @@ def cli_analyze(args: argparse.Namespace) -> int:
     for c in a.loaded.incomplete:
         warn(f"cell {c.sweep}/{c.id} (m={c.batch_size}, seed={c.seed}) has no _SUCCESS: incomplete, "
              f"{c.last_step} steps logged")
+    checked = audit_sweep(a.loaded)
+    for finding in checked.findings:
+        if finding.kind != "unfinished":  # said just above
+            warn(finding.line())
+    print(f"critbatch analyze: {checked.headline()}", file=sys.stderr)
     write_report(store, a, output=args.output)
+    if args.strict and not checked.complete:
+        print(f"critbatch analyze: --strict: exit {EXIT_INCOMPLETE}, the sweep is incomplete", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0
 
 
@@ -284,7 +293,14 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
                                            bootstrap=a.settings["bootstrap"], coverage=_coverage_text()),
         "answers": answers(a),
+        "audit": _audit_context(a),
     }
+
+
+def _audit_context(a: Analysis) -> dict:
+    checked = audit_sweep(a.loaded)
+    return {"complete": checked.complete, "headline": checked.headline(),
+            "findings": [f.line() for f in checked.findings]}
 
 
 def _spec_text(text: str | None) -> tuple[str | None, str | None]:
@@ -395,6 +411,8 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
             "- cell code versions: " + ", ".join(f"`{v}` ({n})" for v, n in ctx["cell_versions"]),
             f"- figures use threshold `{a.primary}`; efficiency level {a.settings['efficiency']:g}; "
             f"{a.settings['bootstrap']} bootstrap resamples", ""]
+    out += ["## Completeness", "", f"**{ctx['audit']['headline']}**", ""]
+    out += [f"- {line}" for line in ctx["audit"]["findings"]] + ([""] if ctx["audit"]["findings"] else [])
     out += ["## The answer", ""]
     for box in ctx["answers"]:
         out += [f"### {box['group']}", "", f"**{box['headline']}**", "", f"- measured: {box['measured']}",

@@ -9,6 +9,7 @@ import pytest
 from critbatch.jobs.cell.errors import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
+    EXIT_LEASE_HELD,
     EXIT_NO_DEVICE,
     EXIT_PREEMPTED,
     EXIT_STORE_UNAVAILABLE,
@@ -27,8 +28,9 @@ def help_of(command: str, capsys) -> str:
 def test_train_help_lists_the_exit_codes(capsys):
     text = help_of("train", capsys).split("exit codes:", 1)[1]
     codes = [int(m.group(1)) for m in re.finditer(r"^  (\d+) ", text, re.M)]
-    assert codes == [0, 1, EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_STORE_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_PREEMPTED]
-    assert codes == [0, 1, 2, 4, 202, 130, 143]
+    assert codes == [0, 1, EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_STORE_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_PREEMPTED,
+                     EXIT_LEASE_HELD]
+    assert codes == [0, 1, 2, 4, 202, 130, 143, 203]
     assert re.search(r"^  202 +the store stayed unreachable", text, re.M)
 
 

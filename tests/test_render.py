@@ -268,7 +268,7 @@ def test_analysis_job_runs_analyze_and_carries_no_suspend_flag():
     assert "suspend" not in obj["spec"]  # a re-applied manifest would reset it, stopping a running analysis
     container = obj["spec"]["template"]["spec"]["containers"][0]
     assert "command" not in container  # the image's entrypoint is critbatch
-    assert container["args"] == ["analyze", "--store", "s3://critbatch/runs", "--sweep", "golden"]
+    assert container["args"] == ["analyze", "--store", "s3://critbatch/runs", "--sweep", "golden", "--strict"]
 
 
 @pytest.mark.parametrize("backend,nodes", [("job", 1), ("pytorchjob", 1), ("pytorchjob", 4), ("trainjob", 16)])

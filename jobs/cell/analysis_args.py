@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .errors import ConfigError
+from .errors import EXIT_INCOMPLETE, ConfigError
 
 
 def add_analyze_options(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,10 @@ def add_analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efficiency", type=float, default=0.5, help="efficiency level that defines the critical batch size")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over seeds")
     p.add_argument("--window", type=int, default=50, help="running-mean window (steps) when no full-set evaluation exists")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit {EXIT_INCOMPLETE} (after writing the report) when the sweep is incomplete: a cell sweep.yaml lists is "
+                   "absent or unfinished, its step rows fall short of or exceed _SUCCESS, or a part was skipped as "
+                   "damaged; the analysis Job always passes it")
 
 
 class _Raising(argparse.ArgumentParser):

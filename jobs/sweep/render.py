@@ -237,7 +237,7 @@ def render_analysis_document(grid: Grid) -> Document:
         "container_name": k8s.CONTAINER_NAME,
         "image": grid.image,
         "image_pull_policy": grid.image_pull_policy,
-        "args": ["analyze", "--store", grid.store, "--sweep", grid.sweep] + list(a.args),
+        "args": ["analyze", "--store", grid.store, "--sweep", grid.sweep, "--strict"] + list(a.args),
         "env": _env(grid),
         "store_secret": grid.store_secret,
         "scratch": _scratch(),
