@@ -3,8 +3,10 @@
     <store>/<sweep>/cells/<cell-id>/_SUCCESS   written by the trainer, last: {"status": "done" | "diverged", ...}
     <store>/<sweep>/cells/<cell-id>/_FAILED    written here when a cell's object is seen Failed on the cluster
 
-Both are written once and never change (a retry removes ``_FAILED`` first), so each one's JSON is read the
-first time its key is listed and kept for the later polls.
+A ``_SUCCESS`` counts only when it is readable and the log parts its manifest lists are there at their
+sizes (critbatch.jobs.store.cellstate.judge, from the same LIST): otherwise the cell is ``damaged`` (the
+next trainer of it trains it again). Each marker is read the first time its key is listed, and again only
+when its size changes (a repaired cell's new ``_SUCCESS``; a retry removes ``_FAILED`` first).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from critbatch.jobs.cell.layout import cell_prefix, failed_key
 from critbatch.jobs.store import Store
+from critbatch.jobs.store.cellstate import judge
 
 SUCCESS = "_SUCCESS"
 FAILED = "_FAILED"
@@ -26,6 +29,7 @@ class Markers:
 
     done: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, dict] = field(default_factory=dict)
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # cell id -> what is wrong with its _SUCCESS
 
 
 class MarkerBook:
@@ -38,19 +42,36 @@ class MarkerBook:
         self.store = store
         self.sweep = sweep
         self._json: dict[str, dict] = {}  # key -> parsed marker
+        self._bytes: dict[str, tuple[int, bytes]] = {}  # _SUCCESS key -> (size when read, its bytes)
 
     def read(self) -> Markers:
         out = Markers()
         if self.store is None:
             return out
         prefix = cell_prefix(self.sweep, "")
-        for key in self.store.list(prefix):
+        listing = self.store.sizes(prefix)
+        by_cell: dict[str, dict[str, int]] = {}
+        for key, size in listing.items():
+            by_cell.setdefault(key[len(prefix):].partition("/")[0], {})[key] = size
+        for key, size in listing.items():
             cell_id, _, name = key[len(prefix):].partition("/")
             if name == SUCCESS:
-                out.done[cell_id] = self._load(key, {"status": "done"})
+                state = judge(self._success_bytes(key, size), by_cell[cell_id], cell_prefix(self.sweep, cell_id))
+                if state.finished:
+                    out.done[cell_id] = state.summary
+                else:
+                    out.damaged[cell_id] = state.problems
             elif name == FAILED:
                 out.failed[cell_id] = self._load(key, {"reason": "failed (unreadable _FAILED marker)"})
         return out
+
+    def _success_bytes(self, key: str, size: int) -> bytes:
+        if self._bytes.get(key, (None,))[0] != size:
+            try:
+                self._bytes[key] = (size, self.store.get_bytes(key))
+            except KeyError:  # withdrawn since the listing (a repair started): unreadable for now
+                return b""
+        return self._bytes[key][1]
 
     def _load(self, key: str, fallback: dict) -> dict:
         if key not in self._json:

@@ -4,7 +4,8 @@
     critbatch status GRID --no-cluster    # the store alone
 
 One LIST of the store's markers, one of the cell objects and one of their pods. The verdict:
-``done``/``diverged`` from ``_SUCCESS``; ``failed`` from a Failed object or, after the Job's TTL has
+``done``/``diverged`` from ``_SUCCESS``, ``damaged`` when it is unreadable or its log parts are not the ones
+it lists (the cell's next trainer trains it again); ``failed`` from a Failed object or, after the Job's TTL has
 deleted it, from the ``_FAILED`` marker (status writes that marker when it sees a Failed object, as submit
 does); ``running`` while a pod runs; otherwise ``pending``, with the reason when a pod is stuck
 (ImagePullBackOff, CreateContainerConfigError: a missing Secret or key, Unschedulable: the scheduler's
@@ -27,7 +28,7 @@ from .submit import cell_kind, store_for
 from critbatch.jobs.cell.errors import StoreUnavailable
 
 #: What ``status`` calls a cell, in the order of its counts line.
-STATES = ("done", "diverged", "running", "pending", "failed")
+STATES = ("done", "diverged", "damaged", "running", "pending", "failed")
 
 
 def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
@@ -43,7 +44,10 @@ def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
         problem = None if obj is None or cluster_state in ("succeeded", "failed") else cell_problem(
             (pods or {}).get(cell.id, []))
         why = "-"
-        if store_state in ("done", "diverged"):
+        if cell.id in marks.damaged:  # its _SUCCESS unreadable, or its parts not what it lists: not done
+            state = store_state = "damaged"
+            why = "; ".join(marks.damaged[cell.id])
+        elif store_state in ("done", "diverged"):
             state = store_state
         elif cluster_state == "failed" or (store_state == "failed" and cluster_state in ("absent", "?")):
             state = "failed"
