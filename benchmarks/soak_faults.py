@@ -131,6 +131,7 @@ class Soak:
             state = cell_state(store, cell.sweep, cell.id)
             summary = json.loads(store.get_text(success_key(cell.sweep, cell.id)))
             summary.pop("wall_time_s")
+            summary.pop("code_version")  # the tree's commit, which may move on during a long soak
             logs = summary.pop("logs")
             summary["rows"] = {kind: logs[kind]["rows"] for kind in logs}
             steps = [r for k in store.list(f"{p}/steps/") for r in ipc_to_table(store.get_bytes(k)).to_pylist()]
