@@ -1,9 +1,9 @@
 """Soak: rounds of faults against `critbatch run` on the loopback S3 server, then the store checked whole.
 
-    .venv/bin/python benchmarks/soak_faults.py --rounds 50            # about 30 min on two cores
+    .venv/bin/python benchmarks/soak_faults.py --rounds 50            # 30-60 min on two busy cores
     .venv/bin/python benchmarks/soak_faults.py --rounds 2 --reduced   # what tests/test_soak.py runs (about 1 min)
 
-First a clean `critbatch run` of a small linreg grid (3 cells at once; --reduced: one) gives the reference. Then each
+First a clean `critbatch run` of a small linreg grid (2 cells at once; --reduced: one) gives the reference. Then each
 round, in a fresh sweep prefix on the same SeaweedFS server, starts `run` and injects a random mix of
 faults at random moments while it trains (at least one per round):
 
@@ -52,8 +52,8 @@ from critbatch.jobs.sweep.grid import load_grid
 GRID = {
     "sweep": "soak",
     "dataset": {"name": "linreg", "options": {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0}},
-    "model": "linear", "strategy": "oracle", "base_lr": 1.0, "base_batch": 4, "epochs": 400,
-    "batch_size": [4, 8, 16], "seed": 0, "optimizer": {"momentum": 0.0, "weight_decay": 0.0},
+    "model": "linear", "strategy": "oracle", "base_lr": 1.0, "base_batch": 4, "epochs": 250,
+    "batch_size": [4, 8], "seed": 0, "optimizer": {"momentum": 0.0, "weight_decay": 0.0},
     "eval": {"points": 20}, "resources": {"gpus": 0, "cpu": 1, "memory": "1Gi"}, "checkpoint_seconds": 1.0,
 }
 FAULTS = ("kill_run", "kill_trainer", "second_run", "s3_outage", "truncate")
@@ -197,7 +197,7 @@ class Soak:
         runs = [self.run(prefix, "first")]
         injected: list[str] = []
         outage_thread = None
-        plan = sorted((self.rng.uniform(1.0, 6.0 if self.reduced else 12.0), f) for f in chosen)
+        plan = sorted((self.rng.uniform(1.0, 6.0 if self.reduced else 10.0), f) for f in chosen)
         for at, fault in plan:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
             if fault == "kill_run":
