@@ -439,13 +439,22 @@ def reduce_cell(doc: dict[str, Any], cell: dict[str, Any], success: dict[str, An
 
     return CellSummary(
         id=str(doc.get("id") or ""), sweep=sweep, cell=cell, derived=dict(doc.get("derived") or {}),
-        code_version=str(doc.get("code_version") or "unknown"), status=status, success=success,
+        code_version=_versions(doc), status=status, success=success,
         train_eval=train_eval, test_eval=test_eval, test_metric=test_metric, metric=metric,
         running_mean=run, grid_steps=grid_steps, grid_wall=grid_wall, grid_samples=grid_samples,
         last_step=last_step, diverged_at=diverged_at, noise_points=noise_points, noise=noise,
         duplicates=duplicates, notes=notes, step_rows=steps_logged,
         eval_rows=evals.num_rows if evals is not None else 0,
     )
+
+
+def _versions(doc: dict[str, Any]) -> str:
+    """The code version of cell.json, then the package and version of each plug-in the cell ran (its
+    ``plugins``): the report counts cells by everything that ran them."""
+    parts = [str(doc.get("code_version") or "unknown")]
+    for plugin in (doc.get("plugins") or {}).values():
+        parts.append(f"{plugin.get('distribution') or plugin.get('name')} {plugin.get('version') or 'unversioned'}")
+    return ", ".join(dict.fromkeys(parts))  # a package that provides the model and the dataset counts once
 
 
 _NOISE_COLUMNS = ("noise_g_small_sq", "noise_g_big_sq", "noise_b_small", "noise_b_big")

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "presets", "critbatch.jobs.sweep.grid:cli_presets", "list the grid presets shipped with critbatch")
 
+    _command(sub, "plugins", "critbatch.jobs.cell.registry:cli_plugins",
+             "list the models and datasets installed (critbatch's and other packages' plug-ins; docs/plugins.md)")
+
     p = _command(sub, "cells", "critbatch.jobs.sweep.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
     p.add_argument("grid", help="grid spec YAML or preset name")
 

@@ -432,7 +432,7 @@ def test_restage_removes_stale_keys(disk_root, tmp_path):
 
 
 @pytest.mark.parametrize("name,match", [
-    ("digits", r"'digits' cannot be staged \(digits and linreg are built in"),
+    ("digits", r"'digits' cannot be staged \(digits needs no files: nothing to stage\)"),
     ("imagenet", r"'imagenet' cannot be staged; allowed: mnist, cifar10"),
 ])
 def test_stage_bad_name(tmp_path, name, match):

@@ -127,7 +127,7 @@ BAD = [
     ("unknown top-level key", spec(batchsize=64), [r"^batchsize: unknown field; allowed: .*batch_size"]),
     ("unknown nested key", spec(dataset={"name": "cifar10", "fractions": [0.5]}),
      [r"^dataset\.fractions: unknown field"]),
-    ("unknown dataset", spec(dataset={"name": "imagenet"}), [r"^dataset\.name: unknown dataset 'imagenet'; allowed: mnist"]),
+    ("unknown dataset", spec(dataset={"name": "imagenet"}), [r"^dataset\.name: unknown dataset 'imagenet'; allowed: cifar10"]),
     ("unknown model in a list", spec(model=["resnet34", "resnet999"]), [r"^model\[1\]: unknown model 'resnet999'"]),
     ("model does not fit the dataset", spec(model="lstm"), [r"^model: 'lstm' does not fit dataset 'cifar10'"]),
     ("unknown strategy", spec(strategy=["blr", "fast"]), [r"^strategy\[1\]: unknown strategy 'fast'; allowed: blr"]),

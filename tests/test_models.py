@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from critbatch.jobs.cell.registry import resolve
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import load_task_data
 from critbatch.jobs.cell.errors import ConfigError
@@ -90,7 +91,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from datafiles import write_dataset  # noqa: E402
 
 from critbatch.jobs.models.drn import DRND22  # noqa: E402
-from critbatch.jobs.cell.options import MODEL_OPTIONS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,9 @@ SMOKE = [  # model, dataset, batch, dataset options, expected output shape after
     ("drn_d_22", "cityscapes", 2, {"size": [64, 96]}, (19, 64, 96)),
     ("digits_cnn", "digits", 16, {}, (10,)),
     ("linear", "linreg", 16, {"n": 64, "d": 32}, ()),
+    ("mnist1d_mlp", "mnist1d", 16, {"num_samples": 200}, (10,)),
+    ("mnist1d_cnn", "mnist1d", 16, {"num_samples": 200}, (10,)),
+    ("mnist1d_gru", "mnist1d", 16, {"num_samples": 200}, (10,)),
 ]
 
 
@@ -169,9 +172,10 @@ def test_channels_last_gives_the_same_outputs(disk_root, model, dataset, shape):
 
 
 def test_resnet34_is_cifar_sized():
+    from critbatch.jobs.cell.plugins import DataShape, NoOptions
     from critbatch.jobs.models.zoo import resnet34
 
-    net = resnet34(3, 10)
+    net = resnet34(DataShape("classification", (3, 32, 32), 10), NoOptions())
     assert sum(p.numel() for p in net.parameters()) == 21_282_122
     assert [len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)] == [3, 4, 6, 3]
     assert isinstance(net.maxpool, torch.nn.Identity) and net.conv1.kernel_size == (3, 3)
@@ -218,7 +222,12 @@ def test_bad_model_options(model, dataset, options, match):
         make_cell(dataset, model, 4, model_options=options)
 
 
-def test_every_model_has_options_listed():
-    from critbatch.jobs.cell.spec import MODELS
+@pytest.mark.parametrize("model,parameters", [("mnist1d_mlp", 15_210), ("mnist1d_cnn", 5_210), ("mnist1d_gru", 5_134)])
+def test_mnist1d_models_are_the_papers_sizes(model, parameters):
+    """MLP 40-100-100-10; CNN of three 25-channel convolutions into 25 x 5 features; bidirectional GRU of 6
+    units read out at all 40 steps (2 x 6 x 40 = 480 features)."""
+    from critbatch.jobs.cell.plugins import DataShape
 
-    assert set(MODEL_OPTIONS) == set(MODELS)
+    net = resolve("model", model).plugin(DataShape("classification", (1, 40), 10), resolve("model", model).options())
+    assert sum(p.numel() for p in net.parameters()) == parameters
+    assert net(torch.randn(3, 1, 40)).shape == (3, 10)

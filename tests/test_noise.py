@@ -116,11 +116,11 @@ def test_without_replacement_the_finite_population_correction_matters():
 def linreg_data():
     """The linreg problem itself (design section 7), small: 128 samples, 256 features, two spikes."""
     from critbatch.jobs.cell.spec import Cell, DatasetSpec
-    from critbatch.jobs.data.datasets import load_linreg
+    from critbatch.jobs.data.datasets import load_task_data
 
     cell = Cell(dataset=DatasetSpec(name="linreg", options={"n": 128, "d": 256, "spikes": 2, "spike_var": 20.0}),
                 model="linear", strategy="oracle", batch_size=8, base_lr=1.0, base_batch=2, epochs=1.0)
-    data = load_linreg(cell)
+    data = load_task_data(cell, "/x")
     X, y = data.train_x.double().numpy(), data.train_y.double().numpy()
     teacher = np.linalg.lstsq(X, y, rcond=None)[0]
     return X, y, teacher

@@ -11,7 +11,10 @@ its own type, range or choices, and :meth:`Cell.problems` what only fields
 together show (a model that does not fit its dataset, options the dataset does
 not take, a batch larger than the training set). Every problem is reported at
 once as one :class:`ConfigError`, each naming its field's path and the allowed
-values.
+values. A cell's dataset and model are names the registry resolves (a built-in,
+an installed plug-in or an import path; critbatch.jobs.cell.registry), whose
+declarations say what fits together; :data:`DATASETS` and :data:`MODELS` hold
+the facts of every installed one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 from .options import dataset_options, option_problems
+from .registry import DATASETS, MODELS, Registered, fits, resolve
 from .validation import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -37,45 +41,21 @@ from .validation import (
     invalid,
 )
 
-# What each dataset is, how many training examples it has at 100 %, and which
-# models fit it. Sizes are the standard train splits (SVHN ``extra`` adds
-# 531,131 to the 73,257; WikiText-2's figure counts bptt-35 sequences of its
-# 2,088,628 training tokens; ``digits`` keeps 80 % of scikit-learn's 1,797).
-DATASETS: dict[str, dict[str, Any]] = {
-    "mnist": {"task": "classification", "train_size": 60000, "classes": 10},
-    "cifar10": {"task": "classification", "train_size": 50000, "classes": 10},
-    "cifar100": {"task": "classification", "train_size": 50000, "classes": 100},
-    "svhn": {"task": "classification", "train_size": 73257, "classes": 10},
-    "wikitext2": {"task": "language_model", "train_size": 59675},
-    "cityscapes": {"task": "segmentation", "train_size": 2975, "classes": 19},
-    "digits": {"task": "classification", "train_size": 1437, "classes": 10},
-    "linreg": {"task": "regression", "train_size": None},  # n, from options
-}
-SVHN_EXTRA_SIZE = 531131
-
-IMAGE_MODELS = ("resnet34", "vgg16", "alexnet", "mobilenetv2")
-MODELS: dict[str, tuple[str, ...]] = {
-    **{m: ("mnist", "cifar10", "cifar100", "svhn") for m in IMAGE_MODELS},
-    "lstm": ("wikitext2",),
-    "drn_d_22": ("cityscapes",),
-    "digits_cnn": ("digits",),
-    "linear": ("linreg",),
-}
-Dataset = Literal[tuple(DATASETS)]
-Model = Literal[tuple(MODELS)]
 Strategy = Literal["blr", "lsr", "srsr", "longer", "oracle"]
 Decay = Literal["none", "step", "cosine"]
 
 
 class DatasetSpec(Strict):
-    name: Dataset
+    name: Annotated[str, Registered("dataset")] = Field(
+        description="a dataset's name (`critbatch plugins` lists those installed) or the import path "
+        "module:attribute of a DatasetPlugin")
     fraction: Annotated[float, Range(0, 1, low_open=True)] = Field(
         1.0, description="fixed seeded subset of the training set, in (0, 1]")
     max_train: PositiveInt | None = Field(None, description="cap on training examples (the paper: 50k)")
     extra: bool = Field(False, description="SVHN only: train + extra (the 600k study)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="the dataset's options (augment; cityscapes: size; linreg: n, d, spikes, "
-        "spike_var)")
+        "spike_var; mnist1d: num_samples; a plug-in's: `critbatch plugins`)")
 
 
 class OptimizerSpec(Strict):
@@ -109,7 +89,9 @@ class Cell(Strict):
     """
 
     dataset: DatasetSpec
-    model: Model
+    model: Annotated[str, Registered("model")] = Field(
+        description="a model's name (`critbatch plugins` lists those installed) or the import path "
+        "module:attribute of a ModelPlugin")
     strategy: Strategy
     batch_size: PositiveInt = Field(description="global batch m, across all ranks and micro-batches")
     base_lr: PositiveFloat = Field(description="eta_0, tuned at base_batch")
@@ -159,20 +141,29 @@ class Cell(Strict):
     # ---- derived figures ------------------------------------------------
     @property
     def task(self) -> str:
-        return DATASETS[self.dataset.name]["task"]
+        return resolve("dataset", self.dataset.name).plugin.task
 
     def train_size(self) -> int | None:
         """Training examples the cell uses, or None when only the data knows."""
-        size = DATASETS[self.dataset.name]["train_size"]
-        if self.dataset.name == "linreg":
-            size = dataset_options(self.dataset).n
-        if self.dataset.name == "svhn" and self.dataset.extra:
-            size += SVHN_EXTRA_SIZE
+        data = resolve("dataset", self.dataset.name).plugin
+        size = data.train_size(dataset_options(self.dataset)) if callable(data.train_size) else data.train_size
         if size is None:
             return None
+        if self.dataset.extra:
+            size += data.extra_size or 0
         if self.dataset.max_train is not None:
             size = min(size, self.dataset.max_train)
         return max(1, int(size * self.dataset.fraction))
+
+    def plugins(self) -> dict[str, dict[str, Any]]:
+        """The models and datasets of other packages this cell uses, by kind, with their package and version:
+        what cell.json records beside the code version (critbatch's own are that version)."""
+        out = {}
+        for kind, name in (("dataset", self.dataset.name), ("model", self.model)):
+            found = resolve(kind, name)
+            if not found.builtin:
+                out[kind] = found.record()
+        return out
 
     # ---- validation -----------------------------------------------------
     @classmethod
@@ -199,15 +190,21 @@ class Cell(Strict):
         data = {k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}
         return cls.from_dict(data)
 
-    def problems(self, path: str = "cell", world_size: int = 1) -> list[str]:
-        """The problems no single field shows (fields that do not fit together, or this world size)."""
+    def problems(self, path: str = "cell", world_size: int | None = 1) -> list[str]:
+        """The problems no single field shows (fields that do not fit together, or this world size).
+
+        ``world_size`` None: not yet known (a grid checks its cells before sizing them), so the batch
+        arithmetic is left to the sizing.
+        """
         out: list[str] = []
         ds = self.dataset
-        if ds.name not in MODELS[self.model]:
-            out.append(
-                f"{path}.model: {self.model!r} does not fit dataset {ds.name!r}; "
-                f"allowed for it: {', '.join(m for m, d in MODELS.items() if ds.name in d)}"
-            )
+        model, data = resolve("model", self.model).plugin, resolve("dataset", ds.name).plugin
+        if not fits(model, ds.name, data.task):
+            why = (f"it serves {', '.join(model.tasks)}, the dataset is {data.task}" if data.task not in model.tasks
+                   else f"it is built for {', '.join(model.datasets)}")
+            allowed = [m for m in MODELS if fits(resolve("model", m).plugin, ds.name, data.task)]
+            out.append(f"{path}.model: {self.model!r} does not fit dataset {ds.name!r} ({why}); "
+                       f"allowed for it: {', '.join(allowed) or 'none registered'}")
         if self.strategy == "oracle" and ds.name != "linreg":
             out.append(f"{path}.strategy: 'oracle' needs dataset 'linreg' (it is Ma et al.'s step for least squares)")
         if ds.extra and ds.name != "svhn":
@@ -217,6 +214,12 @@ class Cell(Strict):
         if self.batch_size % (world_size * self.accumulation):
             out.append(f"{path}.batch_size: {self.batch_size} is not divisible by world size {world_size} "
                        f"x accumulation {self.accumulation}")
+        elif world_size is not None and self.micro_batch is not None and \
+                self.micro_batch * world_size * self.accumulation != self.batch_size:
+            out.append(f"{path}.micro_batch: {self.micro_batch} x world size {world_size} x accumulation "
+                       f"{self.accumulation} is not the batch size {self.batch_size}: the cell was sized for "
+                       f"{self.batch_size // (self.micro_batch * self.accumulation)} devices (`critbatch cells` "
+                       "prints each cell's plan)")
         if self.strategy == "lsr" and self.warmup_epochs > self.epochs:
             out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
                        f"({self.epochs} epochs); allowed: 0 to {self.epochs}")

@@ -11,6 +11,12 @@ every rank; global batch j is ``perm[j*B:(j+1)*B]`` and rank r takes rows
 whole global batch from a generator seeded by (seed, epoch, j), so a resumed
 run and a run on a different number of ranks see the same pixels.
 
+Every dataset, critbatch's own and a plug-in's, is found through the
+registry (critbatch.jobs.cell.registry) and loaded by its factory
+``(request, options)``, which returns the splits in memory (:class:`InMemory`;
+this module then takes the fixed subset and builds the :class:`TaskData`) or a
+resumable stream (:class:`Streamed`, behind :class:`StreamData`).
+
 The paper's sets are read in their standard on-disk formats through
 torchvision's readers (MNIST idx files, CIFAR python pickles, SVHN .mat,
 Cityscapes leftImg8bit/ + gtFine/) or, for WikiText-2, from its
@@ -18,8 +24,9 @@ Cityscapes leftImg8bit/ + gtFine/) or, for WikiText-2, from its
 (``<root>/<name>/...``) or a store the set was staged to with
 ``critbatch data stage NAME --from DIR`` (``<store>/datasets/<name>/...``,
 copied once to a local cache). Nothing is downloaded unless asked for.
-Built in and offline: ``digits`` (scikit-learn's 8x8 handwritten digits) and
-``linreg`` (the known-answer least-squares problem of design section 7).
+Built in and offline: ``digits`` (scikit-learn's 8x8 handwritten digits),
+``linreg`` (the known-answer least-squares problem of design section 7) and
+``mnist1d`` (critbatch.jobs.data.mnist1d).
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ from torch import Tensor
 
 from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.options import dataset_options
-from critbatch.jobs.cell.spec import DATASETS, Cell
+from critbatch.jobs.cell.plugins import DataRequest, DataShape, PluginError
+from critbatch.jobs.cell.registry import resolve
+from critbatch.jobs.cell.spec import DATASETS, Cell, DatasetSpec
+
+from .plugin import BatchStream, InMemory, Streamed
 
 #: Seed of the fixed subsets (fraction, max_train, the train-eval subset, the
 #: digits split): the same examples for every cell, whatever its seed, so cells
@@ -80,6 +91,15 @@ class TaskData:
     std: Tensor | None = field(repr=False, default=None)
 
     # ---- shapes ------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def shape(self) -> DataShape:
+        """What a model factory is told about this data."""
+        return DataShape(self.task, self.input_shape, self.num_classes, self.vocab_size)
+
     @property
     def in_channels(self) -> int | None:
         return int(self.train_x.shape[1]) if self.train_x.dim() == 4 else None
@@ -130,6 +150,13 @@ class TaskData:
         for i in range(0, len(x), batch_size):
             yield self._finish_x(x[i: i + batch_size]), self._finish_y(y[i: i + batch_size])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The data's own position: none (the epoch and batch index the trainer keeps place every batch)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
+
     def to(self, device: str | torch.device) -> "TaskData":
         """A copy whose tensors live on ``device`` (the data stays there for the whole run)."""
         moved = {
@@ -148,9 +175,7 @@ class TaskData:
         return x
 
     def _finish_y(self, y: Tensor) -> Tensor:
-        if self.task in ("classification", "segmentation", "language_model") and y.dtype != torch.int64:
-            return y.long()
-        return y
+        return labels(self.task, y)
 
     def _augment(self, x: Tensor, y: Tensor, gen: torch.Generator, batch: int, lo: int, hi: int
                  ) -> tuple[Tensor, Tensor]:
@@ -169,6 +194,88 @@ class TaskData:
         if "flip" in self.augment and self.task == "segmentation":
             y = torch.where(flips.view(-1, 1, 1), y.flip(-1), y)
         return x, y
+
+
+def labels(task: str, y: Tensor) -> Tensor:
+    """Class indices and token ids as int64 (the losses' index type); regression targets as they are."""
+    if task in ("classification", "segmentation", "language_model") and y.dtype != torch.int64:
+        return y.long()
+    return y
+
+
+class StreamData:
+    """A :class:`Streamed` dataset behind :class:`TaskData`'s interface, so the trainer treats both alike.
+
+    The trainer keeps the epoch and the batch index; the stream keeps its own position, which the
+    trainer checkpoints through :meth:`state_dict`. Batches arrive on the CPU and move to the device
+    one at a time.
+    """
+
+    def __init__(self, name: str, task: str, streamed: Streamed, rows: int, eval_train_subset: int | None,
+                 info: dict[str, Any], device: torch.device | str = "cpu"):
+        self.name, self.task, self.streamed, self.rows = name, task, streamed, rows
+        self.n_train, self.num_classes, self.vocab_size = streamed.n_train, streamed.num_classes, streamed.vocab_size
+        self.input_shape = tuple(streamed.input_shape)
+        self.eval_train_subset, self.info = eval_train_subset, info
+        self._device = torch.device(device)
+        self._batches: Iterator | None = None  # one iterator over the whole run, from the stream's position
+
+    @property
+    def shape(self) -> DataShape:
+        return DataShape(self.task, self.input_shape, self.num_classes, self.vocab_size)
+
+    @property
+    def in_channels(self) -> int | None:
+        return self.input_shape[0] if len(self.input_shape) == 3 else None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, self.n_train // batch_size)
+
+    def train_batches(self, epoch: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,  # noqa: ARG002
+                      start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The rest of the epoch (batches ``start`` onwards), read on from the stream's position.
+
+        The stream was opened for this cell's seed, rank and world size; ``seed`` and ``epoch``
+        are its business (they only count batches here).
+        """
+        if batch_size // world != self.rows:
+            raise ValueError(f"dataset {self.name!r} streams {self.rows} rows per rank, not {batch_size // world}")
+        for _ in range(start, self.steps_per_epoch(batch_size)):
+            if self._batches is None:
+                self._batches = iter(self.streamed.train)
+            try:
+                x, y = next(self._batches)
+            except StopIteration:
+                raise ValueError(f"dataset {self.name!r}: its stream ended; a BatchStream is endless") from None
+            if len(x) != self.rows or len(y) != self.rows:
+                raise ValueError(f"dataset {self.name!r}: its stream gave a batch of {len(x)} rows, "
+                                 f"expected {self.rows} (batch size / world size)")
+            yield x.to(self._device), labels(self.task, y).to(self._device)
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split {split!r}; allowed: train, test")
+        for x, y in self.streamed.eval_batches(split, batch_size):
+            yield x.to(self._device), labels(self.task, y).to(self._device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position after the batches handed out so far."""
+        return self.streamed.train.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Move the stream to ``state``; the next batch is the one after it."""
+        if state:
+            self.streamed.train.load_state_dict(state)
+            self._batches = None
+
+    def to(self, device: str | torch.device) -> "StreamData":
+        moved = StreamData(self.name, self.task, self.streamed, self.rows, self.eval_train_subset, self.info, device)
+        moved._batches = self._batches
+        return moved
 
 
 def random_crop(x: Tensor, dy: Tensor, dx: Tensor, pad: int, flip: Tensor | None = None) -> Tensor:
@@ -207,7 +314,7 @@ def subset_indices(total: int, keep: int, tag: str) -> Tensor:
 
 # ---- built-in sets -------------------------------------------------------------
 
-def load_digits(cell: Cell) -> TaskData:
+def load_digits(request: DataRequest, options: Any) -> InMemory:  # noqa: ARG001 - no options
     """scikit-learn's 1,797 8x8 digits as (N,1,8,8) in [0, 1]; a fixed 80/20 split (1,437 / 360)."""
     from sklearn.datasets import load_digits as sk_digits
 
@@ -221,15 +328,7 @@ def load_digits(cell: Cell) -> TaskData:
     # Normalise with the training split's mean and standard deviation.
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
-    ds = cell.dataset
-    keep = subset_indices(len(train_idx), subset_size(len(train_idx), ds.fraction, ds.max_train), "digits")
-    train_idx = train_idx[keep]
-    return TaskData(
-        name="digits", task="classification", n_train=len(train_idx), num_classes=10, vocab_size=None,
-        info={"n_train": len(train_idx), "n_test": n_test, "input_shape": [1, 8, 8]},
-        train_x=x[train_idx], train_y=y[train_idx], test_x=x[test_idx], test_y=y[test_idx],
-        eval_train_subset=cell.eval.train_subset,
-    )
+    return InMemory(x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes=10)
 
 
 def linreg_sample(n: int, d: int, spikes: int, spike_var: float, gen: torch.Generator) -> Tensor:
@@ -239,38 +338,31 @@ def linreg_sample(n: int, d: int, spikes: int, spike_var: float, gen: torch.Gene
     return x
 
 
-def load_linreg(cell: Cell) -> TaskData:
+def load_linreg(request: DataRequest, options: Any) -> InMemory:
     """Over-parameterised least squares with a hidden linear teacher (design section 7).
 
     Features: ``spikes`` directions of variance ``spike_var``, the rest variance 1.
     Labels y = X w_teacher without noise, so the loss 0.5 * mean((Xw - y)^2) can
-    reach zero. Recorded in ``info``: beta = max_i |x_i|^2, lambda_1 = the
-    largest eigenvalue of X^T X / n, and Ma et al.'s m* = beta / lambda_1 + 1.
-    The whole problem follows from the cell's seed.
+    reach zero. Recorded in ``info``, of the examples actually trained on: beta =
+    max_i |x_i|^2, lambda_1 = the largest eigenvalue of X^T X / n, and Ma et
+    al.'s m* = beta / lambda_1 + 1. The whole problem follows from the cell's seed.
     """
-    opts = dataset_options(cell.dataset)
-    n, d, k, var = opts.n, opts.d, opts.spikes, opts.spike_var
-    gen = _generator("linreg", cell.seed)
+    n, d, k, var = options.n, options.d, options.spikes, options.spike_var
+    gen = _generator("linreg", request.seed)
     teacher = torch.randn(d, generator=gen, dtype=torch.float64) / math.sqrt(d)
     x = linreg_sample(n, d, k, var, gen).float()
     x_test = linreg_sample(n, d, k, var, gen).float()
-    ds = cell.dataset
-    keep = subset_indices(n, subset_size(n, ds.fraction, ds.max_train), "linreg")
-    x = x[keep]
-    # beta and lambda_1 of the data actually trained on (float32 values, computed in float64).
-    x64 = x.double()
-    beta = float((x64 * x64).sum(1).max())
-    gram = x64 @ x64.T if len(x64) <= d else x64.T @ x64  # same non-zero spectrum, the smaller matrix
-    lambda_1 = float(torch.linalg.eigvalsh(gram / len(x64))[-1])
-    info = {
-        "n_train": len(x), "n_test": n, "d": d, "spikes": k, "spike_var": var,
-        "beta": beta, "lambda_1": lambda_1, "m_star": beta / lambda_1 + 1.0,
-    }
-    return TaskData(
-        name="linreg", task="regression", n_train=len(x), num_classes=None, vocab_size=None, info=info,
-        train_x=x, train_y=(x64 @ teacher).float(), test_x=x_test, test_y=(x_test.double() @ teacher).float(),
-        eval_train_subset=cell.eval.train_subset,
-    )
+
+    def info(kept: Tensor, _y: Tensor) -> dict[str, Any]:
+        # beta and lambda_1 of the data trained on (float32 values, computed in float64).
+        x64 = kept.double()
+        beta = float((x64 * x64).sum(1).max())
+        gram = x64 @ x64.T if len(x64) <= d else x64.T @ x64  # same non-zero spectrum, the smaller matrix
+        lambda_1 = float(torch.linalg.eigvalsh(gram / len(x64))[-1])
+        return {"d": d, "spikes": k, "spike_var": var, "beta": beta, "lambda_1": lambda_1,
+                "m_star": beta / lambda_1 + 1.0}
+
+    return InMemory(x, (x.double() @ teacher).float(), x_test, (x_test.double() @ teacher).float(), info=info)
 
 
 # ---- datasets on disk: where their files sit --------------------------------------
@@ -457,7 +549,7 @@ def stage_dataset(name: str, source: str | Path, store_url: str) -> list[str]:
     from critbatch.jobs.store import open_store
 
     if name not in LAYOUTS:
-        built_in = " (digits and linreg are built in: nothing to stage)" if name in DATASETS else ""
+        built_in = f" ({name} needs no files: nothing to stage)" if name in DATASETS else ""
         raise ConfigError(f"name: {name!r} cannot be staged{built_in}; allowed: {', '.join(LAYOUTS)}")
     src = Path(source).expanduser()
     if not src.is_dir():
@@ -561,33 +653,23 @@ def _take(x: Tensor, y: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     return (x, y) if len(keep) == len(x) else (x[keep], y[keep])
 
 
-def load_images(cell: Cell, root: Path, download: bool = False) -> TaskData:
+def load_images(request: DataRequest, options: Any) -> InMemory:
     """MNIST, CIFAR-10/100 or SVHN (train, or train + extra) through torchvision's readers."""
-    ds = cell.dataset
-    name = ds.name
-    augment = dataset_options(ds).augment  # each set's default: critbatch.jobs.cell.options
-    x, y = read_image_split(name, root, "train", download)
-    if name == "svhn" and ds.extra:
-        x_extra, y_extra = read_image_split(name, root, "extra", download)
+    name = request.name
+    root = locate_dataset(name, request.data_root, extra=request.extra, download=request.download)
+    x, y = read_image_split(name, root, "train", request.download)
+    if name == "svhn" and request.extra:
+        x_extra, y_extra = read_image_split(name, root, "extra", request.download)
         x, y = torch.cat([x, x_extra]), torch.cat([y, y_extra])
         del x_extra, y_extra
-    x_test, y_test = read_image_split(name, root, "test", download)
+    x_test, y_test = read_image_split(name, root, "test", request.download)
     # Normalisation statistics of the whole training split (before any subset), so
     # every fraction sees the same input scale.
     mean, std = channel_stats(x)
-    total = len(x)
-    tag = f"{name}+extra" if ds.extra else name
-    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), tag))
-    info = {
-        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": list(x.shape[1:]),
-        "augment": augment, "mean": [round(float(v) / 255, 6) for v in mean],
-        "std": [round(float(v) / 255, 6) for v in std], "source": str(root),
-    }
-    return TaskData(
-        name=name, task="classification", n_train=len(x), num_classes=DATASETS[name]["classes"], vocab_size=None,
-        info=info, train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
-        augment=augment, mean=mean, std=std,
-    )
+    info = {"augment": options.augment, "mean": [round(float(v) / 255, 6) for v in mean],
+            "std": [round(float(v) / 255, 6) for v in std], "source": str(root)}
+    return InMemory(x, y, x_test, y_test, num_classes=resolve("dataset", name).plugin.classes,
+                    augment=options.augment, mean=mean, std=std, info=info)
 
 
 def read_wikitext2(folder: Path) -> tuple[dict[str, int], dict[str, Tensor]]:
@@ -614,21 +696,14 @@ def bptt_sequences(ids: Tensor, bptt: int = BPTT) -> tuple[Tensor, Tensor]:
     return ids[: n * bptt].view(n, bptt), ids[1: n * bptt + 1].view(n, bptt)
 
 
-def load_wikitext2(cell: Cell, root: Path) -> TaskData:
-    ds = cell.dataset
+def load_wikitext2(request: DataRequest, options: Any) -> InMemory:  # noqa: ARG001 - no options
+    root = locate_dataset("wikitext2", request.data_root, download=request.download)
     vocab, ids = read_wikitext2(root / LAYOUTS["wikitext2"].inner)
     x, y = bptt_sequences(ids["train"])
     x_test, y_test = bptt_sequences(ids["test"])
-    total = len(x)
-    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), "wikitext2"))
-    info = {
-        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "bptt": BPTT, "vocab_size": len(vocab),
-        "tokens": {split: len(t) for split, t in ids.items()}, "source": str(root),
-    }
-    return TaskData(
-        name="wikitext2", task="language_model", n_train=len(x), num_classes=None, vocab_size=len(vocab),
-        info=info, train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
-    )
+    info = {"bptt": BPTT, "vocab_size": len(vocab), "tokens": {split: len(t) for split, t in ids.items()},
+            "source": str(root)}
+    return InMemory(x, y, x_test, y_test, vocab_size=len(vocab), info=info)
 
 
 def cityscapes_train_ids() -> np.ndarray:
@@ -671,45 +746,102 @@ def read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Tens
     return x, y
 
 
-def load_cityscapes(cell: Cell, root: Path) -> TaskData:
-    ds = cell.dataset
-    opts = dataset_options(ds)
-    size = opts.size
+def load_cityscapes(request: DataRequest, options: Any) -> InMemory:
+    root = locate_dataset("cityscapes", request.data_root, download=request.download)
+    size = options.size
     x, y = read_cityscapes(root, "train", tuple(size))
     x_test, y_test = read_cityscapes(root, "val", tuple(size))
     mean, std = channel_stats(x)
-    total = len(x)
-    x, y = _take(x, y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), "cityscapes"))
-    info = {
-        "n_train": len(x), "n_train_full": total, "n_test": len(x_test), "input_shape": [3, *size],
-        "augment": opts.augment, "train_split": "train", "test_split": "val",
-        "mean": [round(float(v) / 255, 6) for v in mean], "std": [round(float(v) / 255, 6) for v in std],
-        "source": str(root),
-    }
+    info = {"augment": options.augment, "train_split": "train", "test_split": "val",
+            "mean": [round(float(v) / 255, 6) for v in mean], "std": [round(float(v) / 255, 6) for v in std],
+            "source": str(root)}
+    return InMemory(x, y, x_test, y_test, num_classes=19, augment=options.augment, mean=mean, std=std, info=info)
+
+
+# ---- any dataset, through the registry --------------------------------------------
+
+AUGMENTS = ("none", "crop", "flip", "crop_flip")
+
+
+def load_task_data(cell: Cell, data_root: str, *, download: bool = False, rank: int = 0, world: int = 1
+                   ) -> TaskData | StreamData:
+    """The cell's dataset for rank ``rank`` of ``world``, on the CPU: its factory's splits in memory
+    (with the cell's subset taken) or its stream.
+
+    Raises ConfigError when the set is missing (saying where it looked and how to
+    stage it), when its options are wrong, or when its factory cannot be used.
+    """
+    ds = cell.dataset
+    try:
+        found = resolve("dataset", ds.name)
+        factory = found.factory()
+    except PluginError as err:
+        raise ConfigError(f"cell.dataset.name: {err}") from None
+    options = dataset_options(ds)  # options the set does not take fail before any data is read
+    request = DataRequest(
+        name=ds.name, root=local_root(ds.name, str(data_root)), data_root=str(data_root), seed=cell.seed,
+        fraction=ds.fraction, max_train=ds.max_train, extra=ds.extra, eval_train_subset=cell.eval.train_subset,
+        batch_size=cell.batch_size, rank=rank, world=world, download=download)
+    out = factory(request, options)
+    task = found.plugin.task
+    if isinstance(out, InMemory):
+        return _in_memory(ds, task, out, cell.eval.train_subset)
+    if isinstance(out, Streamed):
+        return _streamed(ds.name, task, out, cell.batch_size // world, cell.eval.train_subset)
+    raise ConfigError(f"cell.dataset.name: the factory of {ds.name!r} returned {type(out).__name__}; expected "
+                      f"InMemory or Streamed (critbatch.jobs.data.plugin)")
+
+
+def local_root(name: str, data_root: str) -> Path:
+    """A local folder for dataset ``name``'s files: ``<data_root>/<name>``, or under the local cache of a store."""
+    if _is_store_url(data_root):
+        return cache_dir() / _slug(data_root) / _slug(name)
+    return Path(data_root.removeprefix("file://")).expanduser() / _slug(name)
+
+
+def _returned(name: str, problem: str) -> ConfigError:
+    return ConfigError(f"cell.dataset.name: the factory of {name!r} returned {problem}")
+
+
+def _check_facts(name: str, task: str, num_classes: int | None, vocab_size: int | None) -> None:
+    if task in ("classification", "segmentation") and not num_classes:
+        raise _returned(name, f"no num_classes; a {task} set needs it")
+    if task == "language_model" and not vocab_size:
+        raise _returned(name, "no vocab_size; a language_model set needs it")
+
+
+def _in_memory(ds: DatasetSpec, task: str, out: InMemory, eval_train_subset: int | None) -> TaskData:
+    """The factory's splits as TaskData: the fixed seeded subset of ``fraction`` and ``max_train`` taken."""
+    name = ds.name
+    _check_facts(name, task, out.num_classes, out.vocab_size)
+    for split, (x, y) in {"train": (out.train_x, out.train_y), "test": (out.test_x, out.test_y)}.items():
+        if len(x) != len(y) or not len(x):
+            raise _returned(name, f"{len(x)} {split} inputs and {len(y)} {split} targets; expected as many, "
+                                  f"at least one")
+    if out.augment not in AUGMENTS:
+        raise _returned(name, f"augment {out.augment!r}; allowed: {', '.join(AUGMENTS)}")
+    if out.augment != "none" and out.train_x.dim() != 4:
+        raise _returned(name, f"augment {out.augment!r} for inputs of shape {tuple(out.train_x.shape[1:])}; "
+                              f"crops and flips need (N, C, H, W) images")
+    total = len(out.train_x)
+    tag = f"{name}+extra" if ds.extra else name
+    x, y = _take(out.train_x, out.train_y, subset_indices(total, subset_size(total, ds.fraction, ds.max_train), tag))
+    extra = out.info(x, y) if callable(out.info) else dict(out.info)
+    info = {"n_train": len(x), "n_train_full": total, "n_test": len(out.test_x), "input_shape": list(x.shape[1:]),
+            **extra}
     return TaskData(
-        name="cityscapes", task="segmentation", n_train=len(x), num_classes=19, vocab_size=None, info=info,
-        train_x=x, train_y=y, test_x=x_test, test_y=y_test, eval_train_subset=cell.eval.train_subset,
-        augment=opts.augment, mean=mean, std=std,
+        name=name, task=task, n_train=len(x), num_classes=out.num_classes, vocab_size=out.vocab_size, info=info,
+        train_x=x, train_y=y, test_x=out.test_x, test_y=out.test_y, eval_train_subset=eval_train_subset,
+        augment=out.augment, mean=out.mean, std=out.std,
     )
 
 
-def load_task_data(cell: Cell, data_root: str, *, download: bool = False) -> TaskData:
-    """The cell's dataset, on the CPU.
-
-    Raises ConfigError when it is missing (saying where it looked and how to
-    stage it) or when its options are wrong.
-    """
-    name = cell.dataset.name
-    if name not in DATASETS:
-        raise ConfigError(f"cell.dataset.name: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    dataset_options(cell.dataset)  # options the set does not take fail before any data is read
-    if name == "digits":
-        return load_digits(cell)
-    if name == "linreg":
-        return load_linreg(cell)
-    root = locate_dataset(name, str(data_root), extra=cell.dataset.extra, download=download)
-    if name == "wikitext2":
-        return load_wikitext2(cell, root)
-    if name == "cityscapes":
-        return load_cityscapes(cell, root)
-    return load_images(cell, root, download)
+def _streamed(name: str, task: str, out: Streamed, rows: int, eval_train_subset: int | None) -> StreamData:
+    _check_facts(name, task, out.num_classes, out.vocab_size)
+    if not isinstance(out.train, BatchStream):
+        raise _returned(name, f"a Streamed whose train is a {type(out.train).__name__}; expected a BatchStream "
+                              f"(__iter__, state_dict and load_state_dict)")
+    if out.n_train < 1:
+        raise _returned(name, f"a Streamed of n_train {out.n_train}; expected at least 1")
+    info = {"n_train": out.n_train, "input_shape": list(out.input_shape), "streamed": True, **out.info}
+    return StreamData(name, task, out, rows, eval_train_subset, info)

@@ -1,27 +1,31 @@
-"""The models of the paper's grid, sized for the data they train on.
+"""The models of the paper's grid, sized for the data they train on, and how any model is built.
 
 CIFAR-sized (32x32) ResNet-34, VGG-16, AlexNet and MobileNetV2 built from
 torchvision's models and blocks; word_language_model's 2-layer LSTM; DRN-D-22
 for Cityscapes (:mod:`critbatch.jobs.models.drn`); a small CNN for ``digits``; a
-linear model for ``linreg``. ``build_model(cell, data)`` takes input channels,
-classes and vocabulary from the data, and extra knobs from
-``cell.model_options`` (checked, and defaults filled in, by
-:data:`critbatch.jobs.cell.options.MODEL_OPTIONS`). Outputs:
-classification (N, classes); language_model (N, T, vocab); segmentation
-(N, 19, H, W) at the input's size; regression (N,).
+linear model for ``linreg``; MNIST-1D's three (:mod:`critbatch.jobs.models.mnist1d`).
+Each is a factory ``(shape, options) -> nn.Module`` declared in
+:mod:`critbatch.jobs.models.catalog`, as a plug-in's model is:
+``build_model(cell, data)`` finds the cell's model through the registry and
+calls its factory with the data's shape facts (input shape, classes,
+vocabulary) and the cell's ``model_options`` checked by the declared options
+model. Outputs: classification (N, classes); language_model (N, T, vocab);
+segmentation (N, 19, H, W) at the input's size; regression (N,).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.options import model_options
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.data.datasets import TaskData
+from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.logschema import TASK_METRIC
+from critbatch.jobs.cell.options import model_options
+from critbatch.jobs.cell.plugins import DataShape, PluginError
+from critbatch.jobs.cell.registry import resolve
+from critbatch.jobs.cell.spec import Cell
 
 IGNORE_INDEX = 255  # segmentation pixels outside the 19 train ids
 
@@ -56,7 +60,7 @@ class Linear(nn.Module):
         return x @ self.weight
 
 
-def resnet34(in_channels: int, num_classes: int) -> nn.Module:
+def resnet34(shape: DataShape, options: Any) -> nn.Module:  # noqa: ARG001 - no options
     """torchvision's ResNet-34 (BasicBlock x [3, 4, 6, 3]) with a CIFAR stem: one 3x3 conv, no max-pool.
 
     At 32x32 the four stages then run at 32, 16, 8 and 4 pixels (the ImageNet
@@ -64,14 +68,14 @@ def resnet34(in_channels: int, num_classes: int) -> nn.Module:
     """
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    model = ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    model = ResNet(BasicBlock, [3, 4, 6, 3], num_classes=shape.num_classes)
+    model.conv1 = nn.Conv2d(shape.input_shape[0], 64, 3, 1, 1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
 
 
-def vgg16(in_channels: int, num_classes: int, batch_norm: bool = True) -> nn.Module:
+def vgg16(shape: DataShape, options: Any) -> nn.Module:
     """torchvision's VGG-16 feature stack (configuration D) and one linear classifier.
 
     Five max-pools take 32x32 to 1x1x512, so the 4096-wide ImageNet head
@@ -79,7 +83,8 @@ def vgg16(in_channels: int, num_classes: int, batch_norm: bool = True) -> nn.Mod
     """
     from torchvision.models.vgg import VGG, cfgs, make_layers
 
-    model = VGG(make_layers(cfgs["D"], batch_norm=batch_norm), num_classes=num_classes, init_weights=True)
+    in_channels, num_classes = shape.input_shape[0], shape.num_classes
+    model = VGG(make_layers(cfgs["D"], batch_norm=options.batch_norm), num_classes=num_classes, init_weights=True)
     if in_channels != 3:
         first = model.features[0]
         model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
@@ -88,7 +93,7 @@ def vgg16(in_channels: int, num_classes: int, batch_norm: bool = True) -> nn.Mod
     return model
 
 
-def alexnet(in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
+def alexnet(shape: DataShape, options: Any) -> nn.Module:
     """AlexNet's five convolutions and three fully connected layers, sized for 32x32.
 
     torchvision's ImageNet stem (11x11, stride 4) would leave a 32x32 image
@@ -98,6 +103,7 @@ def alexnet(in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Modu
     """
     from torchvision.models.alexnet import AlexNet
 
+    in_channels, num_classes, dropout = shape.input_shape[0], shape.num_classes, options.dropout
     model = AlexNet(num_classes=num_classes, dropout=dropout)
     model.features = nn.Sequential(
         nn.Conv2d(in_channels, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -121,15 +127,15 @@ MOBILENETV2_CIFAR = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2],
                      [6, 160, 3, 2], [6, 320, 1, 1]]
 
 
-def mobilenetv2(in_channels: int, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
+def mobilenetv2(shape: DataShape, options: Any) -> nn.Module:
     """torchvision's MobileNetV2 with the CIFAR strides of :data:`MOBILENETV2_CIFAR` and a stride-1 stem."""
     from torchvision.models.mobilenetv2 import MobileNetV2
     from torchvision.ops.misc import Conv2dNormActivation
 
-    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult,
-                        inverted_residual_setting=MOBILENETV2_CIFAR, dropout=dropout)
+    model = MobileNetV2(num_classes=shape.num_classes, width_mult=options.width_mult,
+                        inverted_residual_setting=MOBILENETV2_CIFAR, dropout=options.dropout)
     stem = model.features[0][0]
-    model.features[0] = Conv2dNormActivation(in_channels, stem.out_channels, stride=1,
+    model.features[0] = Conv2dNormActivation(shape.input_shape[0], stem.out_channels, stride=1,
                                              norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6)
     nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
     return model
@@ -163,31 +169,39 @@ class LSTMLanguageModel(nn.Module):
         return self.decoder(self.drop(out))
 
 
-def build_model(cell: Cell, data: TaskData) -> nn.Module:
+def lstm(shape: DataShape, options: Any) -> nn.Module:
+    return LSTMLanguageModel(shape.vocab_size, **options.model_dump())
+
+
+def drn_d_22(shape: DataShape, options: Any) -> nn.Module:  # noqa: ARG001 - no options
+    from .drn import DRND22
+
+    return DRND22(shape.num_classes, shape.input_shape[0])
+
+
+def digits_cnn(shape: DataShape, options: Any) -> nn.Module:
+    return DigitsCNN(shape.input_shape[0], shape.num_classes, options.width)
+
+
+def linear(shape: DataShape, options: Any) -> nn.Module:  # noqa: ARG001 - no options
+    return Linear(shape.input_shape[0])
+
+
+def build_model(cell: Cell, data: Any) -> nn.Module:
     """The cell's model, on the CPU, initialised from torch's current RNG state.
 
-    Input channels, classes and vocabulary come from ``data``. The CNNs accept
+    ``data`` (a TaskData or StreamData) gives the shape facts. The CNNs accept
     channels-last inputs and weights (``model.to(memory_format=torch.channels_last)``).
     """
-    opts = model_options(cell.model, cell.model_options).model_dump()
-    name = cell.model
-    if name == "resnet34":
-        return resnet34(data.in_channels, data.num_classes)
-    if name == "vgg16":
-        return vgg16(data.in_channels, data.num_classes, **opts)
-    if name == "alexnet":
-        return alexnet(data.in_channels, data.num_classes, **opts)
-    if name == "mobilenetv2":
-        return mobilenetv2(data.in_channels, data.num_classes, **opts)
-    if name == "lstm":
-        return LSTMLanguageModel(data.vocab_size, **opts)
-    if name == "drn_d_22":
-        from .drn import DRND22
-
-        return DRND22(data.num_classes, data.in_channels)
-    if name == "digits_cnn":
-        return DigitsCNN(data.in_channels, data.num_classes, opts["width"])
-    return Linear(int(data.train_x.shape[1]))
+    try:
+        factory = resolve("model", cell.model).factory()
+    except PluginError as err:
+        raise ConfigError(f"cell.model: {err}") from None
+    model = factory(data.shape, model_options(cell.model, cell.model_options))
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"cell.model: the factory of {cell.model!r} returned {type(model).__name__}; "
+                          f"expected a torch.nn.Module")
+    return model
 
 
 def _lm_loss(logits: Tensor, y: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -35,6 +36,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJso
 from . import k8s
 from critbatch.jobs.cell.analysis_args import parse_analyze_args
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.registry import third_party_line
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.validation import (
     Matches,
@@ -597,6 +599,9 @@ def cli_presets(args: argparse.Namespace) -> int:
         description = data.get("description", "") if isinstance(data, dict) else ""
         first_line = " ".join(str(description).split())
         print(f"{name:<{width}}  {first_line}")
+    installed = third_party_line()
+    if installed:  # on stderr: the listing stays one preset per line
+        print(installed, file=sys.stderr)
     return 0
 
 

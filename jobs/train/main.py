@@ -138,7 +138,7 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
             return _already_finished(cell, store, state.summary, dist)
 
     dev = pick_device(device, dist)  # before the data: a GPU pod without its GPU fails in seconds
-    data = load_task_data(cell, data_root, download=download)
+    data = load_task_data(cell, data_root, download=download, rank=dist.rank, world=dist.world)
     if cell.batch_size > data.n_train:
         raise ConfigError(f"cell.batch_size: {cell.batch_size} is larger than the training set "
                           f"({data.n_train} examples)")

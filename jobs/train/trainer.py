@@ -92,7 +92,7 @@ class Trainer:
         self.checkpoint_seconds, self.checkpoint_steps = checkpoint_seconds, checkpoint_steps
         self.plan = Plan.of(cell, data, dist.world)
         self.cuda = device.type == "cuda"
-        self.channels_last = self.cuda and data.train_x.dim() == 4
+        self.channels_last = self.cuda and len(data.input_shape) == 3
         _configure_backends(self.cuda)
         self.raw_model = model.to(device)
         if self.channels_last:
@@ -139,6 +139,7 @@ class Trainer:
             "samples_seen": self.step * self.plan.m, "wall_time_s": self.stopwatch.total,
             "last_eval": self.last_eval, "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rngs, "world_size": self.dist.world, "logs": log_parts,
+            "data": self.data.state_dict(),  # a stream's position (rank 0's; the same on every rank), else {}
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,6 +147,7 @@ class Trainer:
         self.stopwatch.total, self.last_eval = state["wall_time_s"], state.get("last_eval", {})
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state.get("data") or {})
         rngs = state["rng"]
         if len(rngs) == self.dist.world:
             set_rng_state(rngs[self.dist.rank], self.device)
@@ -415,7 +417,8 @@ def _configure_backends(cuda: bool) -> None:
 
 
 def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> None:
-    """``cell.json``: the cell, its id, the code version and the derived figures; a resumed run keeps the first."""
+    """``cell.json``: the cell, its id, the code version (and the versions of the plug-ins it uses) and the derived
+    figures; a resumed run keeps the first."""
     key = f"{prefix}/cell.json"
     if store.exists(key):
         return
@@ -423,4 +426,7 @@ def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> 
         **cell.to_dict(), "id": cell.id, "code_version": code_version(), "derived": derived,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    plugins = cell.plugins()
+    if plugins:  # models and datasets of other packages, with their versions (critbatch's are code_version's)
+        body["plugins"] = plugins
     store.put_text(key, json.dumps(body, indent=2, sort_keys=True) + "\n")
