@@ -190,12 +190,8 @@ class Cell(Strict):
         data = {k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}
         return cls.from_dict(data)
 
-    def problems(self, path: str = "cell", world_size: int | None = 1) -> list[str]:
-        """The problems no single field shows (fields that do not fit together, or this world size).
-
-        ``world_size`` None: not yet known (a grid checks its cells before sizing them), so the batch
-        arithmetic is left to the sizing.
-        """
+    def problems(self, path: str = "cell", world_size: int = 1) -> list[str]:
+        """The problems no single field shows (fields that do not fit together, or this world size)."""
         out: list[str] = []
         ds = self.dataset
         model, data = resolve("model", self.model).plugin, resolve("dataset", ds.name).plugin
@@ -207,19 +203,15 @@ class Cell(Strict):
                        f"allowed for it: {', '.join(allowed) or 'none registered'}")
         if self.strategy == "oracle" and ds.name != "linreg":
             out.append(f"{path}.strategy: 'oracle' needs dataset 'linreg' (it is Ma et al.'s step for least squares)")
-        if ds.extra and ds.name != "svhn":
-            out.append(f"{path}.dataset.extra: only 'svhn' has an extra split")
+        if ds.extra and data.extra_size is None:
+            with_extra = [d for d in DATASETS if resolve("dataset", d).plugin.extra_size]
+            out.append(f"{path}.dataset.extra: {ds.name!r} has no extra split; datasets with one: "
+                       f"{', '.join(with_extra)}")
         out.extend(option_problems("dataset", ds.name, ds.options, f"{path}.dataset.options"))
         out.extend(option_problems("model", self.model, self.model_options, f"{path}.model_options"))
         if self.batch_size % (world_size * self.accumulation):
             out.append(f"{path}.batch_size: {self.batch_size} is not divisible by world size {world_size} "
                        f"x accumulation {self.accumulation}")
-        elif world_size is not None and self.micro_batch is not None and \
-                self.micro_batch * world_size * self.accumulation != self.batch_size:
-            out.append(f"{path}.micro_batch: {self.micro_batch} x world size {world_size} x accumulation "
-                       f"{self.accumulation} is not the batch size {self.batch_size}: the cell was sized for "
-                       f"{self.batch_size // (self.micro_batch * self.accumulation)} devices (`critbatch cells` "
-                       "prints each cell's plan)")
         if self.strategy == "lsr" and self.warmup_epochs > self.epochs:
             out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
                        f"({self.epochs} epochs); allowed: 0 to {self.epochs}")
@@ -242,7 +234,7 @@ class Cell(Strict):
 
 
 #: Keys cell.json carries beside the cell's own fields.
-CELL_JSON_EXTRAS = ("id", "code_version", "derived", "created")
+CELL_JSON_EXTRAS = ("id", "code_version", "plugins", "derived", "created")
 
 
 def total_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None) -> int:
