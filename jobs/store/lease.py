@@ -16,8 +16,8 @@ write or delete under the cell. Taking it means creating the next number with
 so of two trainers racing for it exactly one wins: the other exits with
 EXIT_LEASE_HELD (203, retryable on every backend), and a Kubernetes retry
 waits it out. A record may be taken over once it is released, expired
-(``expires`` in the past, by the taker's clock) or its holder is provably
-dead (same kernel and PID namespace, and that process is gone).
+(``expires`` in the past, by the taker's clock), unreadable, or its holder
+is provably dead (same kernel and PID namespace, and that process is gone).
 
 Renewal: the holder rewrites its own record every ``ttl_s / 3`` from a
 background thread, then lists the records: a higher number means the lease
@@ -167,7 +167,7 @@ def current_holder(store: Store, cell_prefix: str) -> Record | None:
     for generation in reversed(_generations(store, prefix)):
         try:
             data = store.get_bytes(_key(prefix, generation))
-        except KeyError:  # pruned since the listing: a newer one exists
+        except KeyError:  # gone since the listing (pruned or wiped): look at the one before
             continue
         try:
             return Record.parse(data)
