@@ -2,7 +2,8 @@
 
 A store URL is either ``s3://bucket/prefix`` or a directory path (``file://``
 optional). :mod:`.logstream` streams a cell's log parts into a store; :mod:`.retry` waits
-out an outage for the callers that can wait.
+out an outage for the callers that can wait; :mod:`.lease` keeps one trainer per cell;
+:mod:`.cellstate` says whether a cell is finished, damaged or not there.
 """
 
 from __future__ import annotations
