@@ -172,18 +172,22 @@ class Soak:
 
     # ---- faults -------------------------------------------------------------------------
 
-    def truncate(self, prefix: str) -> bool:
+    def truncate(self, prefix: str, wait: float = 30.0) -> bool:
+        """Cut one part (waiting up to ``wait`` s for the first to appear); False if none could be cut."""
         store = self.store(prefix)
-        try:
-            keys = [k for k in store.list("soak/cells/") if "/part-" in k]
-            if not keys:
-                return False
-            key = self.rng.choice(keys)
-            data = store.get_bytes(key)
-            store.put_bytes(key, data[: len(data) // 2])
-            return True
-        except Exception:  # noqa: BLE001 - the server is down (an outage at the same moment): not injected
-            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                keys = [k for k in store.list("soak/cells/") if "/part-" in k]
+                if keys:
+                    key = self.rng.choice(keys)
+                    data = store.get_bytes(key)
+                    store.put_bytes(key, data[: len(data) // 2])
+                    return True
+            except Exception:  # noqa: BLE001 - the server is down (an outage at the same moment): try again
+                pass
+            time.sleep(0.5)
+        return False
 
     def outage(self, seconds: float) -> None:
         self.server.stop()
