@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from critbatch.jobs.cell.spec import CELL_JSON_EXTRAS, Cell
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
+from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STATUSES, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
 from critbatch.jobs.store import LocalStore, S3Store, Store
 
 from .noise import NoiseTrace, gns_components
@@ -75,7 +75,7 @@ class CellSummary:
     cell: dict[str, Any]  # Cell.to_dict()
     derived: dict[str, Any]
     code_version: str
-    status: str  # done | diverged | incomplete
+    status: str  # done | diverged | reached (stopped at its threshold) | incomplete
     success: dict[str, Any] | None
     train_eval: Curve | None  # train-split evaluations (full-set or cell.eval.train_subset examples)
     test_eval: Curve | None  # test-split losses
@@ -222,8 +222,8 @@ def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window
     if f"{prefix}/_SUCCESS" in key_set:
         try:
             success = json.loads(store.get_text(f"{prefix}/_SUCCESS"))
-            if not isinstance(success, dict) or success.get("status") not in ("done", "diverged"):
-                raise ValueError("no status done|diverged")
+            if not isinstance(success, dict) or success.get("status") not in STATUSES:
+                raise ValueError(f"no status {'|'.join(STATUSES)}")
         except (ValueError, KeyError) as err:
             skipped.append(Skipped(f"{prefix}/_SUCCESS", f"unreadable ({err}); cell treated as incomplete"))
             success = None

@@ -56,7 +56,8 @@ class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
 
 
 _TRAIN_EXIT_CODES = f"""exit codes:
-  0    done, diverged (a result, not a crash) or already finished
+  0    done, reached its stop threshold, diverged (a result, not a crash), already finished, or paused
+       at --pause-at
   1    a crash: a bug, with its traceback
   {EXIT_CONFIG:<4} bad input: the cell, the data, the options or the store settings (nothing written;
        retrying cannot help)
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0: time only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--force", action="store_true", help="train again even if the cell's _SUCCESS exists")
+    p.add_argument("--pause-at", type=int, default=None,
+                   help="evaluate, checkpoint and exit 0 at this step, without _SUCCESS; a later run resumes "
+                   "(the learning-rate race of `critbatch search`)")
     p.add_argument("--lease-seconds", type=float, default=None,
                    help="the cell's lease in the store lives this long without a renewal, renewed every third of "
                    "it (default: env CRITBATCH_LEASE_SECONDS, else 60)")

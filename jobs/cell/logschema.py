@@ -59,6 +59,10 @@ TASK_METRIC = {"classification": "accuracy", "language_model": "perplexity", "se
 
 STATUS_DONE = "done"
 STATUS_DIVERGED = "diverged"
+#: Stopped at its threshold (the cell's ``stop`` field): ``_SUCCESS`` carries k; the run is not a whole one.
+STATUS_REACHED = "reached"
+#: Every status a ``_SUCCESS`` may say.
+STATUSES = (STATUS_DONE, STATUS_DIVERGED, STATUS_REACHED)
 
 
 def part_key(prefix: str, kind: str, index: int) -> str:
@@ -93,6 +97,7 @@ def success_summary(
     code_version: str,
     reason: str | None = None,
     logs: dict[str, Any] | None = None,
+    stop: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``_SUCCESS``.
 
@@ -102,8 +107,12 @@ def success_summary(
     ``logs``, the manifest of what the store holds, per kind:
     ``{"steps": {"rows": 7680, "parts": [bytes of part 0, ...]}, "evals": {...}}``;
     a part missing or of another size marks the cell damaged (critbatch.jobs.store.cellstate).
+    ``stop``, for status ``reached``: the threshold, ``k`` (the first crossing, interpolated in log loss, the
+    analysis's k(m; eps)) and the confirmation (critbatch.jobs.train.stop); ``k`` is also given at the top.
     """
     extra = {} if logs is None else {"logs": logs}
+    if stop is not None:
+        extra.update(k=stop["k"], stop=stop)
     return {
         "cell_id": cell_id,
         "status": status,

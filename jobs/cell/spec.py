@@ -82,6 +82,23 @@ class NoiseSpec(Strict):
     every: NonNegativeInt = Field(10, description="measure the gradient-noise statistics every N steps; 0 = off")
 
 
+class StopSpec(Strict):
+    """Stop at the threshold (jobs/train/stop.py): end the run once the train-split loss has crossed ``threshold``
+    and stayed at or below it over the confirmation window; ``_SUCCESS`` then says ``reached`` and gives k.
+
+    The window after the evaluation s that first reaches eps is w = max(confirm_evals, ceil(confirm * s))
+    steps, checked by ``confirm_evals`` evaluations spread evenly over it (only those); one above eps voids
+    it, and the next evaluation at or below eps opens a new one. k stays the first crossing (the analysis's k(m; eps)).
+    """
+
+    threshold: PositiveFloat = Field(description="eps: the train-split loss at which the cell may stop")
+    confirm: Annotated[float, Range(0, 4, low_open=True)] = Field(
+        0.25, description="the confirmation window as a fraction of the steps to the crossing")
+    confirm_evals: Annotated[int, Range(1, 20)] = Field(3, description="evaluations inside the window")
+    expect: PositiveInt | None = Field(
+        None, description="the step the crossing is expected at: evaluations 4x denser from expect/2 to 2 expect")
+
+
 class Cell(Strict):
     """One training run. Every field here changes the result (``sweep`` excepted: it names, it is not hashed).
 
@@ -109,14 +126,20 @@ class Cell(Strict):
     model_options: dict[str, Any] = Field(default_factory=dict, description="the model's options")
     max_steps: PositiveInt | None = Field(None, description="hard cap on iterations (smoke runs, demos)")
     precision: Literal["fp32", "bf16"] = "fp32"
+    stop: StopSpec | None = Field(None, description="stop once the training loss has crossed a threshold; "
+                                  "part of the id only when set")
 
     # ---- identity -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """The fields as plain data; ``stop`` only when set, so a cell without it keeps the id it always had."""
+        data = self.model_dump()
+        if data["stop"] is None:
+            del data["stop"]
+        return data
 
     @cached_property
     def _json(self) -> tuple[str, str]:
-        data = self.model_dump()
+        data = self.to_dict()
         full = json.dumps(data, sort_keys=True, separators=(",", ":"))
         del data["sweep"]
         return full, json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, ipc_to_table, part_index
+from critbatch.jobs.cell.logschema import SCHEMAS, STATUSES, ipc_to_table, part_index
 
 from .base import Store
 
@@ -38,7 +38,7 @@ class CellState:
 
     @property
     def finished(self) -> bool:
-        return self.state in (STATUS_DONE, STATUS_DIVERGED)
+        return self.state in STATUSES
 
 
 def cell_state(store: Store, sweep: str, cell_id: str) -> CellState:
@@ -77,8 +77,8 @@ def parse_success(data: bytes) -> dict[str, Any]:
         summary = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"not JSON ({err})") from None
-    if not isinstance(summary, dict) or summary.get("status") not in (STATUS_DONE, STATUS_DIVERGED):
-        raise ValueError("no status done|diverged")
+    if not isinstance(summary, dict) or summary.get("status") not in STATUSES:
+        raise ValueError(f"no status {'|'.join(STATUSES)}")
     if not isinstance(summary.get("steps"), int):
         raise ValueError("no integer steps")
     return summary

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from critbatch.jobs.cell.errors import StoreUnavailable
 from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, success_summary
+from critbatch.jobs.cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED, success_summary
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.store import Store
@@ -73,8 +73,9 @@ def final_linear_approx_error(model: nn.Module, batch: tuple[Tensor, Tensor], *,
 
 
 def summarize(cell: Cell, *, steps: int, wall_time_s: float, metric: str, last_eval: dict,
-              diverged: str | None, lin_approx: tuple[float, dict] | None) -> dict:
-    """The ``_SUCCESS`` body: done with the last evaluation's figures, or diverged (with the reason) without."""
+              diverged: str | None, lin_approx: tuple[float, dict] | None, stop: dict | None = None) -> dict:
+    """The ``_SUCCESS`` body: done (or reached, when ``stop`` says the run stopped at its threshold) with the last
+    evaluation's figures, or diverged (with the reason) without."""
     final: dict[str, Any] = {"train_loss": None, "test_loss": None, "metric": metric, "train_metric": None,
                              "test_metric": None, "lin_approx_error": None}
     if diverged is None:
@@ -85,9 +86,9 @@ def summarize(cell: Cell, *, steps: int, wall_time_s: float, metric: str, last_e
             final["lin_approx_error"] = _finite_or_none(error)
             final["lin_approx"] = {k: _finite_or_none(v) for k, v in details.items()}
     return success_summary(
-        cell_id=cell.id, status=STATUS_DONE if diverged is None else STATUS_DIVERGED, steps=steps,
-        samples_seen=steps * cell.batch_size, wall_time_s=wall_time_s, final=final, code_version=code_version(),
-        reason=diverged,
+        cell_id=cell.id, status=STATUS_DIVERGED if diverged else STATUS_REACHED if stop else STATUS_DONE,
+        steps=steps, samples_seen=steps * cell.batch_size, wall_time_s=wall_time_s, final=final,
+        code_version=code_version(), reason=diverged, stop=None if diverged else stop,
     )
 
 

@@ -18,7 +18,8 @@ the store works too) or inline JSON (``critbatch cells GRID`` prints them):
 
 Exit codes (one table for every backend; jobs/cell/errors.py):
 
-    0    done, diverged (a result, not a crash) or already finished (its ``_SUCCESS`` exists)
+    0    done, reached (the cell's stop threshold), diverged (a result, not a crash), already finished (its
+         ``_SUCCESS`` exists), or paused at ``--pause-at`` (checkpointed, no ``_SUCCESS``)
     1    a crash: a bug, with its traceback (the Job retries the pod, which resumes)
     2    bad input: the cell, the data, the options or the store settings (nothing written; the
          manifests' podFailurePolicy fails the Job at once, since retrying cannot help)
@@ -59,7 +60,7 @@ from .finish import DamagedLogs
 from .guard import CellGuard, default_lease_seconds
 from .launch import record_cause
 from .parent import arm_from_env
-from .trainer import Preempted, Trainer
+from .trainer import Paused, Preempted, Trainer
 
 
 @record_cause
@@ -80,8 +81,12 @@ def main(args: argparse.Namespace) -> int:
             cell, store, data_root=args.data_root, device=args.device, flush_steps=args.flush_steps,
             flush_seconds=args.flush_seconds, checkpoint_seconds=args.checkpoint_seconds,
             checkpoint_steps=args.checkpoint_steps, download=args.download, force=args.force,
-            progress=args.progress, lease_seconds=args.lease_seconds,
+            progress=args.progress, lease_seconds=args.lease_seconds, pause_at=args.pause_at,
         )
+    except Paused as paused:
+        if dist.is_main:
+            print(f"critbatch train: cell {cell.id}: {paused} (--pause-at); no _SUCCESS yet, exit 0", flush=True)
+        return 0
     except Preempted as stop:
         if dist.is_main:
             print(f"critbatch train: cell {cell.id}: {stop}; exit {EXIT_PREEMPTED}", flush=True)
@@ -111,14 +116,15 @@ def read_cell(text: str) -> Cell:
 def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto", flush_steps: int = 500,
                flush_seconds: float = 15.0, checkpoint_seconds: float = 300.0, checkpoint_steps: int = 0,
                download: bool = False, force: bool = False, progress: str = "auto",
-               lease_seconds: float | None = None) -> dict:
+               lease_seconds: float | None = None, pause_at: int | None = None) -> dict:
     """Train ``cell`` (resuming from its newest checkpoint) and return its ``_SUCCESS`` summary.
 
     Everything that can be wrong with the input (the cell for this world
     size, the data, the model options) raises ConfigError before anything is
     written. Raises :class:`Preempted` after a SIGTERM, LeaseHeld when another
     trainer holds the cell's lease (taken by rank 0 before the data is loaded,
-    renewed every ``lease_seconds / 3``). A cell whose ``_SUCCESS`` is unreadable
+    renewed every ``lease_seconds / 3``), :class:`Paused` at step ``pause_at`` (checkpointed, no ``_SUCCESS``).
+    A cell whose ``_SUCCESS`` is unreadable
     or whose parts are damaged is not finished: it is trained again (guard.py).
     """
     dist = dist_from_env()
@@ -130,6 +136,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
     if checkpoint_steps < 0 or checkpoint_seconds <= 0:
         raise ConfigError(f"--checkpoint-steps must be >= 0 and --checkpoint-seconds > 0, "
                           f"got {checkpoint_steps}, {checkpoint_seconds}")
+    if pause_at is not None and pause_at < 1:
+        raise ConfigError(f"--pause-at: must be a step >= 1, got {pause_at}")
     if lease_seconds is not None and not lease_seconds > 0:
         raise ConfigError(f"--lease-seconds: must be positive, got {lease_seconds}")
     if not force:
@@ -161,7 +169,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
                 nonlocal previous_handler
                 trainer = Trainer(cell, store, data, model, dev, dist, flush_steps=flush_steps,
                                   flush_seconds=flush_seconds, checkpoint_seconds=checkpoint_seconds,
-                                  checkpoint_steps=checkpoint_steps, progress=progress, guard=guard)
+                                  checkpoint_steps=checkpoint_steps, progress=progress, guard=guard,
+                                  pause_at=pause_at)
                 handler = _install_sigterm(trainer)
                 previous_handler = handler if previous_handler is None else previous_handler
                 return trainer.run()

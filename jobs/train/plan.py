@@ -19,6 +19,7 @@ import torch
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import TaskData
 
+from .stop import dense_steps
 from .strategies import base_total_steps, eval_steps, lr_at, peak_lr, total_steps, warmup_steps
 
 
@@ -48,7 +49,8 @@ class Plan:
             "micro_batch": micro,
         }
         return cls(cell, data.n_train, world, per_rank, micro, spe, total, base_total,
-                   frozenset(eval_steps(cell, total, base_total)), derived)
+                   frozenset(eval_steps(cell, total, base_total)).union(
+                       dense_steps(cell.stop, total, base_total, cell.eval.points)), derived)
 
     @property
     def m(self) -> int:

@@ -9,6 +9,7 @@
     Checkpointer  the resumable state in the store                             checkpoint.py
     CellGuard   rank 0's lease on the cell, the fence before deletions         guard.py
     Progress    the bar, lines or JSON lines on rank 0                         progress.py
+    ThresholdStop  the end once the loss has crossed the cell's stop threshold stop.py
     finish      paper 4.2's error, model.pt and _SUCCESS                       finish.py
 
 Resume: the trainer's state (step, data position, last evaluation, training
@@ -58,6 +59,7 @@ from .noise import NoiseSample, noise_probe
 from .plan import Plan
 from .progress import Progress
 from .rng import rng_state, seed_rngs, set_rng_state
+from .stop import ThresholdStop
 from .sync import Pending, StepSync, Stopwatch
 
 #: Seconds to wait for log parts to reach the store before a periodic checkpoint is skipped (the
@@ -78,13 +80,23 @@ class Preempted(Exception):
         self.checkpointed = checkpointed
 
 
+class Paused(Exception):
+    """The step asked for (``critbatch train --pause-at``) was reached: a checkpoint was written and the cell
+    waits, without ``_SUCCESS``, for a run that asks for more (a batch-size search's learning-rate race)."""
+
+    def __init__(self, step: int, checkpointed: bool):
+        super().__init__(f"paused at step {step} ({'checkpointed' if checkpointed else 'no checkpoint'})")
+        self.step = step
+        self.checkpointed = checkpointed
+
+
 class Trainer:
     """One cell's training. ``run()`` resumes, trains, evaluates and writes ``_SUCCESS``; set ``stop_requested``
     (the SIGTERM handler does) to checkpoint at the next sync and raise :class:`Preempted`."""
 
     def __init__(self, cell: Cell, store: Store, data: TaskData, model: nn.Module, device: torch.device,
                  dist: Dist, *, flush_steps: int, flush_seconds: float, checkpoint_seconds: float,
-                 checkpoint_steps: int, progress: str, guard: CellGuard | None = None):
+                 checkpoint_steps: int, progress: str, guard: CellGuard | None = None, pause_at: int | None = None):
         self.cell, self.store, self.data, self.device, self.dist = cell, store, data, device, dist
         self.guard = guard  # rank 0 in a run that holds the cell's lease
         self.prefix = cell_prefix(cell.sweep, cell.id)
@@ -124,6 +136,9 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
 
         self.stop_requested = False
+        self.pause_at = pause_at
+        self.threshold = ThresholdStop(cell.stop) if cell.stop is not None else None
+        self.at_threshold = False  # the last evaluation confirmed the threshold's crossing
         self.diverged: tuple[int, str] | None = None  # (step, reason)
         self._batches: Iterator[tuple[Tensor, Tensor]] | None = None
         self._last_checkpoint = time.monotonic()
@@ -140,6 +155,7 @@ class Trainer:
             "last_eval": self.last_eval, "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rngs, "world_size": self.dist.world, "logs": log_parts,
             "data": self.data.state_dict(),  # a stream's position (rank 0's; the same on every rank), else {}
+            "threshold": self.threshold.state_dict() if self.threshold is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -148,6 +164,8 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data.load_state_dict(state.get("data") or {})
+        if self.threshold is not None and state.get("threshold"):
+            self.threshold.load_state_dict(state["threshold"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world:
             set_rng_state(rngs[self.dist.rank], self.device)
@@ -238,6 +256,8 @@ class Trainer:
     def _train(self) -> None:
         plan = self.plan
         self.model.train()
+        if self.pause_at is not None and self.step >= self.pause_at:
+            raise Paused(self.step, True)  # resumed at its pause point: nothing to do until asked for more
         self.stopwatch.start()
         while self.step < plan.total:
             x, y = self._next_batch()
@@ -248,7 +268,9 @@ class Trainer:
             epoch = self.epoch + self.batch_index / plan.steps_per_epoch
             self.step_sync.add(Pending(self.step, epoch, lr, self.stopwatch.now(), loss, noise))
 
-            at_eval = self.step in plan.eval_at
+            at_pause = self.step == self.pause_at
+            at_eval = self.step in plan.eval_at or at_pause or (
+                self.threshold is not None and self.threshold.wants_eval(self.step))
             at_checkpoint = self.checkpoint_steps > 0 and self.step % self.checkpoint_steps == 0
             if not (at_eval or at_checkpoint or self.step_sync.due(self.step) or self.step == plan.total):
                 continue
@@ -257,14 +279,14 @@ class Trainer:
                 break
             if at_eval:
                 self._evaluate()
-            if self.step == plan.total:
+            if self.step == plan.total or self.at_threshold:
                 break
-            if at_checkpoint or due or stop:
+            if at_checkpoint or due or stop or at_pause:
                 saved = self._checkpoint(stopping=stop)
-                if stop:
+                if stop or at_pause:
                     self.stopwatch.stop()
                     self._abandon_logs()  # synced by the checkpoint; only stops the threads
-                    raise Preempted(self.step, saved)
+                    raise Preempted(self.step, saved) if stop else Paused(self.step, saved)
         self.stopwatch.stop()
 
     def _next_batch(self) -> tuple[Tensor, Tensor]:
@@ -353,6 +375,8 @@ class Trainer:
         if self.logs is not None:
             for row in rows:
                 self.logs.log_eval(row)
+        if self.threshold is not None:
+            self.at_threshold = self.threshold.observe(self.step, self.last_eval["train_loss"])
 
     def _checkpoint(self, stopping: bool = False) -> bool:
         """Save the state; the logs are synced first so that its part indices cover every step so far."""
@@ -389,7 +413,8 @@ class Trainer:
                 step_size=self.cell.base_lr * self.plan.m / self.cell.base_batch)
         step, reason = self.diverged or (self.step, None)
         summary = summarize(self.cell, steps=step, wall_time_s=self.stopwatch.total, metric=self.metric,
-                            last_eval=self.last_eval, diverged=reason, lin_approx=lin_approx)
+                            last_eval=self.last_eval, diverged=reason, lin_approx=lin_approx,
+                            stop=self.threshold.summary() if self.threshold is not None else None)
         if self.dist.is_main:
             if reason is not None:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
