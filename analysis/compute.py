@@ -14,11 +14,15 @@ Definitions, stated once (the report repeats them):
   between the two logged points that bracket the crossing, linearly in
   log(loss). A cell whose curve never gets there is *censored*: k > the last
   step it logged. A cell still running (no ``_SUCCESS``) counts only once it
-  has crossed eps (a crossing is final; not having crossed yet is not).
+  has crossed eps (a crossing is final; not having crossed yet is not). A
+  cell that stopped at its own threshold (status ``reached``, a batch-size
+  search's) counts like a finished one for every eps its curve crossed, and
+  not at all for a lower one (it stopped; it was not censored by a budget).
 - Default threshold (paper 4.3): the lower quartile (numpy's linear
   percentile) of the loss values the largest batch size reaches over its
   run, evenly weighted in iterations (the curve interpolated onto an even
-  step grid), all seeds and trials pooled; taken from the largest batch size
+  step grid), all seeds and trials pooled (whole runs only: done or
+  diverged, never a cell stopped at a threshold); taken from the largest batch size
   whose cell finished and learned (see :func:`default_threshold`). The
   strategies of one problem share it (the rule applied to all their cells),
   so their speedup curves are comparable. Thresholds along the run: the same
@@ -54,14 +58,17 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED
+
 from .fit import Fit, censored_log_mean, fit_mccandlish
 from .load import INCOMPLETE, CellSummary, Curve
 from .noise import NoiseWindow, b_simple_at
 
 Table = list[dict[str, Any]]
 
-#: Cell fields that do not define a speedup curve: they vary along it, or are trials, or only say how it was logged.
-ALONG_CURVE = ("sweep", "batch_size", "seed", "accumulation", "eval.points", "noise.every")
+#: Cell fields that do not define a speedup curve: they vary along it, or are trials, or only say how it was logged
+#: (``stop``, and every ``stop.*`` field, only says where the run could end).
+ALONG_CURVE = ("sweep", "batch_size", "seed", "accumulation", "eval.points", "noise.every", "stop")
 #: Metaparameters whose values are trials (best trial per batch size).
 TRIAL_FIELDS = ("base_lr", "optimizer.momentum")
 #: Fields that each figure family lets vary between the groups it compares.
@@ -147,13 +154,23 @@ class Group:
         return sorted({c.seed for c in self.cells})
 
 
+def curve_fields(cell: dict[str, Any]) -> dict[str, Any]:
+    """The flattened fields of a cell (``Cell.to_dict()``) that name its speedup curve: all but those that vary along
+    one (ALONG_CURVE, ``stop.*``) and the trials' metaparameters. ``Group.key`` is their sorted JSON."""
+    return {k: v for k, v in flatten(cell).items()
+            if k not in ALONG_CURVE and k.split(".")[0] != "stop" and k not in TRIAL_FIELDS}
+
+
+def curve_key(cell: dict[str, Any]) -> str:
+    return json.dumps(curve_fields(cell), sort_keys=True, default=str)
+
+
 def group_cells(cells: list[CellSummary]) -> list[Group]:
     """Partition cells into speedup curves: equal in every field but those that vary along one."""
     by_key: dict[str, Group] = {}
     for cell in cells:
-        flat = flatten(cell.cell)
-        fields = {k: v for k, v in flat.items() if k not in ALONG_CURVE and k not in TRIAL_FIELDS}
-        key = json.dumps(fields, sort_keys=True, default=str)
+        fields = curve_fields(cell.cell)
+        key = curve_key(cell.cell)
         if key not in by_key:
             by_key[key] = Group(key, fields, [])
         by_key[key].cells.append(cell)
@@ -206,7 +223,7 @@ def default_threshold(groups: list[Group], quantile: float = DEFAULT_QUANTILE) -
     """
     with_data = [(c, cv) for g in groups for c in g.cells
                  if (cv := curve_of(c, g.source)) is not None and len(cv)]
-    finished = [(c, cv) for c, cv in with_data if c.status != INCOMPLETE]
+    finished = [(c, cv) for c, cv in with_data if c.status in (STATUS_DONE, STATUS_DIVERGED)]
     learned = [(c, cv) for c, cv in finished if c.status == "done" and _learned(cv)]
     pool, provisional = (learned or finished, False) if finished else (with_data, True)
     if not pool:
@@ -303,6 +320,8 @@ def cell_crossing(g: Group, c: CellSummary, threshold: str, eps: float) -> dict[
         use = "reached"
     elif c.status == INCOMPLETE:
         use = "running"  # may still get there: neither a crossing nor censored
+    elif c.status == STATUS_REACHED:
+        use = "stopped"  # it stopped at a higher threshold: its budget did not run out
     elif curve is None or not len(curve):
         use = "no data"
     else:
@@ -558,12 +577,13 @@ def _interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 # ---- final metrics -------------------------------------------------------------------
 
 def final_metrics(groups: list[Group]) -> Table:
-    """Per group and batch size: final test metric and linear-approximation error over finished cells."""
+    """Per group and batch size: final test metric and linear-approximation error over the cells that ran to the
+    end (done); those that stopped at their threshold are counted in ``reached``, not averaged."""
     out: Table = []
     for g in groups:
         for m in g.batch_sizes:
             cells = [c for c in g.cells if c.batch_size == m and c.status != INCOMPLETE]
-            done = [c for c in cells if c.status == "done"]
+            done = [c for c in cells if c.status == STATUS_DONE]
             metric = g.cells[0].metric
             vals, lins, losses = [], [], []
             for c in done:
@@ -583,6 +603,7 @@ def final_metrics(groups: list[Group]) -> Table:
             out.append({
                 "group": g.label, "strategy": g.fields["strategy"], "batch_size": m, "metric": metric,
                 "cells": len(cells), "diverged": sum(c.status == "diverged" for c in cells),
+                "reached": sum(c.status == STATUS_REACHED for c in cells),
                 "test_metric": _mean(vals), "test_metric_sd": _sd(vals), "test_loss": _mean(losses),
                 "lin_approx_error": _mean(lins), "lin_approx_error_sd": _sd(lins),
             })

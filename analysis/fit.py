@@ -140,6 +140,11 @@ def _steps_rise(m_u: np.ndarray, y_u: np.ndarray) -> bool:
     return bool(res.stderr > 0 and res.slope / res.stderr > stats.t.ppf(0.95, dof))
 
 
+def likelihood_ratio_cutoff(n: int, confidence: float = CONFIDENCE) -> float:
+    """The cut on 2 (l_p(B_hat) - l_p(B)) that the interval of ``n`` observations uses (see the module docstring)."""
+    return _cutoff(n, confidence)
+
+
 def _cutoff(n: int, confidence: float) -> float:
     """The likelihood-ratio cutoff: n log(1 + F_{1,n-2} / (n-2)), the exact one of a Gaussian regression."""
     dof = max(1, n - 2)

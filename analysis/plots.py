@@ -296,7 +296,8 @@ def train_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]])
                    "Training loss (colour, log scale; lighter is lower) against batch size and iterations, one "
                    "panel per problem (its BLR group where present): one column per batch size, its curve "
                    "interpolated onto a shared log-spaced step grid (geometric mean over seeds), blank past its last "
-                   "step; white lines: level curves interpolated between batch sizes.",
+                   "step (for a cell that stopped at its loss threshold, the step it stopped at); white lines: level "
+                   "curves interpolated between batch sizes.",
                    columns=CONTOUR_COLUMNS)
     probs = [g for g in problem_groups(groups) if len(g.batch_sizes) >= 2][:MAX_PANELS]
     if not probs:
@@ -335,8 +336,8 @@ def test_contour_figure(groups: list[Group], trials: dict[str, dict[int, str]]) 
 
 # ---- final metrics ---------------------------------------------------------------------------
 
-FINAL_COLUMNS = ["group", "strategy", "batch_size", "metric", "cells", "diverged", "test_metric", "test_metric_sd",
-                 "test_loss", "lin_approx_error", "lin_approx_error_sd"]
+FINAL_COLUMNS = ["group", "strategy", "batch_size", "metric", "cells", "diverged", "reached", "test_metric",
+                 "test_metric_sd", "test_loss", "lin_approx_error", "lin_approx_error_sd"]
 
 
 def accuracy_linapprox_figure(groups: list[Group], final: Table) -> Artifact:
@@ -381,7 +382,8 @@ def table2(groups: list[Group], final: Table) -> Artifact:
     """Table 2: final test metric by batch size (rows) and group (columns)."""
     art = Artifact("table2_test_accuracy", "Table 2: final test metric by batch size and strategy",
                    "Final test metric (accuracy in %, perplexity, mIoU; test loss for regression), mean over "
-                   "finished seeds; 'diverged' where every seed diverged.", columns=FINAL_COLUMNS)
+                   "finished seeds; 'diverged' where every seed diverged; 'stopped at eps' where the cells stopped "
+                   "at their loss threshold (a batch-size search's), which is not a whole run.", columns=FINAL_COLUMNS)
     rows = [r for r in final if r["cells"]]
     if not rows:
         art.missing = "no finished cell"
@@ -406,6 +408,8 @@ def _final_cell(r: dict[str, Any] | None) -> str:
         return ""
     if r["diverged"] and r["diverged"] == r["cells"]:
         return "diverged"
+    if r["reached"] and r["reached"] + r["diverged"] == r["cells"]:
+        return "stopped at eps"
     if r["metric"] == "none":
         v, text = r["test_loss"], fmt(r["test_loss"])
     elif r["metric"] == "accuracy":
@@ -415,6 +419,8 @@ def _final_cell(r: dict[str, Any] | None) -> str:
         v, text = r["test_metric"], fmt(r["test_metric"])
     if r["diverged"]:
         text += f" ({r['diverged']}/{r['cells']} diverged)"
+    if r["reached"]:
+        text += f" ({r['reached']}/{r['cells']} stopped at eps)"
     return text
 
 

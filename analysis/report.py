@@ -29,7 +29,7 @@ from typing import Callable
 import jinja2
 import yaml
 
-from . import compute, plots
+from . import compute, plots, searched
 from .compute import CurveResult, Group
 from .audit import audit as audit_sweep
 from .fit import MEASURED_COVERAGE
@@ -54,6 +54,7 @@ class Analysis:
     final: compute.Table
     artifacts: list[Artifact] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    searches: dict[str, dict] = field(default_factory=dict)  # sweep -> its search.json, for a searched sweep
 
     def primary_results(self) -> list[CurveResult]:
         return [r for r in self.results if r.threshold == self.primary]
@@ -144,7 +145,11 @@ def analyze(store: Store, sweeps: list[str], *, thresholds: list[float] | None =
     sweeps = list(dict.fromkeys(sweeps))  # a sweep named twice is analysed once
     validate_options(thresholds, efficiency, bootstrap, window, sweeps)
     loaded = load_sweeps(store, sweeps, window=window, workers=workers, warn=warn)
+    searches = {s: doc for s in sweeps if (doc := searched.read_search(store, s)) is not None}
+    if not thresholds:  # a searched sweep's headline is at the eps its search stopped its cells at
+        thresholds = [eps for doc in searches.values() if (eps := searched.explicit_eps(doc)) is not None][:1] or None
     a = compute_all(loaded, thresholds=thresholds, efficiency=efficiency, bootstrap=bootstrap)
+    a.searches = searches
     a.artifacts = make_artifacts(a)
     return a
 
@@ -274,7 +279,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "analysis_version": code_version(),
         "cell_versions": sorted(versions.items()),
-        "status": {k: status.get(k, 0) for k in ("done", "diverged", INCOMPLETE)},
+        "status": {k: status.get(k, 0) for k in ("done", "reached", "diverged", INCOMPLETE)},
         "ncells": len(cells),
         "sweep_yaml": [(s, *_spec_text(a.loaded.sweep_yaml.get(s))) for s in a.loaded.sweeps],
         "settings": a.settings,
@@ -293,6 +298,7 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
                                            bootstrap=a.settings["bootstrap"], coverage=_coverage_text()),
         "answers": answers(a),
+        "search": [searched.section(s, doc, _grid_cells(a.loaded.sweep_yaml.get(s))) for s, doc in a.searches.items()],
         "audit": _audit_context(a),
     }
 
@@ -301,6 +307,15 @@ def _audit_context(a: Analysis) -> dict:
     checked = audit_sweep(a.loaded)
     return {"complete": checked.complete, "headline": checked.headline(),
             "findings": [f.line() for f in checked.findings]}
+
+
+def _grid_cells(text: str | None) -> list[dict] | None:
+    """The cells sweep.yaml lists ({id, cell}), or None without a readable one."""
+    try:
+        doc = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return None
+    return doc.get("cells") if isinstance(doc, dict) and isinstance(doc.get("cells"), list) else None
 
 
 def _spec_text(text: str | None) -> tuple[str | None, str | None]:
@@ -418,6 +433,8 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
         out += [f"### {box['group']}", "", f"**{box['headline']}**", "", f"- measured: {box['measured']}",
                 f"- regimes: {box['regimes']}", f"- {box['efficiency']}", f"- {box['b_simple']}", "",
                 box["action"], ""]
+    for s in ctx["search"]:
+        out += searched.markdown(s)
     for f in ctx["figures"]:
         if f["name"] == "critical_batch_size" and f["table"]:
             out += ["## Critical batch size", "", next(x for x in a.artifacts if x.name == f["name"]).markdown, ""]
