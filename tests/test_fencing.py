@@ -68,6 +68,7 @@ def same(result, reference) -> None:
     assert all(torch.equal(weights[k], reference[3][k]) for k in reference[3])
 
 
+@pytest.mark.slow
 def test_a_second_trainer_while_the_first_writes_its_last_parts_leaves_the_cell_whole(tmp_path, cpu_env, capsys,
                                                                                      reference):
     """The race that lost data: trainers started again and again on the cell while its first trainer finishes."""
@@ -99,6 +100,7 @@ def test_a_second_trainer_while_the_first_writes_its_last_parts_leaves_the_cell_
     same(outcome(open_store(url)), reference)
 
 
+@pytest.mark.slow
 def test_a_trainer_that_loses_its_lease_stops_and_writes_no_more(tmp_path, cpu_env):
     url = str(tmp_path / "store")
     store = open_store(url)
@@ -144,6 +146,7 @@ def test_a_damaged_finished_cell_is_trained_again_into_the_same_result(tmp_path,
     same(outcome(store), reference)
 
 
+@pytest.mark.slow
 def test_a_cut_part_below_the_checkpoint_resumes_from_an_older_one(tmp_path, cpu_env, reference):
     """Killed mid-run, one part under its newest checkpoint cut: the resume goes back to where parts are whole."""
     url = str(tmp_path / "store")
