@@ -7,6 +7,7 @@
     critbatch render GRID | kubectl apply -f -
     critbatch submit GRID ; critbatch status GRID
     critbatch analyze --store s3://critbatch/runs --sweep NAME
+    critbatch search GRID [--store DIR|s3://B/P] [--parallel N] [--cluster]  # B_crit from part of the grid
     critbatch import shallue DIR --store S --sweep NAME  # Shallue et al.'s released trials
 
 Every subcommand's options are defined here, so ``--help`` is fast (nothing
@@ -191,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
                    help="where datasets live")
     p.add_argument("--log-dir", default=None, help="where each cell's output goes (default: <store>/.logs or ./critbatch-logs)")
+
+    # ---- search: the critical batch size from part of a grid ------------------------
+    p = _command(sub, "search", "critbatch.jobs.search.command:cli_search",
+                 "find a grid's critical batch size from a fraction of its compute (the grid's search: block)")
+    p.add_argument("grid", help="grid spec YAML, preset name, or the grid as inline JSON")
+    p.add_argument("--store", default=None,
+                   help="directory or s3://BUCKET/PREFIX (default: the grid's store if local, else ./critbatch-out; "
+                   "with --cluster: the grid's)")
+    p.add_argument("--parallel", type=int, default=1, help="cells at once on this machine")
+    p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
+                   help="where datasets live")
+    p.add_argument("--log-dir", default=None, help="where each cell's output goes (default: <store>/.logs)")
+    p.add_argument("--cluster", action="store_true",
+                   help="run the cells as the cluster's Jobs (the submit path); this process decides")
+    p.add_argument("--controller", action="store_true",
+                   help="print the search controller's manifests (a Job with its ServiceAccount and Role) for "
+                   "kubectl apply, instead of searching")
+    p.add_argument("--image", default=None, help="with --cluster/--controller: override the grid's image")
+    p.add_argument("--namespace", default=None, help="with --cluster/--controller: override the grid's namespace")
+    p.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="how often the cluster (or another search being followed) is looked at")
 
     # ---- analyze: the report ----------------------------------------------------
     p = _command(sub, "analyze", "critbatch.analysis.report:cli_analyze", "aggregate a sweep's logs into the report")

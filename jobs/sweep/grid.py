@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
 from . import k8s
+from .searchspec import SearchSpec
 from critbatch.jobs.cell.analysis_args import parse_analyze_args
 from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.registry import third_party_line
@@ -182,6 +183,8 @@ class GridSettings(Strict):
     max_active: NonNegativeInt = Field(0, description="cap on cells running at once (clusters without Kueue); 0 = none")
     service_account: DNSSubdomain = k8s.DEFAULT_SERVICE_ACCOUNT
     checkpoint_seconds: PositiveFloat = 300.0
+    search: SearchSpec | None = Field(None, description="how `critbatch search` looks for the critical batch size "
+                                      "(default: its defaults)")
 
     @field_validator("store")
     @classmethod
@@ -220,6 +223,7 @@ class Grid:
     max_active: int
     service_account: str
     checkpoint_seconds: float
+    search: SearchSpec | None = None
     description: str = ""
     reproduces: str = ""
     source: str = "<dict>"

@@ -32,6 +32,8 @@ DEFAULT_STORE_SECRET = "critbatch-store"
 DEFAULT_STORE_ENDPOINT = "http://critbatch-s3:8333"
 #: Suffix of the analysis Job's name: critbatch-<sweep>-analysis.
 ANALYSIS_SUFFIX = "analysis"
+#: ``critbatch-<sweep>-search``: the search controller's Job, ServiceAccount, Role and RoleBinding.
+SEARCH_SUFFIX = "search"
 #: The ClusterTrainingRuntime every TrainJob refers to (Kubeflow Trainer's torch runtime), its replicated
 #: job and trainer container (names fixed by that runtime), and the owner of critbatch's runtime patch.
 TRAINJOB_RUNTIME = "torch-distributed"
@@ -52,6 +54,7 @@ LABEL_CELL = "critbatch.io/cell-id"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 COMPONENT_CELL = "cell"
 COMPONENT_ANALYSIS = "analysis"
+COMPONENT_SEARCH = "search"
 
 # ---- condition types read back by submit and status -------------------------------------
 #: Job and TrainJob say Complete, PyTorchJob says Succeeded.

@@ -255,6 +255,52 @@ def render_analysis_document(grid: Grid) -> Document:
     return _render("job-analysis.yaml.j2", ctx)
 
 
+#: The kinds critbatch renders that hold no pod: the search controller's identity and its rights.
+_PODLESS = ("ServiceAccount", "Role", "RoleBinding")
+#: The API groups and resources of each backend's cell objects.
+_CELL_RESOURCES = {"job": ("batch", "jobs"), "indexed": ("batch", "jobs"),
+                   "pytorchjob": (k8s.PYTORCHJOB_GROUP, k8s.PYTORCHJOB_PLURAL),
+                   "trainjob": (k8s.TRAINJOB_GROUP, k8s.TRAINJOB_PLURAL)}
+
+
+def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[Document]:
+    """The search controller (``critbatch search GRID --cluster`` in a pod): its ServiceAccount, a Role on the
+    cells' objects and pods in the grid's namespace, the RoleBinding, and the Job, which starts when applied.
+
+    The grid travels inside the Job as JSON (its spec as written, the overrides applied), so the pod needs no
+    file; rendering stays a pure function of the grid.
+    """
+    name = k8s.object_name(grid.sweep, k8s.SEARCH_SUFFIX)
+    meta = {"name": name, "namespace": grid.namespace, "labels": labels(grid, k8s.COMPONENT_SEARCH)}
+    group, plural = _CELL_RESOURCES[grid.backend]
+    rules = [{"apiGroups": [group], "resources": [plural],
+              "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    a = grid.analysis
+    job = {
+        **meta,
+        "container_name": k8s.CONTAINER_NAME,
+        "image": grid.image,
+        "image_pull_policy": grid.image_pull_policy,
+        "args": ["search", json.dumps(grid.raw, sort_keys=True, separators=(",", ":"), default=str), "--cluster",
+                 "--poll-seconds", _number(poll_seconds)],
+        "env": _env(grid),
+        "store_secret": grid.store_secret,
+        "scratch": _scratch(),
+        "cpu": _quantity(a.cpu),
+        "memory": _quantity(a.memory),
+        "run_as_user": k8s.RUN_AS_USER,
+        "run_as_group": k8s.RUN_AS_GROUP,
+        "backoff_limit": grid.resources.backoff_limit,
+        "deadline_seconds": grid.resources.deadline_seconds,
+        "ttl_seconds": grid.resources.ttl_seconds,
+        "grace_seconds": grid.resources.grace_seconds,
+        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+    }
+    return [_render("serviceaccount-search.yaml.j2", meta), _render("role-search.yaml.j2", {**meta, "rules": rules}),
+            _render("rolebinding-search.yaml.j2", meta), _render("job-search.yaml.j2", job)]
+
+
 _CELL_DOCUMENTS = {"job": _job_document, "pytorchjob": _pytorchjob_document, "trainjob": _trainjob_document}
 
 
@@ -331,6 +377,8 @@ def pod_specs(obj: dict) -> list[dict]:
         return [rj["template"]["spec"]["template"]["spec"]
                 for patch in spec.get("runtimePatches", [])
                 for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    if kind in _PODLESS:
+        return []
     raise ValueError(f"unexpected kind {kind!r}")
 
 
