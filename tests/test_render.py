@@ -182,7 +182,7 @@ def test_multi_node_objects_validate(backend):
         assert specs["Master"]["restartPolicy"] == "ExitCode"
     else:
         assert obj["spec"]["trainer"]["numNodes"] == 2 and obj["spec"]["trainer"]["numProcPerNode"] == 2
-        assert obj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+        assert obj["spec"]["runtimeRef"]["name"] == "critbatch"  # k8s/trainer/clustertrainingruntime.yaml
 
 
 # ---- design section 10, field by field ------------------------------------------------------------------
@@ -209,14 +209,15 @@ def test_cell_job_follows_the_conventions():
     assert spec["backoffLimit"] == 6 and spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2, 4]  # config, no GPU
     assert rules[1]["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
     assert pod["terminationGracePeriodSeconds"] >= 60
     container = pod["containers"][0]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "critbatch.jobs.train.launch"]
     assert container["args"][:2] == ["--standalone", "--nproc-per-node=2"]
     assert container["args"][2:5] == ["-m", "critbatch.jobs.cli", "train"]
     cell_json = container["args"][container["args"].index("--cell") + 1]
+    assert container["args"][-2:] == ["--device", "cuda"]  # a GPU pod never falls back to the CPU
     assert type(cell).from_json(cell_json).id == cell.id
     res = container["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2 and "nvidia.com/gpu" not in res["requests"]
@@ -247,6 +248,7 @@ def test_cpu_cells_ask_for_no_gpu_and_tolerate_nothing():
     assert "tolerations" not in pod
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     assert pod["containers"][0]["args"][1] == "--nproc-per-node=1"
+    assert pod["containers"][0]["args"][-2:] == ["--device", "cpu"]
     assert k8s.LABEL_QUEUE not in obj["metadata"]["labels"]
 
 
@@ -510,6 +512,29 @@ def test_no_credential_value_ever_appears(monkeypatch, capsys, tmp_path):
         assert value.lower() not in text.lower()
 
 
+def test_trainjob_runtime_has_the_exit_code_policy():
+    """k8s/trainer/clustertrainingruntime.yaml: the runtime the TrainJobs name, failing at once where the Job does.
+
+    No ClusterTrainingRuntime CRD is at hand here: its node Job is checked as the batch/v1 Job it becomes.
+    """
+    runtime = yaml.safe_load((REPO / "k8s/trainer/clustertrainingruntime.yaml").read_text())
+    assert (runtime["kind"], runtime["metadata"]["name"]) == ("ClusterTrainingRuntime", k8s.TRAINJOB_RUNTIME)
+    jobset = runtime["spec"]["template"]["spec"]
+    (node,) = [rj for rj in jobset["replicatedJobs"] if rj["name"] == k8s.TRAINJOB_REPLICATED_JOB]
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"}, "spec": node["template"]["spec"]}
+    assert kubernetes_validate.validate(job, KUBE_VERSION, strict=True) == KUBE_VERSION
+    grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1})
+    cell_rules = render.render_cell(grid, grid.cells()[0])["spec"]["podFailurePolicy"]["rules"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == cell_rules[0]  # Ignore on DisruptionTarget
+    assert rules[1]["onExitCodes"] == {**cell_rules[1]["onExitCodes"], "containerName": k8s.TRAINJOB_CONTAINER}
+    assert rules[1]["onExitCodes"]["values"] == list(k8s.EXIT_CODES_PERMANENT)
+    assert job["spec"]["backoffLimit"] == 0  # every other failure restarts the whole JobSet, all nodes together
+    assert jobset["failurePolicy"]["rules"] == [
+        {"name": "permanent", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    assert jobset["failurePolicy"]["maxRestarts"] == grid.resources.backoff_limit
+
+
 # ---- the cluster kit, scripts and image files -------------------------------------------------------------------
 
 KIT = sorted(p for p in [*REPO.glob("k8s/*.yaml"), *REPO.glob("k8s/minio/*.yaml")] if p.name != "kustomization.yaml")
@@ -531,6 +556,26 @@ def test_kustomizations_name_existing_files(kustomization):
     path = REPO / kustomization
     data = yaml.safe_load(path.read_text())
     assert data["resources"] and all((path.parent / r).is_file() for r in data["resources"])
+
+
+@pytest.mark.parametrize("kit", ["k8s", "k8s/minio"])
+def test_the_store_size_is_the_one_value_of_the_kustomization(kit, tmp_path):
+    """The PVC's size comes from the kustomization's storage patch (checked through kubectl's kustomize)."""
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    copy = tmp_path / "kit"
+    shutil.copytree(REPO / "k8s", copy)
+    path = copy / kit.removeprefix("k8s").lstrip("/") / "kustomization.yaml"
+    text = path.read_text()
+    assert text.count("value: 20Gi") == 1
+    path.write_text(text.replace("value: 20Gi", "value: 123Gi"))
+    out = subprocess.run([kubectl, "kustomize", str(path.parent)], capture_output=True, text=True, check=True).stdout
+    (pvc,) = [o for o in yaml.safe_load_all(out) if o["kind"] == "PersistentVolumeClaim"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "123Gi"
 
 
 def test_store_service_matches_the_default_endpoint():

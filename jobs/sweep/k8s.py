@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from critbatch.jobs.cell.errors import EXIT_CONFIG
+from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_NO_DEVICE
 
 # ---- names -------------------------------------------------------------------
 APP_NAME = "critbatch"
@@ -34,9 +34,10 @@ DEFAULT_STORE_ENDPOINT = "http://critbatch-s3:8333"
 ANALYSIS_SUFFIX = "analysis"
 #: ``critbatch-<sweep>-search``: the search controller's Job, ServiceAccount, Role and RoleBinding.
 SEARCH_SUFFIX = "search"
-#: The ClusterTrainingRuntime every TrainJob refers to (Kubeflow Trainer's torch runtime), its replicated
-#: job and trainer container (names fixed by that runtime), and the owner of critbatch's runtime patch.
-TRAINJOB_RUNTIME = "torch-distributed"
+#: The ClusterTrainingRuntime every TrainJob refers to (k8s/trainer/clustertrainingruntime.yaml: Trainer's
+#: torch runtime with the failure policy of the exit-code table), its replicated job and trainer container
+#: (names Trainer's torch plugin looks for), and the owner of critbatch's runtime patch.
+TRAINJOB_RUNTIME = "critbatch"
 TRAINJOB_REPLICATED_JOB = "node"
 TRAINJOB_CONTAINER = "node"
 TRAINJOB_PATCH_MANAGER = "critbatch.io/render"
@@ -72,6 +73,16 @@ BACKENDS = ("job", "pytorchjob", "trainjob")
 # ---- the container -----------------------------------------------------------------
 #: Exit code a cell uses for bad configuration: the Job fails at once (podFailurePolicy FailJob).
 EXIT_CODE_CONFIG = EXIT_CONFIG
+#: The exit codes of a cell that retrying cannot help (bad configuration, no CUDA device where one was asked
+#: for): the cell Job fails at once on them, as the TrainJob runtime does (k8s/trainer); both are below 128,
+#: which the PyTorchJob's ExitCode restart policy treats as permanent.
+EXIT_CODES_PERMANENT = (EXIT_CONFIG, EXIT_NO_DEVICE)
+#: Every cell pod's command: the launcher (jobs/train/launch.py), which takes torchrun's arguments but exits
+#: with the trainer's code (torchrun itself exits 1 whatever its worker returned).
+LAUNCH_COMMAND = ("python", "-m", "critbatch.jobs.train.launch")
+#: Seconds before the kubelet's SIGKILL (terminationGracePeriodSeconds) at which the launcher kills workers
+#: still checkpointing after a SIGTERM (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torch's default is 30 s).
+SHUTDOWN_MARGIN_SECONDS = 10
 #: Scratch directories on the read-only root filesystem: (volume name, mount path, environment variable).
 SCRATCH_DIRS = (
     ("tmp", "/tmp", "TMPDIR"),

@@ -118,7 +118,7 @@ def cell_json(cell: Cell) -> str:
 
 
 def _train_args(grid: Grid, cell_arg: str) -> list[str]:
-    """``-m critbatch.jobs.cli train ...``: what every backend's torchrun runs."""
+    """``-m critbatch.jobs.cli train ...``: the training command every backend's launcher runs."""
     return [
         "-m", "critbatch.jobs.cli", "train",
         "--cell", cell_arg,
@@ -126,6 +126,23 @@ def _train_args(grid: Grid, cell_arg: str) -> list[str]:
         "--data-root", grid.data_root,
         "--checkpoint-seconds", _number(grid.checkpoint_seconds),
     ]
+
+
+def _launch(torchrun_args: list[str], train_args: list[str], gpus: int) -> tuple[list[str], list[str]]:
+    """A cell pod's command and args: the launcher, torchrun's options, the train command on the pod's device.
+
+    The launcher (jobs/train/launch.py), not torchrun, which exits 1 whatever its worker returned: it runs a
+    one-process pod's trainer itself and otherwise passes the first failed worker's code on, so every
+    backend's failure policy sees the trainer's exit code. A GPU pod trains with ``--device cuda``, which
+    exits 4 where torch sees no GPU rather than falling back to the CPU.
+    """
+    return list(k8s.LAUNCH_COMMAND), [*torchrun_args, *train_args, "--device", "cuda" if gpus > 0 else "cpu"]
+
+
+def _cell_env(grid: Grid) -> list[dict[str, str]]:
+    """A cell pod's variables: the shared ones, and how long the launcher lets workers checkpoint after SIGTERM."""
+    shutdown = max(0, grid.resources.grace_seconds - k8s.SHUTDOWN_MARGIN_SECONDS)
+    return _env(grid) + [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown)}]
 
 
 def _number(value: float) -> str:
@@ -152,7 +169,7 @@ def _pod_context(grid: Grid, cell_id: str) -> dict[str, Any]:
         "pod_labels": pod_labels,
         "image": grid.image,
         "image_pull_policy": grid.image_pull_policy,
-        "env": _env(grid),
+        "env": _cell_env(grid),
         "store_secret": grid.store_secret,
         "scratch": _scratch(),
         "shm_size": _quantity(res.shm),
@@ -170,7 +187,7 @@ def _pod_context(grid: Grid, cell_id: str) -> dict[str, Any]:
         "deadline_seconds": res.deadline_seconds,
         "ttl_seconds": res.ttl_seconds,
         "grace_seconds": res.grace_seconds,
-        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+        "exit_codes_permanent": list(k8s.EXIT_CODES_PERMANENT),
     }
 
 
@@ -182,8 +199,8 @@ def _job_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
         raise ConfigError(f"backend: a Job runs on one node; resources.nodes is {grid.resources.nodes}")
     ctx = _pod_context(grid, cell_id)
     ctx["container_name"] = k8s.CONTAINER_NAME
-    ctx["command"] = ["torchrun"]
-    ctx["args"] = ["--standalone", f"--nproc-per-node={grid.resources.procs_per_node}"] + _train_args(grid, cell_arg)
+    ctx["command"], ctx["args"] = _launch(["--standalone", f"--nproc-per-node={grid.resources.procs_per_node}"],
+                                          _train_args(grid, cell_arg), grid.resources.gpus)
     return _render("job-cell.yaml.j2", ctx)
 
 
@@ -194,9 +211,9 @@ def _pytorchjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
     ctx["procs_per_node"] = grid.resources.procs_per_node
     ctx["container_name"] = k8s.PYTORCHJOB_CONTAINER
     ctx["master_port"] = k8s.PYTORCHJOB_PORT
-    ctx["command"] = ["torchrun"]
     # $(VAR) is Kubernetes' own substitution of the container's variables, not a shell.
-    ctx["args"] = ["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"] + _train_args(grid, cell_arg)
+    ctx["command"], ctx["args"] = _launch(["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"],
+                                          _train_args(grid, cell_arg), grid.resources.gpus)
     return _render("pytorchjob-cell.yaml.j2", ctx)
 
 
@@ -213,8 +230,8 @@ def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
     ctx["procs_per_node"] = grid.resources.procs_per_node
     ctx["replicated_job"] = k8s.TRAINJOB_REPLICATED_JOB
     ctx["container_name"] = k8s.TRAINJOB_CONTAINER
-    ctx["command"] = ["torchrun"]
-    ctx["args"] = _train_args(grid, cell_arg)
+    # No torchrun options: the launcher reads the PET_* variables Trainer injects, as torchrun does.
+    ctx["command"], ctx["args"] = _launch([], _train_args(grid, cell_arg), grid.resources.gpus)
     return _render("trainjob-cell.yaml.j2", ctx)
 
 
@@ -307,7 +324,7 @@ _CELL_DOCUMENTS = {"job": _job_document, "pytorchjob": _pytorchjob_document, "tr
 def render_cell(grid: Grid, cell: Cell, backend: str | None = None) -> dict:
     """One cell as an object of ``backend`` (default: the grid's): a batch/v1 Job on one node
     (``torchrun --standalone``), a kubeflow.org/v1 PyTorchJob (Master + nodes-1 Workers) or a Kubeflow
-    Trainer v2 TrainJob on the torch-distributed runtime."""
+    Trainer v2 TrainJob on the critbatch runtime (k8s/trainer)."""
     return _CELL_DOCUMENTS[backend or grid.backend](grid, cell.id, cell_json(cell)).obj
 
 
