@@ -20,12 +20,15 @@ the process, and nothing else:
   backoffLimit (backoffLimitPerIndex for an Indexed Job), the PyTorchJob's ExitCode restart policy
   (1-127 permanent, 128-255 retried), the TrainJob runtime's node Job and its JobSet failurePolicy.
 
-The container runs on this machine's filesystem rather than the image's: every mount path is a
-directory of the pod's sandbox, and env values and args at or under a mount path are mapped into it;
-the working directory is an empty sandbox directory, so a pod writing outside its volumes is seen there.
-Cluster DNS is loopback: the operators' pod hostnames resolve to 127.0.0.1. The image's environment is
-this interpreter's (``python`` on PATH is sys.executable's directory, as the image's venv is on its PATH).
-tests/image runs the same pods inside the built image with their security context.
+By default the container runs on this machine's filesystem rather than the image's: every mount path
+is a directory of the pod's sandbox, and env values and args at or under a mount path are mapped into
+it; the working directory is an empty sandbox directory, so a pod writing outside its volumes is seen
+there. The image's environment is this interpreter's (``python`` on PATH is sys.executable's
+directory, as the image's venv is on its PATH). Given an image (``start(..., image=...)``; the image
+test, tests/image, does so) the container runs in it under ``docker run`` with the pod's own security
+context: its user and group, a read-only root filesystem, the capabilities it drops, no privilege
+escalation, a tmpfs per emptyDir and /dev/shm of the volume's size. Either way cluster DNS is loopback:
+the operators' pod hostnames resolve to 127.0.0.1 (docker: ``--network host``).
 """
 
 from __future__ import annotations
@@ -88,14 +91,18 @@ class Pod:
         return [_host_path(_expand(w, env), mounts) for w in words]
 
     def start(self, sandbox: Path, *, secrets: dict[str, dict[str, str]], node_env: dict[str, str] | None = None,
-              ) -> "PodRun":
-        """Start the container's process in a fresh sandbox; ``node_env``: what the image or node adds."""
+              image: str | None = None, docker: tuple[str, ...] = ("docker",)) -> "PodRun":
+        """Start the container's process in a fresh sandbox; ``node_env``: what the image or node adds;
+        ``image``: run it in that image (``docker``: the command that talks to the daemon)."""
         sandbox.mkdir(parents=True)
-        mounts = {}
         volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
         for mount in self.container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
             assert set(volume) == {"name", "emptyDir"}, f"{self.name}: volume {volume} is not an emptyDir"
+        if image is not None:
+            return self._start_in(image, docker, sandbox, secrets, node_env or {})
+        mounts = {}
+        for mount in self.container.get("volumeMounts", []):
             if mount["mountPath"] == "/dev/shm":
                 continue  # this machine's /dev/shm serves
             mounts[mount["mountPath"]] = sandbox / "volumes" / mount["name"]
@@ -109,6 +116,37 @@ class Pod:
         log.close()
         return PodRun(self, proc, sandbox, workdir)
 
+    def _start_in(self, image: str, docker: tuple[str, ...], sandbox: Path, secrets: dict[str, dict[str, str]],
+                  node_env: dict[str, str]) -> "PodRun":
+        name = f"podrun-{sandbox.name}-{os.getpid()}-{time.monotonic_ns() % 10 ** 9}"
+        argv = self.docker_run(image, name, {**node_env, **self.env(secrets, {})}, docker)
+        log = open(sandbox / "output.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return PodRun(self, proc, sandbox, None, container=name, docker=docker)
+
+    def docker_run(self, image: str, name: str, env: dict[str, str], docker: tuple[str, ...] = ("docker",)) -> list[str]:
+        """``docker run`` of the container in ``image`` with the pod's security context (the image's PATH and root)."""
+        words = self.argv(env, {})
+        pod_sc, sc = self.spec.get("securityContext", {}), self.container.get("securityContext", {})
+        argv = [*docker, "run", "--rm", "--name", name, "--network", "host"]
+        if "runAsUser" in pod_sc:
+            argv += ["--user", f"{pod_sc['runAsUser']}:{pod_sc.get('runAsGroup', pod_sc['runAsUser'])}"]
+        if sc.get("readOnlyRootFilesystem"):
+            argv.append("--read-only")
+        argv += [arg for cap in sc.get("capabilities", {}).get("drop", []) for arg in ("--cap-drop", cap)]
+        if sc.get("allowPrivilegeEscalation") is False:
+            argv += ["--security-opt", "no-new-privileges"]
+        # seccompProfile RuntimeDefault is docker's default profile.
+        volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
+        for mount in self.container.get("volumeMounts", []):
+            if mount["mountPath"] == "/dev/shm":
+                argv += ["--shm-size", str(volumes[mount["name"]]["emptyDir"].get("sizeLimit", "64m"))]
+            else:
+                argv += ["--tmpfs", f"{mount['mountPath']}:rw,nosuid,nodev,mode=1777"]
+        argv += [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+        return argv + ["--entrypoint", words[0], image, *words[1:]]
+
 
 @dataclass
 class PodRun:
@@ -117,8 +155,9 @@ class PodRun:
     pod: Pod
     proc: subprocess.Popen
     sandbox: Path
-    workdir: Path
-    started: float = field(default_factory=time.monotonic)
+    workdir: Path | None  # None in an image, whose read-only root a write outside the volumes fails on
+    container: str | None = None  # the docker container's name, when run in an image
+    docker: tuple[str, ...] = ("docker",)
 
     @property
     def output(self) -> str:
@@ -148,10 +187,14 @@ class PodRun:
 
     def terminate(self) -> int:
         """What the kubelet does to a pod being deleted or preempted: SIGTERM, SIGKILL after the grace period."""
-        self.proc.send_signal(signal.SIGTERM)
+        if self.container is not None:
+            subprocess.run([*self.docker, "kill", "--signal", "TERM", self.container], capture_output=True)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             returncode = self.proc.wait(timeout=self.pod.grace_seconds)
         except subprocess.TimeoutExpired:
+            self._kill_container()
             os.killpg(self.proc.pid, signal.SIGKILL)
             returncode = self.proc.wait()
         self._reap()
@@ -159,9 +202,14 @@ class PodRun:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            self._kill_container()
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._reap()
+
+    def _kill_container(self) -> None:
+        if self.container is not None:
+            subprocess.run([*self.docker, "kill", self.container], capture_output=True)
 
     def _reap(self) -> None:
         """A container's processes end with it: whatever its process left behind in its session goes too."""
@@ -171,7 +219,10 @@ class PodRun:
             pass
 
     def stray_files(self) -> list[str]:
-        """Files the container wrote outside its volumes (its working directory stands for the root filesystem)."""
+        """Files the container wrote outside its volumes (its working directory stands for the root filesystem;
+        in an image, the read-only root itself refuses them)."""
+        if self.workdir is None:
+            return []
         return sorted(str(p.relative_to(self.workdir)) for p in self.workdir.rglob("*"))
 
 

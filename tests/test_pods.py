@@ -13,6 +13,10 @@ the object's own failure policy what it makes of the exit code:
                                        and every step is logged exactly once
     store outage            exit 202   retried; once the store is back, the retried pod finishes
 
+With ``CRITBATCH_POD_IMAGE`` set (tests/image/run_image_test.sh does, after building the image) each
+container runs in that image under docker, with the pod's own security context, instead of on this
+machine's filesystem.
+
 ``job-2-processes`` is the Job's pod of a two-GPU cell with its two processes on the CPU (gloo): the one
 case where the launcher goes through torch.distributed.run, run where that path differs (a worker's code
 passed on, SIGTERM forwarded to the workers). A retry after the outage starts as a fresh pod (nothing of
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shlex
 import socket
 import threading
 import time
@@ -55,6 +61,9 @@ SECRETS = secrets_from(REPO / "k8s/store-secret.example.yaml")
 NODE_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 #: Every backend; ``indexed`` renders one Indexed Job per resource class, each pod choosing its cell by index.
 BACKENDS = ["job", "pytorchjob", "trainjob"] + (["indexed"] if "indexed" in k8s.BACKENDS else [])
+#: The image to run each container in (docker, the pod's security context); unset: on this machine.
+IMAGE = os.environ.get("CRITBATCH_POD_IMAGE") or None
+DOCKER = tuple(shlex.split(os.environ.get("CRITBATCH_DOCKER", "docker")))
 TOTAL = 40  # steps of the cell that is stopped part-way
 
 
@@ -167,7 +176,8 @@ def rendered(grid, backend: str, store) -> tuple[dict, object]:
 
 
 def start(obj, tmp_path: Path, name: str):
-    return worker_pod(obj, runtime=RUNTIME).start(tmp_path / name, secrets=SECRETS, node_env=NODE_ENV)
+    return worker_pod(obj, runtime=RUNTIME).start(tmp_path / name, secrets=SECRETS, node_env=NODE_ENV, image=IMAGE,
+                                                  docker=DOCKER)
 
 
 def step_rows(store, prefix: str) -> list[int]:
@@ -279,3 +289,20 @@ def test_a_missing_secret_key_starts_no_container(cluster, store, tmp_path):
     with pytest.raises(CreateContainerConfigError, match="no key 'AWS_SECRET_ACCESS_KEY' in 'critbatch-store'"):
         worker_pod(obj, runtime=RUNTIME).start(tmp_path / "pod", secrets=broken, node_env=NODE_ENV)
     assert not (tmp_path / "pod" / "workdir").exists(), "no process was started"
+
+
+def test_in_an_image_the_container_gets_the_pods_security_context(cluster, store):
+    """What tests/image runs: ``docker run`` flags read from the manifest, not written beside it."""
+    obj, _ = rendered(grid_for(cluster, "job", "docker"), "job", store)
+    pod = worker_pod(obj, runtime=RUNTIME)
+    env = pod.env(SECRETS, {})
+    argv = pod.docker_run("critbatch:test", "c1", env)
+    flags = " ".join(argv[:argv.index("--entrypoint")])
+    assert f"--user {k8s.RUN_AS_USER}:{k8s.RUN_AS_GROUP} --read-only --cap-drop ALL --security-opt no-new-privileges" \
+        in flags
+    assert "--shm-size 8Gi" in flags
+    assert {f"--tmpfs {path}:rw,nosuid,nodev,mode=1777" for _, path, _ in k8s.SCRATCH_DIRS} <= \
+        {" ".join(argv[i:i + 2]) for i in range(len(argv) - 1)}
+    assert f"-e AWS_SECRET_ACCESS_KEY={SECRETS['critbatch-store']['AWS_SECRET_ACCESS_KEY']}" in flags
+    assert "-e HOME=/home/critbatch" in flags  # the image's own paths, not a sandbox's
+    assert argv[argv.index("--entrypoint") + 1:][:4] == ["python", "critbatch:test", "-m", "critbatch.jobs.train.launch"]

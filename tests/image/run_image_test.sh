@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the critbatch image on a locally made Debian base and run one digits cell in it against an S3 server
-# on loopback, the way a cell pod runs it (torchrun, non-root, read-only root filesystem, writable tmpfs
+# on loopback, the way a cell pod runs it (the launcher, non-root, read-only root filesystem, writable tmpfs
 # scratch). Slow (a multi-GB torch install inside the build), so it only runs when asked:
 #
 #   CRITBATCH_IMAGE_TESTS=1 tests/image/run_image_test.sh
@@ -274,13 +274,25 @@ pod=(run --rm --network host --user 1000:1000 --read-only --cap-drop ALL
   -e TORCHINDUCTOR_CACHE_DIR=/var/cache/critbatch/torchinductor -e TRITON_CACHE_DIR=/var/cache/critbatch/triton
   -e OMP_NUM_THREADS=1 -e PYTHONUNBUFFERED=1)
 
-# The pod's command: torchrun --standalone -m critbatch.jobs.cli train.
+# The pod's command: the launcher with torchrun's options, then critbatch.jobs.cli train.
 run_cell() {
-  timeout 900 docker "${pod[@]}" --entrypoint torchrun "$image" --standalone --nproc-per-node=1 \
-    -m critbatch.jobs.cli train --cell "$cell" --store "$store" --progress lines --flush-steps 20 \
-    >"$logs/cell.log" 2>&1 || { show_log "$logs/cell.log"; return 1; }
+  timeout 900 docker "${pod[@]}" --entrypoint python "$image" -m critbatch.jobs.train.launch --standalone \
+    --nproc-per-node=1 -m critbatch.jobs.cli train --cell "$cell" --store "$store" --progress lines \
+    --flush-steps 20 --device cpu >"$logs/cell.log" 2>&1 || { show_log "$logs/cell.log"; return 1; }
   grep -E "total steps|steps/epoch" "$logs/cell.log" | head -n 2 || true
-  check "cell ran in the container (torchrun, uid 1000, read-only root)" ok
+  check "cell ran in the container (launcher, uid 1000, read-only root)" ok
+}
+
+# Every backend's rendered pod in the image, with the pod's own security context (tests/test_pods.py under
+# CRITBATCH_POD_IMAGE): a good cell, a bad one, a GPU pod without a GPU, SIGTERM and resume, a store outage.
+run_pods() {
+  if CRITBATCH_POD_IMAGE="$image" timeout 3600 "$py" -m pytest -q -p no:cacheprovider "$repo/tests/test_pods.py" \
+      >"$logs/pods.log" 2>&1; then
+    check "pods: every backend's rendered pod in the image" ok "$(tail -n 1 "$logs/pods.log")"
+  else
+    show_log "$logs/pods.log"
+    check "pods: every backend's rendered pod in the image" fail "$(tail -n 1 "$logs/pods.log")"
+  fi
 }
 
 # From the host, through the store: _SUCCESS says done and every step 1..50 is logged once.
@@ -350,3 +362,4 @@ phase s3 start_s3
 phase cell run_cell
 phase store check_store
 phase entrypoint check_entrypoint
+phase pods run_pods

@@ -18,7 +18,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().with_name("run_image_test.sh")
 CHECKS = {
-    "cell ran in the container (torchrun, uid 1000, read-only root)",
+    "cell ran in the container (launcher, uid 1000, read-only root)",
+    "pods: every backend's rendered pod in the image",
     "store: _SUCCESS done, steps 1..50 once",
     "entrypoint: critbatch --help",
     "entrypoint: critbatch --version",
