@@ -67,7 +67,8 @@ def section(sweep: str, doc: dict[str, Any], grid_cells: list[dict[str, Any]] | 
         "spent": f"{samples:,} samples ({spent.get('steps', 0):,} steps) in {len(cells)} cells, "
                  f"{samples / total:.1%} of the full grid's {total:,} samples ({full.get('steps', 0):,} steps, "
                  f"{full.get('cells', 0)} cells run to their epoch budget)" if total else f"{samples:,} samples",
-        "by_role": ", ".join(f"{role} {n} cells, {samples_by_role[role]:,} samples" for role, n in sorted(roles.items())),
+        "by_role": ", ".join(f"{role} {n} cells, {samples_by_role[role]:,} samples"
+                             for role, n in sorted(roles.items())),
         "threshold": f"eps = {', '.join(eps_values) or '-'}: {threshold.get('source', 'not fixed yet')}",
         "races": f"{len(doc.get('races') or {})} learning-rate races; {out_of_race} trials stopped behind the winner "
                  "(no _SUCCESS: the analysis leaves them out)" if doc.get("races") else "",
@@ -86,7 +87,8 @@ def markdown(s: dict[str, Any]) -> list[str]:
     out += [""] + [f"- {c['label']}: {c['state']}, B_crit {c['interval']} from batch sizes "
                    f"{', '.join(map(str, c['batch_sizes']))}" + (f" ({c['why']})" if c["why"] else "")
                    for c in s["curves"]]
-    out += ["", "| wave | curve | action | interval before | predicted | after | why |", "|---|---|---|---|---|---|---|"]
+    out += ["", "| wave | curve | action | interval before | predicted | after | why |",
+            "|---|---|---|---|---|---|---|"]
     out += [f"| {d['wave']} | {d['curve']} | {d['action']} | {d['before']} | {d['predicted']} | {d['after']} | "
             f"{d['why'].replace('|', '/')} |" for d in s["decisions"]]
     return out + [""]

@@ -41,6 +41,8 @@ SETTINGS = {
     "logging": Settings(reduced=("--steps", "100000", "--rate", "20000")),
     # The digits CNN only; --full adds the CIFAR ResNet-34 (about 8 s a step on a CPU core: 10+ minutes).
     "train": Settings(reduced=("--only", "digits")),
+    # The linreg oracle problem only (2 minutes); --full adds its LR grid and digits (15 to 25 minutes).
+    "search": Settings(reduced=("--only", "linreg")),
 }
 
 

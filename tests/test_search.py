@@ -40,10 +40,13 @@ class InProcess:
 
     parallel = 2
 
-    def __init__(self, store):
-        self.store, self.trained = store, []
+    def __init__(self, store, interrupt_at_call=None):
+        self.store, self.trained, self.calls, self.interrupt_at_call = store, [], 0, interrupt_at_call
 
     def run(self, runs):
+        self.calls += 1
+        if self.calls == self.interrupt_at_call:
+            raise KeyboardInterrupt  # Ctrl-C while the executor runs a wave's cells
         for cell, pause in runs:
             if self.store.exists(success_key(cell.sweep, cell.id)):
                 continue
@@ -57,8 +60,8 @@ class InProcess:
 
 def search(store, **kwargs):
     grid = load_grid(TINY)
-    backend = InProcess(store)
-    return Search(grid, store, backend, grid.search, log=lambda line: None, **kwargs), backend
+    backend = InProcess(store, **kwargs)
+    return Search(grid, store, backend, grid.search, log=lambda line: None), backend
 
 
 def test_search_end_to_end(cpu_env, any_store_url):
@@ -109,13 +112,14 @@ def test_an_interrupted_search_resumes_without_rerunning_a_finished_cell(cpu_env
     straight = search(straight_store)[0].run()
 
     store = open_store(str(tmp_path / "store"))
-    first, _ = search(store, stop_after_waves=1)
+    first, _ = search(store, interrupt_at_call=2)  # the threshold's wave is the first call; the ladder's is cut
     with pytest.raises(KeyboardInterrupt):
         first.run()
     after_one = read_state(store, "tiny")
-    assert [w["phase"] for w in after_one.waves] == ["threshold"] and after_one.status == "running"
+    assert [(w["phase"], w["finished"] is None) for w in after_one.waves] == [("threshold", False), ("ladder", True)]
+    assert after_one.status == "running"
     finished = {cid for cid in after_one.cells if store.exists(success_key("tiny", cid))}
-    assert len(finished) == 4
+    assert len(finished) == 4 and finished == set(after_one.waves[0]["cells"])
 
     again, backend = search(store)
     state = again.run()

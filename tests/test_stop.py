@@ -56,7 +56,8 @@ def test_window_evaluations_are_requested():
     assert again.observe(50, 0.4) is False and again.observe(60, 0.3) is True and again.k == stop.k
 
 
-@pytest.mark.parametrize("s0, v0, s1, v1, eps", [(10, 2.0, 20, 0.5, 1.0), (3, 1.0001, 4, 0.2, 1.0), (0, 8.0, 7, 1.0, 1.0)])
+@pytest.mark.parametrize("s0, v0, s1, v1, eps", [(10, 2.0, 20, 0.5, 1.0), (3, 1.0001, 4, 0.2, 1.0),
+                                                 (0, 8.0, 7, 1.0, 1.0)])
 def test_crossing_matches_the_analysis(s0, v0, s1, v1, eps):
     assert log_crossing(s0, v0, s1, v1, eps) == pytest.approx(crossing(np.array([s0, s1], float), np.array([v0, v1]),
                                                                        eps))

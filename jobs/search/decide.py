@@ -18,9 +18,10 @@ whatever it says). The candidates are taken greedily by gain
 per sample, each one's prediction kept for the next, ``count`` at a time and
 within the budget left; one that would narrow it by less than MIN_GAIN is
 not worth its samples (typically a batch size predicted to run out of budget
-before eps, which costs its whole budget to say only that k is larger). A prediction adds a point on the curve, so it says
-where a point moves the interval (its leverage on B), not what the point will
-be; the search measures it and fits again.
+before eps, which costs its whole budget to say only that k is larger). A
+prediction adds a point on the curve, so it says where a point moves the
+interval (its leverage on B), not what the point will be; the search measures
+it and fits again.
 
 Why around the knee. Under the model alone the two ends of the interval
 disagree most far from the knee (they pivot about it): at m << B, where k =

@@ -103,7 +103,6 @@ class Search:
     backend: Backend
     spec: SearchSpec = field(default_factory=SearchSpec)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
-    stop_after_waves: int | None = None  # tests: end after this many waves, as an interrupt would
 
     def __post_init__(self) -> None:
         self.slots: dict[tuple[str, int, int], Slot] = {}
@@ -113,7 +112,6 @@ class Search:
             slot.trials.append(cell)
         self.keys = sorted({s.key for s in self.slots.values()})
         self._finished: dict[str, CellSummary] = {}
-        self._waves_run = 0
 
     # ---- the whole search ------------------------------------------------------------------
 
@@ -128,8 +126,6 @@ class Search:
         if not state.threshold.get("by_group"):
             self._threshold(state)
         while not state.done:
-            if self.stop_after_waves is not None and self._waves_run >= self.stop_after_waves:
-                raise KeyboardInterrupt
             views = self._observe(state)
             tasks, decisions = self._next_wave(state, views)
             if not tasks:
@@ -304,8 +300,11 @@ class Search:
             chosen = decide.choose(view.observations, candidates, count=share, confirm=self.spec.confirm,
                                    budget=budget_left)
             if not chosen:
-                entry.update(state="budget spent", why=f"no candidate fits in the {max(0, budget_left):.0f} samples "
-                             "left of the budget")
+                affordable = any(decide.predict(view.result.fit, c, self.spec.confirm)[1] <= budget_left
+                                 for c in candidates)
+                why = (f"no batch size or seed left would narrow the interval by {decide.MIN_GAIN:.0%} or more"
+                       if affordable else f"no candidate fits in the {max(0, budget_left):,.0f} samples left")
+                entry.update(state="exhausted" if affordable else "budget spent", why=why)
                 continue
             for choice in chosen:
                 c = choice.candidate
@@ -417,7 +416,8 @@ class Search:
                 break
             failed = self.backend.run(runs)
             self._observe(state)
-            failed += [cid for cid in singles if state.cells[cid]["state"] in ("planned", INCOMPLETE) and cid not in failed]
+            failed += [cid for cid in singles
+                       if state.cells[cid]["state"] in ("planned", INCOMPLETE) and cid not in failed]
             if failed:
                 write_state(self.store, state)
                 raise SearchFailed(f"{len(failed)} cell(s) failed or did not finish: {', '.join(failed)}; fix the "
@@ -432,7 +432,6 @@ class Search:
             if d.get("wave") == wave["index"] and d["group"] in views:
                 d["interval_after"] = views[d["group"]].interval.as_list()
         write_state(self.store, state)
-        self._waves_run += 1
 
     def _judge(self, state: SearchState, r: dict) -> None:
         summaries = {s.id: s for s in self._summaries(state)}
@@ -507,7 +506,8 @@ def wait_for_attached(store: Store, sweep: str, *, poll_s: float, log: Callable[
         state = read_state(store, sweep)
         if state is not None:
             for wave in state.waves[seen:]:
-                log(f"critbatch search: (attached) wave {wave['index']} ({wave['phase']}): {len(wave['cells'])} cell(s)")
+                log(f"critbatch search: (attached) wave {wave['index']} ({wave['phase']}): "
+                    f"{len(wave['cells'])} cell(s)")
             seen = len(state.waves)
             if state.done:
                 return state
