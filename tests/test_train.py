@@ -306,15 +306,16 @@ def test_linreg_oracle_cell(tmp_path, cpu_env):
 
 
 @pytest.mark.parametrize(
-    "dataset, options, model, batch, metric",
+    "dataset, options, model, batch, metric, noise_sizes",
     [
-        ("wikitext2", {}, "lstm", 8, "perplexity"),  # (N, 35) tokens, clipping 0.25
-        ("cityscapes", {"size": [64, 128]}, "drn_d_22", 2, "miou"),  # (N, 19, H, W) logits, 255 = ignore
-        ("cifar10", {}, "resnet34", 8, "accuracy"),  # BatchNorm: the extra-pass noise measurement
+        ("wikitext2", {}, "lstm", 8, "perplexity", (4, 8)),  # (N, 35) tokens, clipping 0.25; noise on halves
+        # (N, 19, H, W) logits, 255 = ignore; BatchNorm: noise on two quarter passes (here halves of 2)
+        ("cityscapes", {"size": [64, 128]}, "drn_d_22", 2, "miou", (1, 2)),
+        ("cifar10", {}, "resnet34", 8, "accuracy", (2, 4)),  # BatchNorm: two quarter passes, b = 2 vs B = 4
     ],
     ids=["wikitext2-lstm", "cityscapes-drn", "cifar10-resnet34"],
 )
-def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, model, batch, metric):
+def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, model, batch, metric, noise_sizes):
     """A few steps of each task on tiny files in the dataset's real format: logs, evaluations, metric, _SUCCESS."""
     from datafiles import write_dataset
 
@@ -331,7 +332,8 @@ def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, m
     prefix = cell_prefix("t", Cell.from_json(cell).id)
     steps = read_rows(store, prefix, "steps")
     assert [r["step"] for r in steps] == [1, 2, 3]
-    assert steps[1]["noise_g_small_sq"] > 0 and steps[1]["noise_b_big"] == batch
+    assert steps[1]["noise_g_small_sq"] > 0
+    assert (steps[1]["noise_b_small"], steps[1]["noise_b_big"]) == noise_sizes
     evals = read_rows(store, prefix, "evals")
     assert {r["metric"] for r in evals} == {metric} and {r["step"] for r in evals} == {0, 1, 3}
     assert all(r["loss"] > 0 and r["value"] == r["value"] for r in evals)  # finite, not NaN
