@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test bench image clean help
 
 help:
-	@echo "make demo   run the digits and linreg sweeps locally and write the report"
+	@echo "make demo   run the MNIST-1D and linreg sweeps locally and write the reports"
 	@echo "make test   run the test suite"
 	@echo "make bench  run every benchmark under benchmarks/ at reduced sizes (BENCH_ARGS=--full: documented sizes)"
 	@echo "make image  build the container image (needs Docker)"

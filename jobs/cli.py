@@ -1,6 +1,6 @@
 """The ``critbatch`` command.
 
-    critbatch demo                                  # digits + linreg sweeps, analysis, report (local)
+    critbatch demo                                  # MNIST-1D + linreg sweeps, analysis, report (local)
     critbatch run GRID [--store DIR|s3://B/P] [--parallel N]
     critbatch train --cell CELL.json --store s3://critbatch/runs
     torchrun --standalone --nproc-per-node=2 -m critbatch.jobs.cli train --cell CELL.json
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only workloads (dataset/model/optimizer) matching this glob; repeatable")
 
     # ---- demo ------------------------------------------------------------------------
-    p = _command(sub, "demo", "critbatch.jobs.local.demo:cli_demo", "run the digits and linreg sweeps and write the report")
+    p = _command(sub, "demo", "critbatch.jobs.local.demo:cli_demo", "run the MNIST-1D and linreg sweeps and write the reports")
     p.add_argument("--store", default=None, help="directory for the demo (default ./critbatch-out)")
     p.add_argument("--s3", action="store_true", help="use an S3 server started on loopback (SeaweedFS) instead")
     p.add_argument("--parallel", type=int, default=2, help="cells at once")

@@ -4,9 +4,10 @@
     critbatch demo --s3       # the same through an S3 server it starts on loopback (SeaweedFS)
 
 It runs two sweeps with the local executor, the same ``critbatch train``
-entrypoint the pods run: ``digits`` (a small CNN on scikit-learn's digits with
-BLR, LSR and SRSR across batch sizes 8..1024) and ``linreg`` (the known-answer
-least-squares problem under Ma et al.'s oracle step, three seeds), then
+entrypoint the pods run: ``fig2-table2-mnist1d-cnn`` (MNIST-1D's CNN with BLR,
+LSR and SRSR across batch sizes 32..2048, 60 epochs: Fig. 2 and Table 2 at
+laptop scale) and ``linreg`` (the known-answer least-squares problem under Ma
+et al.'s oracle step, three seeds), then
 analyses each into its report and prints where the reports are, with the
 critical batch size found for each problem and, for ``linreg``, the analytic
 value m* = beta / lambda_1 + 1 beside it.
@@ -27,12 +28,13 @@ from critbatch.jobs.sweep.grid import Grid, load_grid
 from critbatch.jobs.store import Store, open_store
 from critbatch.jobs.cell.layout import DEFAULT_STORE
 
-SWEEPS = ("digits", "linreg")
+SWEEPS = ("fig2-table2-mnist1d-cnn", "linreg")
 DEMO_BUCKET = "s3://critbatch-demo/runs"
 
 #: --quick: a reduced version of both presets (fewer batch sizes, epochs and seeds), for tests and a first look.
 QUICK = {
-    "digits": {"strategy": ["blr", "lsr"], "batch_size": [8, 32, 128, 512], "epochs": 6, "eval": {"points": 20}},
+    "fig2-table2-mnist1d-cnn": {"strategy": ["blr", "lsr"], "batch_size": [32, 64, 128, 256], "epochs": 12,
+                                "eval": {"points": 20}, "analysis": {"args": ["--threshold", "1.2"]}},
     "linreg": {"batch_size": [2, 8, 32, 128, 512], "seed": [0, 1], "epochs": 20, "eval": {"points": 30}},
 }
 
