@@ -102,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- train: one cell ---------------------------------------------------
     p = _command(sub, "train", "critbatch.jobs.train.main:main", "train one cell and stream its logs to the store",
                  epilog=_TRAIN_EXIT_CODES)
-    p.add_argument("--cell", required=True, help="the cell: a JSON file, or inline JSON starting with '{'")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cell", help="the cell: a JSON file, or inline JSON starting with '{'")
+    which.add_argument("--cell-from-sweep", metavar="SWEEP",
+                       help="the cell at --index in --resource-class of the store's SWEEP/sweep.yaml (an Indexed "
+                       "Job's pod: backend indexed)")
+    p.add_argument("--resource-class", help="with --cell-from-sweep: the class of cells, e.g. 1gpu")
+    p.add_argument("--sweep-digest", help="with --cell-from-sweep: the digest of the class's cells the Job was "
+                   "rendered for; a sweep.yaml whose class differs is refused (exit 2)")
+    p.add_argument("--index", type=int, default=None,
+                   help="with --cell-from-sweep: the cell's index in its class (default: env JOB_COMPLETION_INDEX, "
+                   "which an Indexed Job sets)")
     _store_arg(p)
     p.add_argument("--data-root", default=os.environ.get("CRITBATCH_DATA", "~/.cache/critbatch/data"),
                    help="where datasets live: a directory, or a store URL they were staged to; env CRITBATCH_DATA")
@@ -137,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "render", "critbatch.jobs.sweep.render:cli_render", "render a grid to Kubernetes manifests")
     p.add_argument("grid", help="grid spec YAML, or the name of a preset (see `critbatch presets`)")
     p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
                    help="override the grid's backend (default: job for one node, pytorchjob for several)")
     p.add_argument("--analysis", action="store_true",
                    help="the analysis Job alone, which starts at once: apply it when every cell has finished "
@@ -154,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: no cap)")
     p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
     p.add_argument("--image", default=None, help="override the grid's image (the placeholder critbatch:latest is refused)")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
                    help="override the grid's backend")
     p.add_argument("--retry-failed", action="store_true",
                    help="delete failed cells' objects and _FAILED markers and create them anew")
@@ -168,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--store", default=None, help="override the grid's store")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob"],
+    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
                    help="the backend the cells were submitted with, if not the grid's")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 
@@ -177,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "plugins", "critbatch.jobs.cell.registry:cli_plugins",
              "list the models and datasets installed (critbatch's and other packages' plug-ins; docs/plugins.md)")
 
-    p = _command(sub, "cells", "critbatch.jobs.sweep.grid:cli_cells", "expand a grid and print its cells (id and JSON)")
+    p = _command(sub, "cells", "critbatch.jobs.sweep.grid:cli_cells",
+                 "expand a grid, print its plan (devices, micro-batch, accumulation) to stderr and its cells")
     p.add_argument("grid", help="grid spec YAML or preset name")
+    p.add_argument("--sweep-yaml", action="store_true",
+                   help="print the sweep.yaml the grid writes to <store>/<sweep>/ instead (backend indexed with "
+                   "kubectl apply: upload it before the Jobs)")
 
     _command(sub, "schema", "critbatch.jobs.sweep.grid:cli_schema",
              "print the grid spec's JSON Schema (editors complete and check a grid with it)")

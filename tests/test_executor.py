@@ -85,8 +85,10 @@ def test_failed_cell_is_reported_and_others_go_on(tmp_path, capsys):
     store_url = str(tmp_path / "store")
     assert main(["run", str(grid_path), "--store", store_url, "--log-dir", str(tmp_path / "logs")]) == 0
     bad = tmp_path / "bad.yaml"
+    # Its pod's memory holds a ResNet-34 at batch 64 by the sizing's estimate (1Gi does not).
     bad.write_text(yaml.safe_dump({**TINY, "sweep": "bad", "dataset": {"name": "cifar10"}, "model": "resnet34",
-                                   "strategy": "blr", "batch_size": [64]}))
+                                   "strategy": "blr", "batch_size": [64],
+                                   "resources": {"gpus": 0, "cpu": 1, "memory": "4Gi"}}))
     code = main(["run", str(bad), "--store", store_url, "--data-root", str(tmp_path / "nodata"),
                  "--log-dir", str(tmp_path / "logs")])
     err = capsys.readouterr().err

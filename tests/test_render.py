@@ -171,7 +171,7 @@ def test_every_preset_renders_and_validates(name):
 @needs_schemas
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
 def test_multi_node_objects_validate(backend):
-    grid = small(backend=backend)
+    grid = small(backend=backend, resources={**SMALL["resources"], "sizing": "fixed"})  # every cell on both nodes
     for obj in render.render_grid(grid):
         validate(obj)
     obj = render.render_cell(grid, grid.cells()[0])
@@ -193,7 +193,7 @@ def job_and_pod(obj):
 
 
 def test_cell_job_follows_the_conventions():
-    grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1}, queue="research")
+    grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1, "sizing": "fixed"}, queue="research")
     cell = grid.cells()[0]
     obj = render.render_cell(grid, cell)
     spec, pod = job_and_pod(obj)
@@ -401,15 +401,18 @@ def test_check_object_rejects_a_literal_credential():
 
 
 GOLDEN_CASES = {
+    # Sized: batch 64 of ResNet-34 takes one of the two A100s (and half the cpu, memory and shm).
     "job-cell.yaml": lambda: _first_cell("job", nodes=1),
-    "pytorchjob-cell.yaml": lambda: _first_cell("pytorchjob", nodes=2),
-    "trainjob-cell.yaml": lambda: _first_cell("trainjob", nodes=2),
+    # Every cell on both nodes' GPUs (sizing fixed): the multi-node objects, and a BatchNorm cell's micro-batch.
+    "pytorchjob-cell.yaml": lambda: _first_cell("pytorchjob", nodes=2, sizing="fixed"),
+    "trainjob-cell.yaml": lambda: _first_cell("trainjob", nodes=2, sizing="fixed"),
     "job-analysis.yaml": lambda: render.render_documents(small())[-1],
+    "job-indexed.yaml": lambda: _first_cell("indexed", nodes=1),
 }
 
 
-def _first_cell(backend, nodes):
-    grid = small(backend=backend, resources={**SMALL["resources"], "nodes": nodes})
+def _first_cell(backend, nodes, sizing="auto"):
+    grid = small(backend=backend, resources={**SMALL["resources"], "nodes": nodes, "sizing": sizing})
     return render.render_documents(grid, analysis=False)[0]
 
 
@@ -430,7 +433,7 @@ def test_grid_documents_equal_rendering_each_cell_alone(backend):
     docs = render.render_documents(grid)
     assert len(docs) == len(grid.cells()) + 1
     for doc, cell in zip(docs, grid.cells()):
-        alone = render._CELL_DOCUMENTS[backend](grid, cell.id, render.cell_json(cell))
+        alone = render._CELL_DOCUMENTS[backend](grid, cell.id, render.cell_json(cell), grid.plan(cell).placement)
         assert doc.text == alone.text
         assert doc.obj == alone.obj == yaml.safe_load(doc.text) == render.render_cell(grid, cell)
 

@@ -121,7 +121,12 @@ class Cell(Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     noise: NoiseSpec = Field(default_factory=NoiseSpec)
-    accumulation: PositiveInt = Field(1, description="micro-batches per rank per step")
+    accumulation: PositiveInt = Field(1, description="micro-batches per rank per step (default: the sizing's)")
+    micro_batch: PositiveInt | None = Field(
+        None, description="examples of one forward pass on one device (default: the sizing's). BatchNorm "
+        "normalises over it, so a BatchNorm cell on several devices records it; part of the id only when set")
+    sync_bn: bool = Field(False, description="BatchNorm statistics over every device's micro-batch "
+                          "(torch.nn.SyncBatchNorm; GPUs only); part of the id only when true")
     clip_grad: PositiveFloat | None = Field(None, description="max gradient norm (the LSTM uses 0.25)")
     model_options: dict[str, Any] = Field(default_factory=dict, description="the model's options")
     max_steps: PositiveInt | None = Field(None, description="hard cap on iterations (smoke runs, demos)")
@@ -131,10 +136,12 @@ class Cell(Strict):
 
     # ---- identity -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain data; ``stop`` only when set, so a cell without it keeps the id it always had."""
+        """The fields as plain data; ``stop``, ``micro_batch`` and ``sync_bn`` only when set, so a cell without
+        them keeps the id it always had."""
         data = self.model_dump()
-        if data["stop"] is None:
-            del data["stop"]
+        for name, unset in (("stop", None), ("micro_batch", None), ("sync_bn", False)):
+            if data[name] is unset:
+                del data[name]
         return data
 
     @cached_property
@@ -196,7 +203,7 @@ class Cell(Strict):
             cell = cls.model_validate(data)
         except ValidationError as err:
             raise ConfigError(error_lines(err, path, cls)) from None
-        found = cell.problems(path)
+        found = cell.problems(path, world_size=None)  # the trainer checks its world size itself
         if found:
             raise ConfigError(found)
         return cell
@@ -213,8 +220,12 @@ class Cell(Strict):
         data = {k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}
         return cls.from_dict(data)
 
-    def problems(self, path: str = "cell", world_size: int = 1) -> list[str]:
-        """The problems no single field shows (fields that do not fit together, or this world size)."""
+    def problems(self, path: str = "cell", world_size: int | None = 1) -> list[str]:
+        """The problems no single field shows (fields that do not fit together, or this world size).
+
+        ``world_size`` None: not yet known (a grid checks its cells before sizing them), so the batch
+        arithmetic is left to the sizing.
+        """
         out: list[str] = []
         ds = self.dataset
         model, data = resolve("model", self.model).plugin, resolve("dataset", ds.name).plugin
@@ -232,9 +243,15 @@ class Cell(Strict):
                        f"{', '.join(with_extra)}")
         out.extend(option_problems("dataset", ds.name, ds.options, f"{path}.dataset.options"))
         out.extend(option_problems("model", self.model, self.model_options, f"{path}.model_options"))
-        if self.batch_size % (world_size * self.accumulation):
+        if world_size is not None and self.batch_size % (world_size * self.accumulation):
             out.append(f"{path}.batch_size: {self.batch_size} is not divisible by world size {world_size} "
                        f"x accumulation {self.accumulation}")
+        elif world_size is not None and self.micro_batch is not None and \
+                self.micro_batch * world_size * self.accumulation != self.batch_size:
+            out.append(f"{path}.micro_batch: {self.micro_batch} x world size {world_size} x accumulation "
+                       f"{self.accumulation} is not the batch size {self.batch_size}: the cell was sized for "
+                       f"{self.batch_size // (self.micro_batch * self.accumulation)} devices (`critbatch cells` "
+                       "prints each cell's plan)")
         if self.strategy == "lsr" and self.warmup_epochs > self.epochs:
             out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
                        f"({self.epochs} epochs); allowed: 0 to {self.epochs}")

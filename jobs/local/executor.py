@@ -40,7 +40,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, ConfigError
@@ -135,12 +135,14 @@ def run_cells(
     parallel: int = 1,
     data_root: str = "~/.cache/critbatch/data",
     log_dir: str | os.PathLike[str] | None = None,
-    nproc: int = 1,
+    nproc: int | Mapping[str, int] = 1,
     show_progress: bool | None = None,
     label: str = "cells",
     extra_args: Sequence[str] = (),
 ) -> RunResult:
     """Train every unfinished cell of ``store`` (already checked), ``parallel`` at a time; return what happened.
+
+    ``nproc``: processes per cell, for all of them or by cell id (each cell's plan: ``grid.plan(cell).world``).
 
     Ctrl-C: the trainers checkpoint and stop, then KeyboardInterrupt is raised again.
     """
@@ -153,7 +155,8 @@ def run_cells(
     logs.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
     slots = min(parallel, max(1, len(todo)))
-    threads = max(1, cpus // (slots * nproc))
+    procs = (lambda cell: nproc.get(cell.id, 1)) if isinstance(nproc, Mapping) else (lambda cell: nproc)
+    threads = max(1, cpus // (slots * max((procs(c) for c in todo), default=1)))
     if show_progress is None:
         show_progress = sys.stderr.isatty()
 
@@ -177,7 +180,8 @@ def run_cells(
                     _busy(run, result, bar, holder.describe())
                     continue
                 run.log_file = open(run.log_path, "ab")
-                cmd = train_command(run.cell, store_url, data_root=data_root, threads=threads, nproc=nproc,
+                cmd = train_command(run.cell, store_url, data_root=data_root, threads=threads,
+                                    nproc=procs(run.cell),
                                     extra=extra_args)
                 # A session of its own: Ctrl-C reaches the executor alone, which forwards it as SIGTERM.
                 run.proc = subprocess.Popen(cmd, stdout=run.log_file, stderr=subprocess.STDOUT, env=env,
@@ -372,10 +376,11 @@ def cli_run(args) -> int:
     store = open_store(store_url)
     store.check()
     write_sweep_spec(store, grid.sweep, grid.sweep_yaml())
-    # A cell asking for several processes runs them on this machine under torchrun (gloo on the CPU).
-    nproc = grid.world_size
+    # A cell sized for several devices runs as many processes on this machine under torchrun (gloo on the CPU).
+    nproc = {c.id: grid.plan(c).world for c in cells}
+    most = max(nproc.values(), default=1)
     print(f"critbatch run: {len(cells)} cells of sweep {grid.sweep!r} -> {store.url} "
-          f"({args.parallel} at a time{f', {nproc} processes each' if nproc > 1 else ''})", file=sys.stderr)
+          f"({args.parallel} at a time{f', up to {most} processes each' if most > 1 else ''})", file=sys.stderr)
     result = run_cells(cells, store, parallel=args.parallel, data_root=args.data_root, log_dir=args.log_dir,
                        nproc=nproc, label=grid.sweep,
                        extra_args=["--checkpoint-seconds", repr(float(grid.checkpoint_seconds))])

@@ -26,6 +26,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -33,12 +34,14 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
-from . import k8s
+from . import k8s, sizing
 from .searchspec import SearchSpec
+from .sizing import CellPlan, Placement
 from critbatch.jobs.cell.analysis_args import parse_analyze_args
 from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.registry import third_party_line
 from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.sweepfile import sweep_document
 from critbatch.jobs.cell.validation import (
     Matches,
     NonNegativeInt,
@@ -94,13 +97,27 @@ class Toleration(Strict):
 
 
 class Resources(Strict):
-    """What one cell asks of the cluster. ``gpus`` is per node; the world size is gpus x nodes."""
+    """What the cells may ask of the cluster: up to ``gpus`` per node on up to ``nodes`` nodes.
 
-    gpus: NonNegativeInt = Field(1, description="GPUs per node; 0 runs one process per node on the CPU")
-    nodes: PositiveInt = 1
-    cpu: Quantity = Field(8, description="a Kubernetes quantity: 8, \"7500m\"")
-    memory: Quantity = "32Gi"
-    shm: Quantity = Field("8Gi", description="/dev/shm size limit (DataLoader workers, NCCL)")
+    Each cell takes what its batch needs (sizing.py): the fewest devices that hold it, and a share of
+    ``cpu``, ``memory`` and ``shm`` in proportion to its GPUs.
+    """
+
+    gpus: NonNegativeInt = Field(1, description="GPUs per node a cell may take (each takes the fewest that hold "
+                                 "its batch); 0 runs one process per node on the CPU")
+    nodes: PositiveInt = Field(1, description="nodes a cell may take")
+    cpu: Quantity = Field(8, description="a Kubernetes quantity: 8, \"7500m\"; for gpus GPUs (a cell on fewer asks "
+                          "for its share)")
+    memory: Quantity = Field("32Gi", description="for gpus GPUs, as cpu")
+    shm: Quantity = Field("8Gi", description="/dev/shm size limit (DataLoader workers, NCCL), for gpus GPUs, as cpu")
+    gpu_memory: Quantity | None = Field(
+        None, description="memory of one GPU, e.g. 80Gi, which sizes the cells; default: that of gpu_type, else 16Gi")
+    sizing: Literal["auto", "fixed"] = Field(
+        "auto", description="auto: each cell on the fewest devices that hold its batch, then gradient accumulation; "
+        "fixed: every cell on gpus x nodes devices, accumulation as the grid says")
+    max_failed_cells: PositiveInt | None = Field(
+        None, description="backend indexed: an Indexed Job stops once this many of its cells failed for good "
+        "(maxFailedIndexes); default: a tenth of its cells, at least 1")
     gpu_resource: Annotated[str, Matches(f"^{_DNS_SUBDOMAIN}/[-A-Za-z0-9_.]+$",
                                          "an extended resource name (vendor/name)")] = "nvidia.com/gpu"
     gpu_type: LabelValue | None = Field(
@@ -124,6 +141,7 @@ class Resources(Strict):
 
     @property
     def world_size(self) -> int:
+        """The most processes a cell may take."""
         return self.procs_per_node * self.nodes
 
     def effective_tolerations(self) -> list[dict]:
@@ -228,6 +246,7 @@ class Grid:
     reproduces: str = ""
     source: str = "<dict>"
     _cells: list[Cell] = field(default_factory=list, repr=False)
+    _plans: list[CellPlan] = field(default_factory=list, repr=False)  # one per cell, in the same order
 
     def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (the spec's axes in the cell's field order); ``sweep`` set."""
@@ -243,12 +262,39 @@ class Grid:
 
     @property
     def world_size(self) -> int:
+        """The most processes a cell may take (each cell's own: ``plan(cell).world``)."""
         return self.resources.world_size
 
+    def plans(self) -> list[CellPlan]:
+        """Each cell's plan (placement, micro-batch, accumulation), in the order of :meth:`cells`."""
+        return list(self._plans)
+
+    def plan(self, cell: Cell) -> CellPlan:
+        return self._plan_of[cell.id]
+
+    @cached_property
+    def _plan_of(self) -> dict[str, CellPlan]:
+        return {c.id: p for c, p in zip(self._cells, self._plans)}
+
+    def resource_classes(self) -> dict[str, tuple[Placement, list[Cell]]]:
+        """The cells that share a pod, by resource class (``1gpu``, ``4gpu``, ``cpu``), in cell order."""
+        out: dict[str, tuple[Placement, list[Cell]]] = {}
+        for cell, plan in zip(self._cells, self._plans):
+            out.setdefault(plan.placement.name, (plan.placement, []))[1].append(cell)
+        return out
+
+    def plan_text(self) -> str:
+        """The plan, a line per cell: what ``critbatch cells`` and ``critbatch render`` print to stderr."""
+        return sizing.format_plan(self.sweep, self._cells, self._plans, sizing.device_memory(self.resources),
+                                  self.resources)
+
     def sweep_yaml(self) -> str:
-        """``<store>/<sweep>/sweep.yaml``: the spec as written plus every cell it expanded to."""
-        doc = {"spec": self.raw, "cells": [{"id": c.id, "cell": json.loads(c.to_json())} for c in self._cells]}
-        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
+        """``<store>/<sweep>/sweep.yaml``: the spec as written plus every cell it expanded to, with its plan."""
+        entries = [{"id": c.id, "cell": json.loads(c.to_json()),
+                    "plan": {"resource_class": p.placement.name, "nodes": p.placement.nodes,
+                             "gpus": p.placement.gpus, "accumulation": p.accumulation, "micro_batch": p.micro_batch}}
+                   for c, p in zip(self._cells, self._plans)]
+        return sweep_document(self.raw, entries)
 
     def with_overrides(self, **changes: Any) -> "Grid":
         """A copy with run settings replaced (``store``, ``image``, ``namespace``, ``backend``, ...).
@@ -367,15 +413,55 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
     else:
         problems.extend(_settings_problems(settings))
     cells = _expand_cells({k: v for k, v in data.items() if k in CELL_FIELDS},
-                          settings.sweep if settings else "invalid",
-                          settings.resources.world_size if settings else 1, problems)
+                          settings.sweep if settings else "invalid", problems)
     if problems:
         raise ConfigError(problems)
+    cells, plans = _size_cells(cells, settings.resources, pinned={k for k in ("accumulation", "micro_batch")
+                                                                  if k in data})
     run = {name: getattr(settings, name) for name in GRID_FIELDS}
     run["backend"] = settings.effective_backend
     # A store as data root is read at <store>/datasets/<name>/, where `critbatch data stage` wrote it.
     run["data_root"] = settings.data_root or settings.store
-    return Grid(**run, raw=data, source=source, _cells=cells)
+    return Grid(**run, raw=data, source=source, _cells=cells, _plans=plans)
+
+
+def _size_cells(cells: list[Cell], resources: Resources, pinned: set[str]) -> tuple[list[Cell], list[CellPlan]]:
+    """Each cell with the fields its plan sets (sizing.py), and the plans; ConfigError with every problem.
+
+    ``pinned``: the fields the grid wrote itself (accumulation, micro_batch), which the plan keeps.
+    With ``resources.sizing: fixed`` the accumulation is always the grid's.
+    """
+    budget = int(sizing.device_memory(resources)[0] * sizing.USABLE)
+    keep_accumulation = "accumulation" in pinned or resources.sizing == "fixed"
+    out_cells, plans, problems = [], [], {}
+    first_of: dict[str, Cell] = {}
+    fits: dict[str, sizing.Fit | None] = {}
+    for cell in cells:
+        key = sizing.fit_key(cell)
+        if key not in fits:
+            fits[key] = sizing.fit_of(cell)
+        fit = fits[key]
+        try:
+            plan = sizing.plan_cell(cell, resources, budget, fit,
+                                    accumulation=cell.accumulation if keep_accumulation else None,
+                                    micro_batch=cell.micro_batch if "micro_batch" in pinned else None)
+        except ConfigError as err:
+            problems.update(dict.fromkeys(err.problems))
+            continue
+        problems.update(dict.fromkeys(sizing.sync_bn_problems(cell, plan, resources, fit)))
+        fields = sizing.identity_fields(cell, plan, fit)
+        if any(getattr(cell, k) != v for k, v in fields.items()):
+            cell = Cell.model_construct(**{**{k: getattr(cell, k) for k in Cell.model_fields}, **fields})
+        if cell.id in first_of:
+            problems[f"grid: two cells are the same once sized (id {cell.id}): they differ only in "
+                     f"micro_batch or accumulation, which this model's result does not depend on"] = None
+            continue
+        first_of[cell.id] = cell
+        out_cells.append(cell)
+        plans.append(plan)
+    if problems:
+        raise ConfigError(list(problems))
+    return out_cells, plans
 
 
 # ---- validation of the run settings ---------------------------------------------------------
@@ -387,8 +473,12 @@ def name_budget(backend: str, nodes: int) -> int:
     A Job's pods keep the Job name as hostname; PyTorchJob names each replica's
     pod and Service ``<name>-master-0`` and ``<name>-worker-<i>`` (the pod's
     hostname) and a TrainJob's JobSet names pods ``<name>-node-0-<i>``: each
-    must stay a DNS label of at most 63 characters.
+    must stay a DNS label of at most 63 characters. An Indexed Job is named
+    ``critbatch-<sweep>-<class>`` (a resource class name is shorter than a cell
+    id) and its pods' hostnames ``<name>-<index>``.
     """
+    if backend == "indexed":
+        return len(f"-{MAX_CELLS - 1}")
     if backend == "pytorchjob":
         return max(len(suffix) for suffix in ["-master-0"] + ([f"-worker-{nodes - 2}"] if nodes > 1 else []))
     if backend == "trainjob":
@@ -405,8 +495,9 @@ def _settings_problems(s: GridSettings) -> list[str]:
     """What the run settings' fields show only together: the backend against the nodes, the names' length."""
     out: list[str] = []
     backend, nodes = s.effective_backend, s.resources.nodes
-    if backend == "job" and nodes != 1:
-        out.append(f"backend: 'job' runs on one node, but resources.nodes is {nodes}; use pytorchjob or trainjob")
+    if backend in ("job", "indexed") and nodes != 1:
+        out.append(f"backend: {backend!r} runs on one node, but resources.nodes is {nodes}; use pytorchjob or "
+                   "trainjob")
     limit = max_sweep_length(backend, nodes)
     if len(s.sweep) > limit:
         out.append(f"sweep: {s.sweep!r} is {len(s.sweep)} characters; at most {limit} keep "
@@ -481,7 +572,7 @@ def _spec_path(field_path: str, choices: dict[str, int]) -> str:
 _CELL_HINTS = {name: f.annotation for name, f in Cell.model_fields.items()}
 
 
-def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> list[Cell]:
+def _expand_cells(spec: dict, sweep: str, problems: list[str]) -> list[Cell]:
     keys = [name for name in CELL_FIELDS if name in spec]
     axes = [_expand_value(spec[k], _CELL_HINTS[k], k, problems) for k in keys]
     total = 1
@@ -504,13 +595,13 @@ def _expand_cells(spec: dict, sweep: str, world: int, problems: list[str]) -> li
             try:
                 cell = Cell.model_validate({**{k: axis[j][0] for k, axis, j in zip(keys, axes, combo)},
                                             "sweep": sweep})
-                found = cell.problems("cell", world)
+                found = cell.problems("cell", world_size=None)
             except ValidationError as err:
                 found = error_lines(err, "cell", Cell)
         else:  # every value was validated by _probe_axes
             values, rest = probed
             cell = Cell.model_construct(**rest, **{k: values[i][j] for i, (k, j) in enumerate(zip(keys, combo))})
-            found = cell.problems("cell", world)
+            found = cell.problems("cell", world_size=None)
         if found:
             for problem in found:
                 cell_problems[_relocate(problem, choices)] = None
@@ -610,8 +701,13 @@ def cli_presets(args: argparse.Namespace) -> int:
 
 
 def cli_cells(args: argparse.Namespace) -> int:
-    """``critbatch cells GRID``: one line per cell, its id and its JSON (the ``--cell`` of ``critbatch train``)."""
+    """``critbatch cells GRID``: one line per cell, its id and its JSON (the ``--cell`` of ``critbatch train``),
+    after the plan on stderr; ``--sweep-yaml``: the sweep.yaml the grid writes to the store instead."""
     grid = load_grid(args.grid)
+    print(grid.plan_text(), file=sys.stderr)
+    if getattr(args, "sweep_yaml", False):
+        sys.stdout.write(grid.sweep_yaml())
+        return 0
     for cell_id, cell_json in zip(grid.cell_ids(), grid.cell_jsons()):
         print(f"{cell_id}\t{cell_json}")
     return 0

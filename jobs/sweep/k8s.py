@@ -52,6 +52,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_SWEEP = "critbatch.io/sweep"
 LABEL_CELL = "critbatch.io/cell-id"
+#: The resource class of an Indexed Job (backend indexed): the cells that share its pod.
+LABEL_RESOURCE_CLASS = "critbatch.io/resource-class"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 COMPONENT_CELL = "cell"
 COMPONENT_ANALYSIS = "analysis"
@@ -68,7 +70,7 @@ CONDITIONS_RUNNING = ("Running", "Restarting")
 # ---- API groups ---------------------------------------------------------------------
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
-BACKENDS = ("job", "pytorchjob", "trainjob")
+BACKENDS = ("job", "pytorchjob", "trainjob", "indexed")
 
 # ---- the container -----------------------------------------------------------------
 #: Exit code a cell uses for bad configuration: the Job fails at once (podFailurePolicy FailJob).

@@ -27,8 +27,11 @@ import yaml
 
 from . import k8s
 from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.sweepfile import class_digest
 from critbatch.jobs.cell.errors import ConfigError
 from .grid import Grid, load_grid
+from .sizing import Placement, scale_quantity
+from .space import sweep_space
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -117,11 +120,14 @@ def cell_json(cell: Cell) -> str:
     return cell.to_json()
 
 
-def _train_args(grid: Grid, cell_arg: str) -> list[str]:
-    """``-m critbatch.jobs.cli train ...``: the training command every backend's launcher runs."""
+def _train_args(grid: Grid, cell_arg: str | list[str]) -> list[str]:
+    """``-m critbatch.jobs.cli train ...``: the training command every backend's launcher runs.
+
+    ``cell_arg``: the ``--cell`` JSON, or the options that choose the cell instead (backend indexed).
+    """
     return [
         "-m", "critbatch.jobs.cli", "train",
-        "--cell", cell_arg,
+        *(["--cell", cell_arg] if isinstance(cell_arg, str) else cell_arg),
         "--store", grid.store,
         "--data-root", grid.data_root,
         "--checkpoint-seconds", _number(grid.checkpoint_seconds),
@@ -153,17 +159,25 @@ def _quantity(value: Any) -> str:
     return _number(value) if isinstance(value, (int, float)) else str(value)
 
 
-def _pod_context(grid: Grid, cell_id: str) -> dict[str, Any]:
+def _pod_context(grid: Grid, cell_id: str | None, placement: Placement) -> dict[str, Any]:
+    """What the pods of a cell share, or (``cell_id`` None) those of a resource class's Indexed Job.
+
+    ``placement``: the pods' GPUs. A pod of fewer GPUs than the grid's ``resources.gpus`` asks for the same
+    share of its cpu, memory and shm.
+    """
     res = grid.resources
+    share = placement.gpus / res.gpus if res.gpus else 1.0
     node_selector = dict(res.node_selector)
     if res.gpu_type:
         node_selector["nvidia.com/gpu.product"] = res.gpu_type
     obj_labels = labels(grid, k8s.COMPONENT_CELL, cell_id)
+    if cell_id is None:
+        obj_labels[k8s.LABEL_RESOURCE_CLASS] = placement.name
     pod_labels = dict(obj_labels)
     if grid.queue:
         obj_labels[k8s.LABEL_QUEUE] = grid.queue
     return {
-        "name": k8s.object_name(grid.sweep, cell_id),
+        "name": k8s.object_name(grid.sweep, cell_id or placement.name),
         "namespace": grid.namespace,
         "labels": obj_labels,
         "pod_labels": pod_labels,
@@ -172,10 +186,10 @@ def _pod_context(grid: Grid, cell_id: str) -> dict[str, Any]:
         "env": _cell_env(grid),
         "store_secret": grid.store_secret,
         "scratch": _scratch(),
-        "shm_size": _quantity(res.shm),
-        "cpu": _quantity(res.cpu),
-        "memory": _quantity(res.memory),
-        "gpus": res.gpus,
+        "shm_size": _quantity(scale_quantity(res.shm, share, cpu=False)),
+        "cpu": _quantity(scale_quantity(res.cpu, share, cpu=True)),
+        "memory": _quantity(scale_quantity(res.memory, share, cpu=False)),
+        "gpus": placement.gpus,
         "gpu_resource": res.gpu_resource,
         "node_selector": node_selector,
         "tolerations": res.effective_tolerations(),
@@ -194,44 +208,75 @@ def _pod_context(grid: Grid, cell_id: str) -> dict[str, Any]:
 # ---- one render function per object -----------------------------------------------------------------
 
 
-def _job_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
+def _job_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
     if grid.resources.nodes != 1:
         raise ConfigError(f"backend: a Job runs on one node; resources.nodes is {grid.resources.nodes}")
-    ctx = _pod_context(grid, cell_id)
+    ctx = _pod_context(grid, cell_id, placement)
     ctx["container_name"] = k8s.CONTAINER_NAME
-    ctx["command"], ctx["args"] = _launch(["--standalone", f"--nproc-per-node={grid.resources.procs_per_node}"],
-                                          _train_args(grid, cell_arg), grid.resources.gpus)
+    ctx["command"], ctx["args"] = _job_command(placement, _train_args(grid, cell_arg))
     return _render("job-cell.yaml.j2", ctx)
 
 
-def _pytorchjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
-    ctx = _pod_context(grid, cell_id)
-    nodes = grid.resources.nodes
+def _job_command(placement: Placement, train_args: list[str]) -> tuple[list[str], list[str]]:
+    """The container command and args of a one-node pod (a cell's Job, an Indexed Job's pods)."""
+    return _launch(["--standalone", f"--nproc-per-node={placement.procs_per_node}"], train_args, placement.gpus)
+
+
+def _indexed_document(grid: Grid, placement: Placement, cells: list[Cell], parallelism: int) -> Document:
+    """The cells of one resource class as an Indexed Job; index i trains ``cells[i]``, read from sweep.yaml."""
+    if grid.resources.nodes != 1:
+        raise ConfigError(f"backend: an Indexed Job runs on one node; resources.nodes is {grid.resources.nodes}")
+    ctx = _pod_context(grid, None, placement)
+    ctx["container_name"] = k8s.CONTAINER_NAME
+    source = ["--cell-from-sweep", grid.sweep, "--resource-class", placement.name,
+              "--sweep-digest", class_digest([c.id for c in cells])]
+    ctx["command"], ctx["args"] = _job_command(placement, _train_args(grid, source))
+    ctx["completions"] = len(cells)
+    ctx["parallelism"] = min(parallelism, len(cells)) if parallelism else len(cells)
+    # The deadline covers the whole Job: a cell's deadline for each wave of `parallelism` cells.
+    ctx["deadline_seconds"] *= -(-len(cells) // ctx["parallelism"])
+    failed = grid.resources.max_failed_cells or max(1, len(cells) // 10)
+    ctx["max_failed"] = min(failed, len(cells))
+    return _render("job-indexed.yaml.j2", ctx)
+
+
+def render_indexed(grid: Grid, *, parallelism: int | None = None) -> list[Document]:
+    """One Indexed Job per resource class (backend indexed), in the order the classes first appear.
+
+    ``parallelism``: cells of each class running at once (default: the grid's max_active; 0: all).
+    """
+    cap = grid.max_active if parallelism is None else parallelism
+    return [_indexed_document(grid, placement, cells, cap) for placement, cells in grid.resource_classes().values()]
+
+
+def _pytorchjob_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
+    ctx = _pod_context(grid, cell_id, placement)
+    nodes = placement.nodes
     ctx["replicas"] = [{"type": "Master", "count": 1}] + ([{"type": "Worker", "count": nodes - 1}] if nodes > 1 else [])
-    ctx["procs_per_node"] = grid.resources.procs_per_node
+    ctx["procs_per_node"] = placement.procs_per_node
     ctx["container_name"] = k8s.PYTORCHJOB_CONTAINER
     ctx["master_port"] = k8s.PYTORCHJOB_PORT
     # $(VAR) is Kubernetes' own substitution of the container's variables, not a shell.
     ctx["command"], ctx["args"] = _launch(["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"],
-                                          _train_args(grid, cell_arg), grid.resources.gpus)
+                                          _train_args(grid, cell_arg), placement.gpus)
     return _render("pytorchjob-cell.yaml.j2", ctx)
 
 
-def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str) -> Document:
+def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
     if grid.resources.priority_class:
         # A TrainJob's runtime patch carries only the pod fields Kubeflow Trainer lets a manager set, and
         # priorityClassName is not one of them: refuse rather than drop the grid's setting.
         raise ConfigError(f"resources.priority_class: a TrainJob cannot set a pod priority class "
                           f"({grid.resources.priority_class!r}); unset it, or use backend job or pytorchjob")
-    ctx = _pod_context(grid, cell_id)
+    ctx = _pod_context(grid, cell_id, placement)
     ctx["runtime"] = k8s.TRAINJOB_RUNTIME
     ctx["patch_manager"] = k8s.TRAINJOB_PATCH_MANAGER
-    ctx["nodes"] = grid.resources.nodes
-    ctx["procs_per_node"] = grid.resources.procs_per_node
+    ctx["nodes"] = placement.nodes
+    ctx["procs_per_node"] = placement.procs_per_node
     ctx["replicated_job"] = k8s.TRAINJOB_REPLICATED_JOB
     ctx["container_name"] = k8s.TRAINJOB_CONTAINER
     # No torchrun options: the launcher reads the PET_* variables Trainer injects, as torchrun does.
-    ctx["command"], ctx["args"] = _launch([], _train_args(grid, cell_arg), grid.resources.gpus)
+    ctx["command"], ctx["args"] = _launch([], _train_args(grid, cell_arg), placement.gpus)
     return _render("trainjob-cell.yaml.j2", ctx)
 
 
@@ -324,8 +369,15 @@ _CELL_DOCUMENTS = {"job": _job_document, "pytorchjob": _pytorchjob_document, "tr
 def render_cell(grid: Grid, cell: Cell, backend: str | None = None) -> dict:
     """One cell as an object of ``backend`` (default: the grid's): a batch/v1 Job on one node
     (``torchrun --standalone``), a kubeflow.org/v1 PyTorchJob (Master + nodes-1 Workers) or a Kubeflow
-    Trainer v2 TrainJob on the critbatch runtime (k8s/trainer)."""
-    return _CELL_DOCUMENTS[backend or grid.backend](grid, cell.id, cell_json(cell)).obj
+    Trainer v2 TrainJob on the critbatch runtime (k8s/trainer), on the devices of the cell's plan."""
+    return _cell_document(grid, backend or grid.backend)(grid, cell.id, cell_json(cell), grid.plan(cell).placement).obj
+
+
+def _cell_document(grid: Grid, backend: str):
+    if backend not in _CELL_DOCUMENTS:
+        raise ConfigError(f"backend: {backend!r} renders one Job per resource class, not one object per cell; "
+                          f"per-cell backends: {', '.join(_CELL_DOCUMENTS)}")
+    return _CELL_DOCUMENTS[backend]
 
 
 # Stand-ins for the only two values that differ between the cells of a grid. The id token has a cell id's
@@ -335,23 +387,32 @@ _JSON_TOKEN = "zq-critbatch-cell-json-zq"
 
 
 def render_documents(grid: Grid, *, backend: str | None = None, analysis: bool = True) -> list[Document]:
-    """Every cell's object (text and loaded), in the grid's cell order, then the analysis Job.
+    """Every cell's object (text and loaded), in the grid's cell order, then the analysis Job; backend
+    ``indexed``: one Indexed Job per resource class instead of the cells' objects.
 
-    The cells of a grid differ only in their id and their ``--cell`` JSON, and every value reaches the
-    YAML through ``|tojson``. So the template is rendered and loaded once, with stand-ins for those two
-    values, and each cell's document is that one with the stand-ins replaced - in the text by the values
-    JSON-escaped, in the object by the values themselves: exactly what rendering and loading each cell
-    would give (tests/test_render.py checks that), at a fraction of the cost for 10,000 cells.
+    The cells of one resource class (sizing.py) differ only in their id and their ``--cell`` JSON, and
+    every value reaches the YAML through ``|tojson``. So the template is rendered and loaded once per
+    class, with stand-ins for those two values, and each cell's document is that one with the stand-ins
+    replaced - in the text by the values JSON-escaped, in the object by the values themselves: exactly
+    what rendering and loading each cell would give (tests/test_render.py checks that), at a fraction of
+    the cost for 10,000 cells.
     """
-    make = _CELL_DOCUMENTS[backend or grid.backend]
+    backend = backend or grid.backend
+    if backend == "indexed":
+        return render_indexed(grid) + ([render_analysis_document(grid)] if analysis else [])
+    make = _cell_document(grid, backend)
     cells = grid.cells()
+    placements = [p.placement for p in grid.plans()]
     docs: list[Document] = []
     raw = json.dumps(grid.raw, default=str)
     if _ID_TOKEN in raw or _JSON_TOKEN in raw:  # pragma: no cover - a grid that spells a stand-in
-        docs = [make(grid, cell.id, cell_json(cell)) for cell in cells]
+        docs = [make(grid, cell.id, cell_json(cell), placement) for cell, placement in zip(cells, placements)]
     elif cells:
-        proto = make(grid, _ID_TOKEN, _JSON_TOKEN)
-        for cell_id, arg in zip(grid.cell_ids(), grid.cell_jsons()):
+        protos: dict[Placement, Document] = {}  # one per resource class
+        for cell_id, arg, placement in zip(grid.cell_ids(), grid.cell_jsons(), placements):
+            if placement not in protos:
+                protos[placement] = make(grid, _ID_TOKEN, _JSON_TOKEN, placement)
+            proto = protos[placement]
             text = proto.text.replace(_ID_TOKEN, cell_id).replace(_JSON_TOKEN, json.dumps(arg)[1:-1])
             obj = _substitute(proto.obj, cell_id, arg)
             check_object(obj)
@@ -484,12 +545,16 @@ def cli_render(args: argparse.Namespace) -> int:
     # Everything rendered before anything is written. The cells' stream leaves the analysis Job out: it runs
     # as soon as it exists, so it is applied (`--analysis`) or created by submit once every cell has finished.
     docs = [render_analysis_document(grid)] if args.analysis else render_documents(grid, analysis=False)
-    if args.output in ("-", ""):
+    to_stdout = args.output in ("-", "")
+    out = Path(args.output)
+    if not to_stdout and any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise ConfigError(f"--output: {args.output} is at or under a file; give a directory")
+    if not args.analysis:
+        print(grid.plan_text(), file=sys.stderr)  # the cells' plan, before anything is written
+        print(sweep_space(grid.cells(), grid.max_active), file=sys.stderr)
+    if to_stdout:
         sys.stdout.write(dump_stream(docs))
         return 0
-    out = Path(args.output)
-    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
-        raise ConfigError(f"--output: {args.output} is at or under a file; give a directory")
     paths = write_directory(docs, args.output)
     print(f"wrote {len(paths)} objects to {args.output}", file=sys.stderr)
     return 0

@@ -3,7 +3,9 @@
     critbatch status GRID                 # cluster state, store marker, verdict and why, per cell; then counts
     critbatch status GRID --no-cluster    # the store alone
 
-One LIST of the store's markers, one of the cell objects and one of their pods. The verdict:
+One LIST of the store's markers, one of the cell objects (backend indexed: of the resource classes'
+Indexed Jobs, whose completedIndexes and failedIndexes say each cell's state) and one of their pods. The
+verdict:
 ``done``/``diverged`` from ``_SUCCESS``, ``damaged`` when it is unreadable or its log parts are not the ones
 it lists (the cell's next trainer trains it again); ``failed`` from a Failed object or, after the Job's TTL has
 deleted it, from the ``_FAILED`` marker (status writes that marker when it sees a Failed object, as submit
@@ -22,6 +24,7 @@ from typing import Any
 from . import k8s
 from .cluster import Cluster, ClusterUnavailable, api_client, cell_problem, failure, object_state, pods_by_cell
 from .grid import Grid
+from .indexed import index_views
 from .markers import MarkerBook, Markers
 from .render import grid_for_command
 from .submit import cell_kind, store_for
@@ -102,7 +105,11 @@ def cli_status(args: argparse.Namespace) -> int:
         selector = k8s.cell_selector(grid.sweep)
         try:
             objects = {o["metadata"]["name"]: o for o in cluster.list(cell_kind(grid), selector)}
-            pods = pods_by_cell(cluster.list("Pod", selector)) if objects else {}
+            pod_list = cluster.list("Pod", selector) if objects else []
+            if grid.backend == "indexed":  # the cells' states from their class's Indexed Job
+                objects, pods = index_views(grid, list(objects.values()), pod_list)
+            else:
+                pods = pods_by_cell(pod_list)
         except ClusterUnavailable as err:
             print(f"critbatch status: {err}; showing the store alone", file=sys.stderr)
             objects = None

@@ -49,7 +49,8 @@ from .cluster import (
 )
 from .grid import Grid
 from .markers import MarkerBook
-from .render import grid_for_command, render_analysis_job, render_cell
+from .indexed import index_views
+from .render import grid_for_command, render_analysis_job, render_cell, render_indexed
 from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
 from critbatch.jobs.store import Store, open_store
 
@@ -85,7 +86,7 @@ class SubmitReport:
 
 
 def cell_kind(grid: Grid) -> str:
-    return {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[grid.backend]
+    return {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob", "indexed": "Job"}[grid.backend]
 
 
 def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, dry_run: bool = False,
@@ -94,6 +95,9 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
     create the analysis Job once every cell is done."""
     report = SubmitReport()
     book = book or MarkerBook(store, grid.sweep)
+    if grid.backend == "indexed":
+        return _submit_indexed_once(grid, cluster, book, max_active=max_active, dry_run=dry_run, analysis=analysis,
+                                    retry_failed=retry_failed)
     marks = book.read()
     kind = cell_kind(grid)
     selector = k8s.cell_selector(grid.sweep)
@@ -148,6 +152,68 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
         if dry_run or cluster.set_suspended(kind, name, False):
             report.started.append(cell_id)
             active += 1
+    report.finished = all(c in marks.done or c in succeeded or c in report.failed for c in grid.cell_ids())
+    if analysis:
+        report.analysis = _ensure_analysis(grid, cluster, dry_run, report)
+    return report
+
+
+def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_active: int, dry_run: bool,
+                         analysis: bool, retry_failed: bool) -> SubmitReport:
+    """Backend indexed: one Indexed Job per resource class, created once; every cell read from the Jobs'
+    completed and failed indexes (indexed.py).
+
+    The cap is the Jobs' parallelism, kept by the Job controller; with a Kueue queue a Job is created
+    suspended and Kueue admits it as one Workload. A class whose Job is gone (its TTL) is created again
+    only while some of its cells are neither done nor remembered failed; its failed cells then run again
+    too, since an Indexed Job runs every index. ``retry_failed`` deletes a Job with failed indexes, and
+    their markers, and creates it anew (its finished cells end at once: their ``_SUCCESS`` exists).
+    ``report.created`` holds the resource classes whose Job was created.
+    """
+    report = SubmitReport()
+    marks = book.read()
+    selector = k8s.cell_selector(grid.sweep)
+    jobs = {o["metadata"]["name"]: o for o in cluster.list("Job", selector)}
+    views, pods = index_views(grid, list(jobs.values()), cluster.list("Pod", selector) if jobs else [])
+    classes = grid.resource_classes()
+    for doc in render_indexed(grid, parallelism=max_active):
+        name, class_name = doc.obj["metadata"]["name"], doc.obj["metadata"]["labels"][k8s.LABEL_RESOURCE_CLASS]
+        ids = [c.id for c in classes[class_name][1]]
+        failed = [c for c in ids if c in marks.failed or object_state(views.get(k8s.object_name(grid.sweep, c),
+                                                                                 {})) == "failed"]
+        if name in jobs and retry_failed and failed:
+            report.retried.extend(failed)
+            if not dry_run:
+                cluster.delete("Job", name)
+                for cell_id in failed:
+                    if cell_id in marks.failed:
+                        book.forget_failure(cell_id)
+            for cell_id in failed:
+                marks.failed.pop(cell_id, None)
+                views.pop(k8s.object_name(grid.sweep, cell_id), None)
+            jobs.pop(name)
+        if name not in jobs and any(c not in marks.done and c not in marks.failed for c in ids):
+            if dry_run or cluster.create(set_suspend(doc.obj, bool(grid.queue))):
+                report.created.append(class_name)
+    succeeded: set[str] = set()
+    for cell in grid.cells():
+        name = k8s.object_name(grid.sweep, cell.id)
+        view = views.get(name)
+        state = object_state(view) if view else None
+        if cell.id in marks.done:
+            report.skipped_done.append(cell.id)
+        elif state == "failed" or (state is None and cell.id in marks.failed):
+            if cell.id not in marks.failed and not dry_run:
+                book.record_failure(cell.id, kind="Job", name=name, reason=failure(view), by="submit")
+            report.failed[cell.id] = failure(view) if state else marks.failed[cell.id].get("reason", "")
+        elif state == "succeeded":
+            succeeded.add(cell.id)
+        elif state == "suspended":
+            report.waiting.append(cell.id)
+        elif state is not None:
+            report.already_existed.append(cell.id)
+            if problem := cell_problem(pods.get(cell.id, [])):
+                report.stuck[cell.id] = problem
     report.finished = all(c in marks.done or c in succeeded or c in report.failed for c in grid.cell_ids())
     if analysis:
         report.analysis = _ensure_analysis(grid, cluster, dry_run, report)
@@ -266,7 +332,7 @@ def cli_submit(args: argparse.Namespace) -> int:
         print(f"critbatch submit: {err}", file=sys.stderr)
         return 1
     verb = "would create" if args.dry_run else "created"
-    for cell_id in report.created:
+    for cell_id in report.created:  # a resource class, backend indexed
         print(f"{verb} {k8s.object_name(grid.sweep, cell_id)}")
     for cell_id, (reason, message, pod) in sorted(report.stuck.items()):
         log(f"stuck: {k8s.object_name(grid.sweep, cell_id)}: pod {pod}: {reason}: {message}")

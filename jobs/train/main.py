@@ -16,6 +16,10 @@ the store works too) or inline JSON (``critbatch cells GRID`` prints them):
     critbatch render grid.yaml | kubectl apply -f -
     kubectl -n critbatch logs -f job/critbatch-<sweep>-<cell-id>
 
+    # backend indexed: a pod of a resource class's Indexed Job trains the class's cell at its
+    # JOB_COMPLETION_INDEX, read from <store>/<sweep>/sweep.yaml
+    critbatch train --cell-from-sweep SWEEP --resource-class 1gpu --sweep-digest D --store s3://critbatch/runs
+
 Exit codes (one table for every backend; jobs/cell/errors.py):
 
     0    done, reached (the cell's stop threshold), diverged (a result, not a crash), already finished (its
@@ -40,6 +44,7 @@ cell's prefix and trains it again. The batch arithmetic is printed at start
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ import torch
 from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, EXIT_PREEMPTED, ConfigError, DeviceMissing, LeaseHeld
 from critbatch.jobs.cell.layout import success_key
 from critbatch.jobs.cell.spec import Cell
+from critbatch.jobs.cell.sweepfile import cell_in_class
 from critbatch.jobs.data.datasets import load_task_data, mix_seed
 from critbatch.jobs.models.zoo import build_model
 from critbatch.jobs.store import Store, open_store
@@ -67,12 +73,15 @@ from .trainer import Paused, Preempted, Trainer
 def main(args: argparse.Namespace) -> int:
     """Validate the cell, the store and the data, then train; the exit code (see the module docstring)."""
     arm_from_env()  # under `critbatch run`: die with the executor (or with torchrun, which dies with it)
-    cell = read_cell(args.cell)
+    store = open_store(args.store)
+    if args.cell_from_sweep:
+        cell = cell_from_sweep(store, args.cell_from_sweep, args.resource_class, args.sweep_digest, args.index)
+    else:
+        cell = read_cell(args.cell)
     dist = dist_from_env()
     problems = cell.problems(world_size=dist.world)
     if problems:
         raise ConfigError(problems)
-    store = open_store(args.store)
     store.check()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -113,6 +122,31 @@ def read_cell(text: str) -> Cell:
     return Cell.from_json(path.read_text())
 
 
+def cell_from_sweep(store: Store, sweep: str, resource_class: str | None, digest: str | None,
+                    index: int | None) -> Cell:
+    """An Indexed Job pod's cell (backend indexed): the one at its JOB_COMPLETION_INDEX (or ``index``) among the
+    cells of ``resource_class`` in ``<store>/<sweep>/sweep.yaml``, whose digest must be ``digest``."""
+    if not resource_class or not digest:
+        raise ConfigError("--cell-from-sweep: needs --resource-class and --sweep-digest (an Indexed Job's "
+                          "command line has both)")
+    if index is None:
+        text = os.environ.get("JOB_COMPLETION_INDEX", "")
+        if not text.isdigit():
+            raise ConfigError(f"--index: not given, and JOB_COMPLETION_INDEX is {text!r}, not an index "
+                              "(an Indexed Job sets it)")
+        index = int(text)
+    key = f"{sweep}/sweep.yaml"
+    if not store.exists(key):
+        raise ConfigError(f"--cell-from-sweep: no sweep.yaml at {store.join(key)}; `critbatch submit` writes it "
+                          "before the Jobs (with kubectl apply, upload `critbatch cells GRID --sweep-yaml` there)")
+    entry = cell_in_class(store.get_text(key), store.join(key), resource_class, index, digest)
+    cell = Cell.from_dict(entry["cell"], path=f"{key} cell {entry['id']}")
+    if cell.id != entry["id"]:
+        raise ConfigError(f"--cell-from-sweep: {store.join(key)} lists cell {entry['id']}, whose fields hash to "
+                          f"{cell.id}: it was written by another critbatch version; submit the grid again")
+    return cell
+
+
 def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto", flush_steps: int = 500,
                flush_seconds: float = 15.0, checkpoint_seconds: float = 300.0, checkpoint_steps: int = 0,
                download: bool = False, force: bool = False, progress: str = "auto",
@@ -146,6 +180,9 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
             return _already_finished(cell, store, state.summary, dist)
 
     dev = pick_device(device, dist)  # before the data: a GPU pod without its GPU fails in seconds
+    if cell.sync_bn and dist.active and dev.type != "cuda":
+        raise ConfigError("cell.sync_bn: torch's SyncBatchNorm runs on GPUs only, and this cell's ranks train on "
+                          f"{dev.type}")
     data = load_task_data(cell, data_root, download=download, rank=dist.rank, world=dist.world)
     if cell.batch_size > data.n_train:
         raise ConfigError(f"cell.batch_size: {cell.batch_size} is larger than the training set "
@@ -196,7 +233,11 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
 def _initial_model(cell: Cell, data) -> torch.nn.Module:
     """The cell's model at its initial weights, the same on every rank (DDP also broadcasts rank 0's)."""
     torch.manual_seed(mix_seed("init", cell.seed))
-    return build_model(cell, data)
+    model = build_model(cell, data)
+    if cell.sync_bn and dist_from_env().active:
+        # BatchNorm over every rank's micro-batch; the parameters and buffers stay the same objects.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def _claim(guard: CellGuard, force: bool) -> dict | None:
