@@ -256,7 +256,8 @@ def mark(obj, state, reason=""):
 
 
 def finish_in_store(store, g, cell_id, status="done"):
-    store.put_text(success_key(g.sweep, cell_id), json.dumps({"status": status}))
+    """A finished cell as the trainer leaves it: a _SUCCESS summary with its status and step count."""
+    store.put_text(success_key(g.sweep, cell_id), json.dumps({"status": status, "steps": 10}))
 
 
 def kubeconfig(tmp_path, monkeypatch, api_server):
@@ -591,7 +592,7 @@ def test_status_joins_cluster_and_store(api_server, cluster, store):
     assert len(held) == 2 and {r["state"] for r in held} == {"pending"}
     table = status.format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["CELL", "DATASET", "MODEL"]
-    assert table.splitlines()[-1] == "done 1  diverged 1  running 1  pending 2  failed 1  (total 6)"
+    assert table.splitlines()[-1] == "done 1  diverged 1  damaged 0  running 1  pending 2  failed 1  (total 6)"
 
 
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
@@ -666,7 +667,7 @@ def test_status_command_without_cluster(tmp_path, capsys):
     spec.write_text(json.dumps({**SPEC, "store": str(store_dir)}))
     assert cli.main(["status", str(spec), "--no-cluster"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "done 1  diverged 0  running 0  pending 4  failed 1  (total 6)"
+    assert out[-1] == "done 1  diverged 0  damaged 0  running 0  pending 4  failed 1  (total 6)"
     assert len(out) == 1 + 6 + 1 and "DeadlineExceeded" in out[2]
 
 
@@ -735,7 +736,7 @@ def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, m
     mark(jobs[failed], "Failed", "PodFailurePolicy")
     assert cli.main(["status", str(spec), "--store", s3_url]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[-1] == "done 0  diverged 0  running 0  pending 5  failed 1  (total 6)"
+    assert table[-1] == "done 0  diverged 0  damaged 0  running 0  pending 5  failed 1  (total 6)"
     assert sum(" suspended " in line for line in table) == 2
     # status wrote what it saw into the store: the failure outlives the Job.
     assert json.loads(open_store(s3_url).get_text(failed_key("sub", failed)))["by"] == "status"
