@@ -89,7 +89,8 @@ def test_report_of_the_known_answer_sweep(linreg_sweep, cpu_env, capsys):
     table = store.get_text("linreg-known-answer/report/critical_batch_size.md")
     assert "linreg/linear/oracle" in table
     # the answer first: the box before the first figure, the methods after the last
-    box = html[html.index('<section class="answer">'):html.index("</section>")]
+    start = html.index('<section class="answer">')
+    box = html[start:html.index("</section>", start)]
     assert html.index('<section class="answer">') < html.index("<figure")
     assert "B_crit = " in box and "95 % interval" in box and "doubling the batch size" in box
     assert html.index("Methods and definitions") > html.rindex("<figure")
