@@ -43,6 +43,7 @@ import yaml
 from datafiles import write_cifar10
 from podrun import CreateContainerConfigError, outcome, secrets_from, worker_pod
 
+from critbatch.jobs.local.s3server import S3Server
 from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_PREEMPTED, EXIT_STORE_UNAVAILABLE
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.logschema import ipc_to_table
@@ -126,6 +127,16 @@ class Link:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server of this module's own: other modules stop, restart and fill the session's one, and a
+    pod's view of the store must not depend on what ran before it."""
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs-pods"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
