@@ -26,6 +26,7 @@ from typing import Callable
 
 from . import __version__
 from critbatch.jobs.cell.analysis_args import add_analyze_options
+from critbatch.jobs.sweep.k8s import BACKENDS
 from critbatch.jobs.cell.errors import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "render", "critbatch.jobs.sweep.render:cli_render", "render a grid to Kubernetes manifests")
     p.add_argument("grid", help="grid spec YAML, or the name of a preset (see `critbatch presets`)")
     p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="override the grid's backend (default: job for one node, pytorchjob for several)")
     p.add_argument("--analysis", action="store_true",
                    help="the analysis Job alone, which starts at once: apply it when every cell has finished "
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: no cap)")
     p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
     p.add_argument("--image", default=None, help="override the grid's image (the placeholder critbatch:latest is refused)")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="override the grid's backend")
     p.add_argument("--retry-failed", action="store_true",
                    help="delete failed cells' objects and _FAILED markers and create them anew")
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--store", default=None, help="override the grid's store")
-    p.add_argument("--backend", default=None, choices=["job", "pytorchjob", "trainjob", "indexed"],
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="the backend the cells were submitted with, if not the grid's")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 

@@ -23,13 +23,18 @@ class LocalStore(Store):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        os.replace(self._complete_temp(path, data), path)
+
+    @staticmethod
+    def _complete_temp(path: Path, data: bytes) -> Path:
+        """``data`` written and synced to a hidden temporary file beside ``path`` (one per process and thread)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return tmp
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -56,12 +61,7 @@ class LocalStore(Store):
         """A complete temporary file hard-linked into place: link() fails if the key exists, and never
         shows a half-written file (O_CREAT | O_EXCL would, between the create and the write)."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = self._complete_temp(path, data)
         try:
             os.link(tmp, path)
             return True
