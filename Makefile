@@ -11,11 +11,12 @@ BENCH_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench image clean help
+.PHONY: demo test test-fast controlplane bench image clean help
 
 help:
 	@echo "make demo   run the MNIST-1D and linreg sweeps locally and write the reports"
-	@echo "make test   run the test suite"
+	@echo "make test   run the test suite (builds the cluster tests' Kubernetes control plane once per machine)"
+	@echo "make test-fast  the tests not marked slow (a few minutes; no control plane)"
 	@echo "make bench  run every benchmark under benchmarks/ at reduced sizes (BENCH_ARGS=--full: documented sizes)"
 	@echo "make image  build the container image (needs Docker)"
 
@@ -30,8 +31,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/critbatch demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed controlplane
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The cluster tests' Kubernetes control plane (tests/kube/README.md): built with Go once per machine into
+# a cache outside the checkout, reused after that.
+controlplane:
+	@bash tests/kube/go/build.sh >/dev/null
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

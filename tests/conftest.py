@@ -56,3 +56,58 @@ def cpu_env(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     return os.environ
+
+
+# ---- a real Kubernetes control plane (tests/kube/) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback for the session, built
+    once per machine (tests/kube/go/build.sh). Missing binaries that cannot be built fail the test, saying
+    how to get them: nothing is skipped."""
+    from kube.controlplane import ControlPlane, ControlPlaneUnavailable, build
+
+    try:
+        bindir = build()
+    except ControlPlaneUnavailable as err:
+        pytest.fail(str(err), pytrace=False)
+    with ControlPlane(bindir, tmp_path_factory.mktemp("controlplane")) as plane:
+        yield plane
+
+
+@pytest.fixture(scope="session")
+def kube_api(control_plane):
+    """A kubernetes.client.ApiClient of the control plane's admin."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(control_plane.kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def kube_node(control_plane, kube_api, tmp_path_factory):
+    """One Ready node (one nvidia.com/gpu of capacity) whose pods run as processes here (tests/kube/kubelet.py)."""
+    from kube.kubelet import Kubelet
+    from kubernetes import config
+
+    node = Kubelet(config.new_client_from_config(config_file=str(control_plane.kubeconfig)),
+                   tmp_path_factory.mktemp("node"), gpus=1,
+                   node_env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    node.start()
+    node.wait_ready()
+    yield node
+    node.stop()
+    assert not node.errors, "the test kubelet failed:\n" + "\n".join(node.errors)
+
+
+@pytest.fixture
+def kube_namespace(control_plane, kube_api):
+    """A fresh namespace under the restricted Pod Security profile, as k8s/namespace.yaml makes critbatch's;
+    deleted afterwards."""
+    from kubernetes import client
+
+    name = "t-" + uuid.uuid4().hex[:10]
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")

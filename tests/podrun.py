@@ -33,6 +33,7 @@ the operators' pod hostnames resolve to 127.0.0.1 (docker: ``--network host``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -44,6 +45,9 @@ from pathlib import Path
 
 import yaml
 
+#: The image's ENTRYPOINT, as the Dockerfile declares it: what a container without a command runs.
+IMAGE_ENTRYPOINT = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", (Path(__file__).resolve().parents[1] /
+                                                                "Dockerfile").read_text(), re.M).group(1))
 #: Kubeflow Trainer's port for the trainer nodes' rendezvous (pkg/constants ContainerTrainerPort).
 TRAINER_PORT = 29500
 
@@ -66,34 +70,54 @@ class Pod:
     def grace_seconds(self) -> int:
         return int(self.spec.get("terminationGracePeriodSeconds", 30))
 
-    def env(self, secrets: dict[str, dict[str, str]], mounts: dict[str, Path]) -> dict[str, str]:
-        """The container's environment: its env list in order (secretKeyRef resolved), then the operator's."""
+    def env(self, secrets: dict[str, dict[str, str]], mounts: dict[str, Path], *,
+            config_maps: dict[str, dict[str, str]] | None = None, fields: dict[str, str] | None = None) -> dict[str, str]:
+        """The container's environment: its env list in order, then the operator's. ``secretKeyRef`` and
+        ``configMapKeyRef`` are resolved from ``secrets`` and ``config_maps`` (name -> data; a missing one or
+        key, unless optional, is CreateContainerConfigError, as on a node), ``fieldRef`` from ``fields``
+        (field path -> value, e.g. ``metadata.name``, ``metadata.labels['key']``)."""
         env: dict[str, str] = {}
         for var in self.container.get("env", []):
             if "value" in var:
                 env[var["name"]] = _expand(var["value"], env)
                 continue
-            ref = var.get("valueFrom", {}).get("secretKeyRef")
-            if ref is None:
+            source = var.get("valueFrom", {})
+            if "fieldRef" in source and fields is not None:
+                path = source["fieldRef"]["fieldPath"]
+                if path not in fields:
+                    raise AssertionError(f"{self.name}: env {var['name']}: field {path} is not known here")
+                env[var["name"]] = fields[path]
+                continue
+            for ref_kind, books in (("secretKeyRef", secrets), ("configMapKeyRef", config_maps)):
+                ref = source.get(ref_kind)
+                if ref is None or books is None:
+                    continue
+                data = books.get(ref["name"])
+                if data is not None and ref["key"] in data:
+                    env[var["name"]] = data[ref["key"]]
+                elif not ref.get("optional"):
+                    what = "secret" if ref_kind == "secretKeyRef" else "configmap"
+                    raise CreateContainerConfigError(
+                        f"{self.name}: {what} {ref['name']!r} not found" if data is None else
+                        f"{self.name}: no key {ref['key']!r} in {ref['name']!r}")
+                break
+            else:
                 raise AssertionError(f"{self.name}: env {var['name']} has a source this harness does not know: {var}")
-            data = secrets.get(ref["name"])
-            if data is None or ref["key"] not in data:
-                what = f"secret {ref['name']!r} not found" if data is None else f"no key {ref['key']!r} in {ref['name']!r}"
-                raise CreateContainerConfigError(f"{self.name}: {what}")
-            env[var["name"]] = data[ref["key"]]
         env.update(self.injected)
         return {k: _host_path(v, mounts) for k, v in env.items()}
 
     def argv(self, env: dict[str, str], mounts: dict[str, Path]) -> list[str]:
-        """Command and args, $(VAR) expanded from the container's env (Kubernetes' own substitution)."""
-        words = list(self.container.get("command", [])) + list(self.container.get("args", []))
-        assert words, f"{self.name}: no command; the image's entrypoint is not modelled here"
+        """Command and args, $(VAR) expanded from the container's env (Kubernetes' own substitution); without
+        a command, the image's ENTRYPOINT (the Dockerfile's) before the args, as a container runtime does."""
+        words = list(self.container.get("command") or IMAGE_ENTRYPOINT) + list(self.container.get("args", []))
         return [_host_path(_expand(w, env), mounts) for w in words]
 
     def start(self, sandbox: Path, *, secrets: dict[str, dict[str, str]], node_env: dict[str, str] | None = None,
-              image: str | None = None, docker: tuple[str, ...] = ("docker",)) -> "PodRun":
+              image: str | None = None, docker: tuple[str, ...] = ("docker",),
+              config_maps: dict[str, dict[str, str]] | None = None, fields: dict[str, str] | None = None) -> "PodRun":
         """Start the container's process in a fresh sandbox; ``node_env``: what the image or node adds;
-        ``image``: run it in that image (``docker``: the command that talks to the daemon)."""
+        ``image``: run it in that image (``docker``: the command that talks to the daemon); ``config_maps``
+        and ``fields``: what configMapKeyRef and fieldRef read (see :meth:`env`)."""
         sandbox.mkdir(parents=True)
         volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
         for mount in self.container.get("volumeMounts", []):
@@ -107,7 +131,8 @@ class Pod:
                 continue  # this machine's /dev/shm serves
             mounts[mount["mountPath"]] = sandbox / "volumes" / mount["name"]
             mounts[mount["mountPath"]].mkdir(parents=True)
-        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **(node_env or {}), **self.env(secrets, mounts)}
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **(node_env or {}),
+               **self.env(secrets, mounts, config_maps=config_maps, fields=fields)}
         workdir = sandbox / "workdir"
         workdir.mkdir()
         log = open(sandbox / "output.log", "wb")
