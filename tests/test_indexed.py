@@ -21,9 +21,11 @@ from critbatch.jobs.cell.layout import success_key
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import cell_in_class, class_digest
 from critbatch.jobs.store import open_store
-from critbatch.jobs.sweep import indexed, k8s, render, status, submit
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.cluster import indexed, status, submit
+from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid, max_sweep_length, preset_names
-from critbatch.jobs.sweep.markers import MarkerBook
+from critbatch.jobs.cluster.markers import MarkerBook
 from test_render import KUBE_VERSION
 from test_submit import JOBS, api_server, cluster, sleeps, store  # noqa: F401 - fixtures
 

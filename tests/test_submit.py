@@ -27,9 +27,10 @@ from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.layout import failed_key, success_key
 from critbatch.jobs.store import open_store
 from critbatch.jobs.store.local import LocalStore
-from critbatch.jobs.sweep import cluster as api, k8s, status, submit
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.cluster import client as api, status, submit
 from critbatch.jobs.sweep.grid import load_grid
-from critbatch.jobs.sweep.markers import MarkerBook
+from critbatch.jobs.cluster.markers import MarkerBook
 
 SPEC = {
     "sweep": "sub",

@@ -21,14 +21,14 @@ import sys
 from collections import Counter
 from typing import Any
 
-from . import k8s
-from .cluster import Cluster, ClusterUnavailable, api_client, cell_problem, failure, object_state, pods_by_cell
-from .grid import Grid
+from .client import Cluster, ClusterUnavailable, api_client, cell_problem, pods_by_cell
 from .indexed import index_views
 from .markers import MarkerBook, Markers
-from .render import grid_for_command
-from .submit import cell_kind, store_for
+from .submit import backend_of, store_for
+from critbatch.jobs.backends import k8s
 from critbatch.jobs.cell.errors import StoreUnavailable
+from critbatch.jobs.sweep.grid import Grid
+from critbatch.jobs.sweep.render import grid_for_command
 
 #: What ``status`` calls a cell, in the order of its counts line.
 STATES = ("done", "diverged", "damaged", "running", "pending", "failed")
@@ -37,13 +37,14 @@ STATES = ("done", "diverged", "damaged", "running", "pending", "failed")
 def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
                 pods: dict[str, list[dict]] | None = None) -> list[dict[str, Any]]:
     """One row per cell: id, axes, the object's state on the cluster, the store's marker, the verdict, why."""
+    backend = backend_of(grid)
     rows = []
     for cell in grid.cells():
         name = k8s.object_name(grid.sweep, cell.id)
         obj = (objects or {}).get(name)
         done, failed = marks.done.get(cell.id), marks.failed.get(cell.id)
         store_state = str(done.get("status", "done")) if done else "failed" if failed else "-"
-        cluster_state = "?" if objects is None else object_state(obj) if obj else "absent"
+        cluster_state = "?" if objects is None else backend.state(obj) if obj else "absent"
         problem = None if obj is None or cluster_state in ("succeeded", "failed") else cell_problem(
             (pods or {}).get(cell.id, []))
         why = "-"
@@ -54,7 +55,7 @@ def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
             state = store_state
         elif cluster_state == "failed" or (store_state == "failed" and cluster_state in ("absent", "?")):
             state = "failed"
-            why = failure(obj) if cluster_state == "failed" else failed.get("reason", "")
+            why = backend.failure(obj) if cluster_state == "failed" else failed.get("reason", "")
         elif problem:
             state, why = "pending", f"{problem[0]}: {problem[1]}" if problem[1] else problem[0]
         elif cluster_state in ("running", "succeeded"):
@@ -82,12 +83,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def record_failures(grid: Grid, book: MarkerBook, marks: Markers, objects: dict[str, dict]) -> None:
     """Write ``_FAILED`` for every Failed cell object the store does not know about yet."""
+    backend = backend_of(grid)
     for cell_id in grid.cell_ids():
         name = k8s.object_name(grid.sweep, cell_id)
         obj = objects.get(name)
-        if obj and cell_id not in marks.failed and cell_id not in marks.done and object_state(obj) == "failed":
-            marks.failed[cell_id] = book.record_failure(cell_id, kind=obj["kind"], name=name, reason=failure(obj),
-                                                        by="status")
+        if obj and cell_id not in marks.failed and cell_id not in marks.done and backend.state(obj) == "failed":
+            marks.failed[cell_id] = book.record_failure(cell_id, kind=obj["kind"], name=name,
+                                                        reason=backend.failure(obj), by="status")
 
 
 def cli_status(args: argparse.Namespace) -> int:
@@ -103,10 +105,11 @@ def cli_status(args: argparse.Namespace) -> int:
     if not args.no_cluster:
         cluster = Cluster(api_client(), grid.namespace)
         selector = k8s.cell_selector(grid.sweep)
+        backend = backend_of(grid)
         try:
-            objects = {o["metadata"]["name"]: o for o in cluster.list(cell_kind(grid), selector)}
+            objects = {o["metadata"]["name"]: o for o in cluster.list(backend.kind, selector)}
             pod_list = cluster.list("Pod", selector) if objects else []
-            if grid.backend == "indexed":  # the cells' states from their class's Indexed Job
+            if not backend.per_cell:  # the cells' states from their class's Indexed Job
                 objects, pods = index_views(grid, list(objects.values()), pod_list)
             else:
                 pods = pods_by_cell(pod_list)

@@ -35,24 +35,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import k8s
-from .cluster import (
-    Cluster,
-    ClusterUnavailable,
-    api_client,
-    cell_problem,
-    describe,
-    failure,
-    object_state,
-    pods_by_cell,
-    set_suspend,
-)
-from .grid import Grid
-from .markers import MarkerBook
+from .client import Cluster, ClusterUnavailable, api_client, cell_problem, describe, pods_by_cell
 from .indexed import index_views
-from .render import grid_for_command, render_analysis_job, render_cell, render_indexed
+from .markers import MarkerBook
+from critbatch.jobs import backends
+from critbatch.jobs.backends import Backend, k8s
 from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
 from critbatch.jobs.store import Store, open_store
+from critbatch.jobs.sweep.grid import Grid
+from critbatch.jobs.sweep.render import grid_for_command, render_analysis_job, render_cell, render_indexed
 
 #: The Secret keys every pod reads (k8s/store-secret.example.yaml).
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -85,8 +76,9 @@ class SubmitReport:
         return text + (f"; analysis job {self.analysis}" if self.analysis else "")
 
 
-def cell_kind(grid: Grid) -> str:
-    return {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob", "indexed": "Job"}[grid.backend]
+def backend_of(grid: Grid) -> Backend:
+    """The backend the grid's cells run as."""
+    return backends.get(grid.backend)
 
 
 def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, dry_run: bool = False,
@@ -95,15 +87,16 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
     create the analysis Job once every cell is done."""
     report = SubmitReport()
     book = book or MarkerBook(store, grid.sweep)
-    if grid.backend == "indexed":
+    backend = backend_of(grid)
+    if not backend.per_cell:
         return _submit_indexed_once(grid, cluster, book, max_active=max_active, dry_run=dry_run, analysis=analysis,
                                     retry_failed=retry_failed)
     marks = book.read()
-    kind = cell_kind(grid)
+    kind = backend.kind
     selector = k8s.cell_selector(grid.sweep)
     objects = {o["metadata"]["name"]: o for o in cluster.list(kind, selector)}
     pods = pods_by_cell(cluster.list("Pod", selector)) if objects else {}
-    states = {name: object_state(o) for name, o in objects.items()}
+    states = {name: backend.state(o) for name, o in objects.items()}
     kueue = bool(grid.queue)  # Kueue admits (resumes) queued cells; submit resumes nothing itself
     active = sum(1 for s in states.values() if s not in ("succeeded", "failed", "suspended", "deleting"))
     suspended: list[tuple[str, str]] = []
@@ -117,8 +110,10 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
         if state == "failed" or (state is None and cell.id in marks.failed):
             if not retry_failed:
                 if cell.id not in marks.failed and not dry_run:
-                    book.record_failure(cell.id, kind=kind, name=name, reason=failure(objects[name]), by="submit")
-                report.failed[cell.id] = failure(objects[name]) if state else marks.failed[cell.id].get("reason", "")
+                    book.record_failure(cell.id, kind=kind, name=name, reason=backend.failure(objects[name]),
+                                        by="submit")
+                report.failed[cell.id] = (backend.failure(objects[name]) if state
+                                          else marks.failed[cell.id].get("reason", ""))
                 continue
             report.retried.append(cell.id)
             if not dry_run:
@@ -139,7 +134,7 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
                 report.stuck[cell.id] = problem
             continue
         start = not kueue and (not max_active or active < max_active)
-        if dry_run or cluster.create(set_suspend(render_cell(grid, cell), not start)):
+        if dry_run or cluster.create(backend.set_suspend(render_cell(grid, cell), not start)):
             report.created.append(cell.id)
             (report.started if start else report.waiting).append(cell.id)
             active += start
@@ -171,20 +166,21 @@ def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_
     ``report.created`` holds the resource classes whose Job was created.
     """
     report = SubmitReport()
+    backend = backends.INDEXED
     marks = book.read()
     selector = k8s.cell_selector(grid.sweep)
-    jobs = {o["metadata"]["name"]: o for o in cluster.list("Job", selector)}
+    jobs = {o["metadata"]["name"]: o for o in cluster.list(backend.kind, selector)}
     views, pods = index_views(grid, list(jobs.values()), cluster.list("Pod", selector) if jobs else [])
     classes = grid.resource_classes()
     for doc in render_indexed(grid, parallelism=max_active):
         name, class_name = doc.obj["metadata"]["name"], doc.obj["metadata"]["labels"][k8s.LABEL_RESOURCE_CLASS]
         ids = [c.id for c in classes[class_name][1]]
-        failed = [c for c in ids if c in marks.failed or object_state(views.get(k8s.object_name(grid.sweep, c),
-                                                                                 {})) == "failed"]
+        failed = [c for c in ids if c in marks.failed
+                  or backend.state(views.get(k8s.object_name(grid.sweep, c), {})) == "failed"]
         if name in jobs and retry_failed and failed:
             report.retried.extend(failed)
             if not dry_run:
-                cluster.delete("Job", name)
+                cluster.delete(backend.kind, name)
                 for cell_id in failed:
                     if cell_id in marks.failed:
                         book.forget_failure(cell_id)
@@ -193,19 +189,19 @@ def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_
                 views.pop(k8s.object_name(grid.sweep, cell_id), None)
             jobs.pop(name)
         if name not in jobs and any(c not in marks.done and c not in marks.failed for c in ids):
-            if dry_run or cluster.create(set_suspend(doc.obj, bool(grid.queue))):
+            if dry_run or cluster.create(backend.set_suspend(doc.obj, bool(grid.queue))):
                 report.created.append(class_name)
     succeeded: set[str] = set()
     for cell in grid.cells():
         name = k8s.object_name(grid.sweep, cell.id)
         view = views.get(name)
-        state = object_state(view) if view else None
+        state = backend.state(view) if view else None
         if cell.id in marks.done:
             report.skipped_done.append(cell.id)
         elif state == "failed" or (state is None and cell.id in marks.failed):
             if cell.id not in marks.failed and not dry_run:
-                book.record_failure(cell.id, kind="Job", name=name, reason=failure(view), by="submit")
-            report.failed[cell.id] = failure(view) if state else marks.failed[cell.id].get("reason", "")
+                book.record_failure(cell.id, kind=backend.kind, name=name, reason=backend.failure(view), by="submit")
+            report.failed[cell.id] = backend.failure(view) if state else marks.failed[cell.id].get("reason", "")
         elif state == "succeeded":
             succeeded.add(cell.id)
         elif state == "suspended":
@@ -223,9 +219,9 @@ def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_
 def _ensure_analysis(grid: Grid, cluster: Cluster, dry_run: bool, report: SubmitReport) -> str:
     """The analysis Job's state; created (it runs at once) when every cell is done and none failed."""
     selector = f"{k8s.LABEL_SWEEP}={grid.sweep},{k8s.LABEL_COMPONENT}={k8s.COMPONENT_ANALYSIS}"
-    found = cluster.list("Job", selector)
+    found = cluster.list(backends.JOB.kind, selector)
     if found:
-        return object_state(found[0])
+        return backends.JOB.state(found[0])
     if not report.finished:
         return ""
     if report.failed:
