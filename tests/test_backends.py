@@ -14,6 +14,7 @@ from podrun import outcome
 
 from critbatch.jobs import backends
 from critbatch.jobs.backends import k8s
+from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid
 
@@ -164,3 +165,37 @@ def test_failure_reads_the_failed_condition_first_then_the_target():
 def test_name_budget_is_the_longest_suffix_the_controller_appends(name, nodes, suffix):
     assert backends.get(name).name_budget(nodes, MAX_CELLS) == len(suffix)
     assert k8s.MAX_NAME == 63
+
+
+def test_trainjob_runtime_keeps_replicated_job_names_within_trainer_limit():
+    """Kubeflow Trainer v2.4 refuses a runtime whose ReplicatedJob names exceed 20 characters."""
+    names = [rj["name"] for rj in RUNTIME["spec"]["template"]["spec"]["replicatedJobs"]]
+    assert backends.TRAINJOB.replicated_job in names
+    assert all(len(n) <= backends.TRAINJOB.max_replicated_job_name == 20 for n in names), names
+    obj = rendered(backends.TRAINJOB)
+    patched = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert [rj["name"] for rj in patched] == [backends.TRAINJOB.replicated_job]
+
+
+def test_trainjob_is_the_multi_node_default_and_pytorchjob_legacy(capsys):
+    spec = copy.deepcopy(SPEC)
+    spec["resources"]["nodes"] = 2
+    assert load_grid(spec).backend == "trainjob" and load_grid(SPEC).backend == "job"
+    from critbatch.jobs.cli import main
+
+    with pytest.raises(SystemExit, match="0"):
+        main(["render", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pytorchjob (legacy)" in text and "trainjob for several" in text
+
+
+def test_kueue_labels_on_the_object_not_its_pods():
+    obj = rendered(backends.JOB, queue="team-a", workload_priority_class="sweep-low")
+    labels = obj["metadata"]["labels"]
+    assert labels[k8s.LABEL_QUEUE] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "sweep-low"
+    assert "kueue.x-k8s.io/priority-class" not in obj["spec"]["template"]["metadata"]["labels"]
+    for backend in backends.REGISTRY.values():
+        assert rendered(backend, queue="q", workload_priority_class="p")["metadata"]["labels"][
+            k8s.LABEL_WORKLOAD_PRIORITY] == "p"
+    with pytest.raises(ConfigError, match=r"^workload_priority_class: 'sweep-low' is a Kueue WorkloadPriorityClass"):
+        load_grid({**SPEC, "workload_priority_class": "sweep-low"})

@@ -3,7 +3,8 @@
     job          batch/v1 Job per cell, one node (the default for resources.nodes: 1)      job.py
     indexed      batch/v1 Indexed Job per resource class, one node                         indexed.py
     trainjob     Kubeflow Trainer v2 TrainJob per cell (the default for several nodes)     trainjob.py
-    pytorchjob   Kubeflow Training Operator v1 PyTorchJob per cell (legacy)                pytorchjob.py
+    pytorchjob   Kubeflow Training Operator v1 PyTorchJob per cell (legacy: the Kubeflow   pytorchjob.py
+                 distribution dropped the v1 operator in 2026; kept for clusters that run it)
 
 A backend (base.py) carries its name, template, kind and API group, version and plural, the names its
 controller derives (name budget), how it is suspended, its status reader and its failure-policy table.
@@ -26,7 +27,7 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (JOB, PYTORCHJOB, TRAINJOB, I
 NAMES = tuple(REGISTRY)
 #: What a grid runs on when it names no backend: one node, and several.
 DEFAULT_ONE_NODE = JOB
-DEFAULT_MULTI_NODE = PYTORCHJOB
+DEFAULT_MULTI_NODE = TRAINJOB
 
 
 def get(name: str) -> Backend:

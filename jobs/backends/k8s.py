@@ -45,6 +45,9 @@ LABEL_CELL = "critbatch.io/cell-id"
 #: The resource class of an Indexed Job (backend indexed): the cells that share its pod.
 LABEL_RESOURCE_CLASS = "critbatch.io/resource-class"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+#: The Kueue WorkloadPriorityClass of a queued object's Workload (Kueue v0.20 serves kueue.x-k8s.io/v1beta2 only;
+#: the two labels are the same in every version).
+LABEL_WORKLOAD_PRIORITY = "kueue.x-k8s.io/priority-class"
 COMPONENT_CELL = "cell"
 COMPONENT_ANALYSIS = "analysis"
 COMPONENT_SEARCH = "search"

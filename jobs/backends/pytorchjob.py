@@ -2,8 +2,9 @@
 
     k8s/templates/pytorchjob-cell.yaml.j2   a Master and nodes - 1 Workers
 
-The legacy multi-node path: Kubeflow Trainer's TrainJob (backend ``trainjob``) replaces the v1 Training
-Operator upstream; this backend stays for clusters that still run it. The operator names each replica's
+The legacy multi-node path: the Kubeflow distribution removed the v1 Training Operator in 2026 and Kueue
+plans to drop its PyTorchJob integration; Kubeflow Trainer's TrainJob (backend ``trainjob``, the default
+for several nodes) replaces it. This backend stays for clusters that still run the operator. The operator names each replica's
 pod and Service ``<name>-master-0`` and ``<name>-worker-<i>`` (the pod's hostname), finds the trainer's
 container by the name ``pytorch`` and injects MASTER_ADDR and MASTER_PORT, which the launcher's options
 name. Its replicas restart on ``ExitCode``: 1-127 are permanent, 128-255 retried, each counted against

@@ -3,7 +3,7 @@
     k8s/templates/trainjob-cell.yaml.j2         the trainer, numNodes x numProcPerNode, and a runtime patch
     k8s/trainer/clustertrainingruntime.yaml     the runtime ``critbatch`` every TrainJob names
 
-Today's upstream multi-node path. Trainer builds a JobSet from the runtime: its replicated job ``node``
+Today's upstream multi-node path, and the default for cells on several nodes. Trainer builds a JobSet from the runtime: its replicated job ``node``
 (whose container ``node`` Trainer's torch plugin fills with the TrainJob's trainer) names the pods
 ``<name>-node-0-<i>``. The failure policy is the runtime's: the node Job ignores a disrupted pod, fails
 at once on the permanent exit codes (and the JobSet rule ``permanent`` then fails the TrainJob), fails
@@ -39,6 +39,9 @@ class TrainJobBackend(Backend):
     #: (names Trainer's torch plugin looks for), and the owner of critbatch's runtime patch.
     runtime = "critbatch"
     replicated_job = "node"
+    #: Kubeflow Trainer v2.4 refuses a runtime whose ReplicatedJob names are longer (its JobSet's pods are
+    #: named <trainjob>-<replicated job>-<job index>-<pod index>, within the 63 of a DNS label).
+    max_replicated_job_name = 20
     container_name = "node"
     patch_manager = "critbatch.io/render"
     #: A runtime patch carries only the pod fields Kubeflow Trainer lets a manager set; priorityClassName is
@@ -58,6 +61,7 @@ class TrainJobBackend(Backend):
     }
 
     def name_suffixes(self, nodes: int, max_cells: int) -> tuple[str, ...]:
+        # The node Job <name>-node-0 and its pods' hostnames <name>-node-0-<i>.
         return (f"-{self.replicated_job}-0-{nodes - 1}",)
 
     def render_problems(self, *, nodes: int, priority_class: str | None) -> list[str]:
@@ -65,7 +69,7 @@ class TrainJobBackend(Backend):
         if priority_class:
             # Refuse rather than drop the grid's setting.
             out.append(f"resources.priority_class: a TrainJob cannot set a pod priority class ({priority_class!r}); "
-                       "unset it, or use backend job or pytorchjob")
+                       "unset it, or use backend pytorchjob (legacy), or job on one node")
         return out
 
     def torchrun_args(self, placement: Any) -> list[str]:

@@ -201,6 +201,11 @@ class GridSettings(Strict):
     queue: Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value (Kueue LocalQueue name)",
                                   max_length=k8s.MAX_LABEL_VALUE, min_length=1)] | None = Field(
         None, description="Kueue LocalQueue")
+    workload_priority_class: Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value (Kueue "
+                                                    "WorkloadPriorityClass name)", max_length=k8s.MAX_LABEL_VALUE,
+                                                    min_length=1)] | None = Field(
+        None, description="Kueue WorkloadPriorityClass of the cells' Workloads (needs queue); resources.priority_class "
+        "is the pods' PriorityClass")
     max_active: NonNegativeInt = Field(0, description="cap on cells running at once (clusters without Kueue); 0 = none")
     service_account: DNSSubdomain = k8s.DEFAULT_SERVICE_ACCOUNT
     checkpoint_seconds: PositiveFloat = 300.0
@@ -245,6 +250,7 @@ class Grid:
     service_account: str
     checkpoint_seconds: float
     search: SearchSpec | None = None
+    workload_priority_class: str | None = None
     description: str = ""
     reproduces: str = ""
     source: str = "<dict>"
@@ -482,6 +488,9 @@ def _settings_problems(s: GridSettings) -> list[str]:
     out: list[str] = []
     backend, nodes = s.effective_backend, s.resources.nodes
     out.extend(backends.get(backend).render_problems(nodes=nodes, priority_class=None))
+    if s.workload_priority_class and not s.queue:
+        out.append(f"workload_priority_class: {s.workload_priority_class!r} is a Kueue WorkloadPriorityClass, which "
+                   "only a queued object has; set queue (a Kueue LocalQueue) too, or unset it")
     limit = max_sweep_length(backend, nodes)
     if len(s.sweep) > limit:
         out.append(f"sweep: {s.sweep!r} is {len(s.sweep)} characters; at most {limit} keep "

@@ -177,6 +177,8 @@ def _pod_context(grid: Grid, cell_id: str | None, placement: Placement) -> dict[
     pod_labels = dict(obj_labels)
     if grid.queue:
         obj_labels[k8s.LABEL_QUEUE] = grid.queue
+    if grid.workload_priority_class:
+        obj_labels[k8s.LABEL_WORKLOAD_PRIORITY] = grid.workload_priority_class
     return {
         "name": k8s.object_name(grid.sweep, cell_id or placement.name),
         "namespace": grid.namespace,
