@@ -195,6 +195,16 @@ class Backend:
                     return ": ".join(p for p in (cond.get("reason"), cond.get("message")) if p) or kind
         return k8s.CONDITION_FAILED
 
+    #: The kind of the object whose controller creates the pods, on which it records why it could not
+    #: (a Warning event, e.g. the Job controller's FailedCreate for a missing ServiceAccount).
+    @property
+    def event_kind(self) -> str:
+        return self.kind
+
+    def event_subjects(self, obj: dict) -> tuple[str, ...]:
+        """The names of the ``event_kind`` objects that create this object's pods."""
+        return (obj["metadata"]["name"],)
+
     def completion_time(self, obj: dict) -> str | None:
         """When the object succeeded (RFC 3339), as its status says; None if it does not say."""
         status = obj.get("status") or {}

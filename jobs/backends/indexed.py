@@ -23,5 +23,10 @@ class IndexedBackend(JobBackend):
     def name_suffixes(self, nodes: int, max_cells: int) -> tuple[str, ...]:
         return (f"-{max_cells - 1}",)
 
+    def event_subjects(self, obj: dict) -> tuple[str, ...]:
+        # A cell's view (critbatch.jobs.cluster.indexed) names its class's Job as its owner.
+        owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+        return tuple(o["name"] for o in owners if o.get("kind") == self.kind) or super().event_subjects(obj)
+
 
 INDEXED = IndexedBackend()

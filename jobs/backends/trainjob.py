@@ -93,6 +93,13 @@ class TrainJobBackend(Backend):
     def env_lists(self, obj: dict) -> list[list[dict]]:
         return super().env_lists(obj) + [obj["spec"]["trainer"].get("env", [])]
 
+    @property
+    def event_kind(self) -> str:
+        return "Job"  # the JobSet's node Job creates the pods
+
+    def event_subjects(self, obj: dict) -> tuple[str, ...]:
+        return (f"{obj['metadata']['name']}-{self.replicated_job}-0",)  # <jobset>-<replicated job>-<index>
+
     def is_running(self, obj: dict) -> bool:
         children = (obj.get("status") or {}).get("jobsStatus") or []
         return any(j.get("active") or j.get("ready") for j in children)

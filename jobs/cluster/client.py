@@ -37,6 +37,10 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 120.0
 #: Container waiting reasons that are the normal way into running, not a reason to report.
 NORMAL_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+#: Warning events by which a controller says it cannot make an object's pods (the Job controller's
+#: FailedCreate: a missing ServiceAccount, an exhausted ResourceQuota, an admission webhook's refusal;
+#: the Training Operator's FailedCreatePod): no pod exists to show the reason, only these events.
+CREATE_FAILURES = frozenset({"FailedCreate", "FailedCreatePod"})
 
 
 class ClusterUnavailable(RuntimeError):
@@ -253,6 +257,44 @@ class Cluster:
             return False
         return True
 
+    def found(self, kind: str, name: str) -> bool:
+        """Whether a Namespace (``name`` itself) or a ServiceAccount of the namespace exists. A 403 (no
+        right to read it) is raised as the ApiException, for the caller to skip its check."""
+        from kubernetes.client.exceptions import ApiException
+
+        if kind == "Namespace":
+            fn, args = self.core.read_namespace, (name,)
+        elif kind == "ServiceAccount":
+            fn, args = self.core.read_namespaced_service_account, (name, self.namespace)
+        else:
+            raise ValueError(f"cannot look up a {kind}")
+        try:
+            self._read(f"read {kind} {name}", fn, *args, expect=(403, 404))
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def warnings(self, kind: str) -> list[dict]:
+        """The namespace's Warning events about objects of ``kind``: one LIST (paged), filtered by the server;
+        none where this client may not list events (403: they only explain, so their absence is no error)."""
+        from kubernetes.client.exceptions import ApiException
+
+        items: list[dict] = []
+        token = None
+        while True:
+            try:
+                page = self._read(f"list Events of {kind}s", self.core.list_namespaced_event, self.namespace,
+                                  field_selector=f"involvedObject.kind={kind},type=Warning", limit=self.PAGE,
+                                  expect=(403,), **({"_continue": token} if token else {}))
+            except ApiException:
+                return items
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
     def secret_keys(self, name: str) -> set[str] | None:
         """The key names of a Secret (never its values); None when it does not exist. A 403 (no right to
         read Secrets) is raised as the ApiException, for the caller to skip its check."""
@@ -317,4 +359,29 @@ def cell_problem(pods: list[dict]) -> tuple[str, str, str] | None:
         problem = pod_problem(pod)
         if problem:
             return (*problem, pod["metadata"]["name"])
+    return None
+
+
+def _event_time(event: dict) -> str:
+    return (event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+            or (event.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def create_failures(events: list[dict]) -> dict[str, tuple[str, str]]:
+    """Object name -> (reason, message) of the latest event saying its controller could not create its pods."""
+    out: dict[str, tuple[str, str]] = {}
+    for event in sorted(events, key=_event_time):
+        if event.get("reason") in CREATE_FAILURES:
+            out[(event.get("involvedObject") or {}).get("name", "")] = (event["reason"], event.get("message", ""))
+    return out
+
+
+def cell_stall(backend, obj: dict, pods: list[dict], failures: dict[str, tuple[str, str]]) -> tuple[str, str, str] | None:
+    """(reason, message, object) when a cell has no pod at all and its controller says why it made none
+    (create_failures, on one of the objects the backend's controller creates the pods from); else None."""
+    if pods:
+        return None
+    for subject in backend.event_subjects(obj):
+        if subject in failures:
+            return (*failures[subject], f"{backend.event_kind} {subject}")
     return None

@@ -51,11 +51,17 @@ def index_views(grid: Grid, jobs: list[dict], pods: list[dict]) -> tuple[dict[st
         done, failed = indexes(status.get("completedIndexes")), indexes(status.get("failedIndexes"))
         job_failed = INDEXED.state(job) == "failed"
         for i, cell_id in enumerate(ids):
-            view = {"kind": INDEXED.kind, "metadata": {"name": k8s.object_name(grid.sweep, cell_id)},
+            view = {"kind": INDEXED.kind,
+                    "metadata": {"name": k8s.object_name(grid.sweep, cell_id),
+                                 "ownerReferences": [{"kind": INDEXED.kind, "name": job["metadata"]["name"]}]},
                     "spec": {"suspend": INDEXED.is_suspended(job)}, "status": {}}
             where = f"index {i} of {job['metadata']['name']}"
             if i in done:
                 view["status"]["conditions"] = [{"type": COMPLETE, "status": "True"}]
+                finished = [_finished_at(p) for p in cell_pods.get(cell_id, [])
+                            if (p.get("status") or {}).get("phase") == "Succeeded"]
+                if any(finished):  # when the index's pod ended: how long its _SUCCESS has been on its way
+                    view["status"]["completionTime"] = max(t for t in finished if t)
             elif i in failed or job_failed:
                 # A failed index used up its retries or exited with a bad-configuration code; an index of a
                 # Job that failed as a whole (its deadline, maxFailedIndexes) fails with the Job's reason.
@@ -67,3 +73,10 @@ def index_views(grid: Grid, jobs: list[dict], pods: list[dict]) -> tuple[dict[st
             views[view["metadata"]["name"]] = view
     return views, cell_pods
 
+
+
+def _finished_at(pod: dict) -> str:
+    """When a pod's last container terminated (RFC 3339), or ""."""
+    times = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
+             for cs in (pod.get("status") or {}).get("containerStatuses") or []]
+    return max(times, default="")

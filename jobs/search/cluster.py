@@ -32,7 +32,7 @@ from critbatch.jobs.store import Store
 from critbatch.jobs import backends
 from critbatch.jobs.backends import k8s
 from critbatch.jobs.cluster.client import Cluster, api_client
-from critbatch.jobs.cluster.submit import backend_of, check_image, submit_once
+from critbatch.jobs.cluster.submit import backend_of, check_cluster, check_image, submit_once
 from critbatch.jobs.sweep.grid import GRID_FIELDS, Grid, grid_from_dict
 
 
@@ -58,11 +58,14 @@ class ClusterBackend:
     log: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
     grids: dict[str, Grid] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)  # cells seen succeeded without their _SUCCESS
 
     @classmethod
     def connect(cls, grid: Grid, store: Store, **kwargs) -> "ClusterBackend":
         check_image(grid)
-        return cls(grid, Cluster(api_client(), grid.namespace), store, **kwargs)
+        cluster = Cluster(api_client(), grid.namespace)
+        check_cluster(grid, cluster, kwargs.get("log", print))
+        return cls(grid, cluster, store, **kwargs)
 
     @property
     def parallel(self) -> int:
@@ -80,9 +83,10 @@ class ClusterBackend:
                     self._pause(cell)
                     del pending[cell_id]
                     continue
-                report = submit_once(self._grid_of(cell), self.cluster, self.store, analysis=False)
-                if report.failed:
-                    self.log(f"critbatch search: cell {cell_id} failed: {report.failed[cell_id]}")
+                report = submit_once(self._grid_of(cell), self.cluster, self.store, analysis=False, seen=self.seen)
+                if report.failed or report.lost:
+                    why = report.failed.get(cell_id) or report.lost.get(cell_id)
+                    self.log(f"critbatch search: cell {cell_id} {'failed' if report.failed else 'lost'}: {why}")
                     failed.append(cell_id)
                     del pending[cell_id]
             if pending:

@@ -295,7 +295,8 @@ _PODLESS = ("ServiceAccount", "Role", "RoleBinding")
 
 def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[Document]:
     """The search controller (``critbatch search GRID --cluster`` in a pod): its ServiceAccount, a Role on the
-    cells' objects and pods in the grid's namespace, the RoleBinding, and the Job, which starts when applied.
+    cells' objects, their pods and the events that say why a controller made no pod (list) in the grid's
+    namespace, the RoleBinding, and the Job, which starts when applied.
 
     The grid travels inside the Job as JSON (its spec as written, the overrides applied), so the pod needs no
     file; rendering stays a pure function of the grid.
@@ -305,7 +306,8 @@ def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[D
     backend = backends.get(grid.backend)
     rules = [{"apiGroups": [backend.group], "resources": [backend.plural],
               "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+             {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]}]
     a = grid.analysis
     job = {
         **meta,
