@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
+from .base import EXIT_KILLED, FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
 from critbatch.jobs.cell.errors import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
@@ -20,7 +20,6 @@ from critbatch.jobs.cell.errors import (
     EXIT_PREEMPTED,
     EXIT_STORE_UNAVAILABLE,
 )
-from .base import EXIT_KILLED
 
 
 class JobBackend(Backend):
