@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 
+from critbatch.jobs import backends
 from critbatch.jobs.sweep.grid import load_grid
 from critbatch.jobs.sweep.render import dump_stream, render_documents
 
@@ -62,7 +63,7 @@ def job_validator(version: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=10_000)
-    parser.add_argument("--backend", default="job", choices=["job", "pytorchjob", "trainjob"])
+    parser.add_argument("--backend", default="job", choices=[b.name for b in backends.REGISTRY.values() if b.per_cell])
     parser.add_argument("--kube-version", default="1.31")
     parser.add_argument("--schema-sample", type=int, default=500,
                         help="objects checked against the full OpenAPI schema (0: all); the figure is extrapolated")

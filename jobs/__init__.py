@@ -1,8 +1,10 @@
 """critbatch.jobs: everything a cell runs, and the grid -> cells -> manifests generator.
 
 Sub-packages by concern: ``cell`` (the contract every part reads), ``store``,
-``data``, ``models``, ``train`` (one cell), ``sweep`` (grids, manifests, the
-cluster client), ``local`` (executor, demo, loopback S3); ``cli`` on top.
+``data``, ``models``, ``backends`` (each kind of Kubernetes object a cell runs
+as), ``train`` (one cell), ``sweep`` (grid -> cells -> plans -> manifests),
+``cluster`` (submit and status: the cluster client), ``local`` (executor, demo,
+loopback S3), ``search``; ``cli`` on top.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import __version__
 from critbatch.jobs.cell.analysis_args import add_analyze_options
-from critbatch.jobs.sweep.k8s import BACKENDS
+from critbatch.jobs import backends
 from critbatch.jobs.cell.errors import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "render", "critbatch.jobs.sweep.render:cli_render", "render a grid to Kubernetes manifests")
     p.add_argument("grid", help="grid spec YAML, or the name of a preset (see `critbatch presets`)")
     p.add_argument("-o", "--output", default="-", help="directory for one file per object, or - for a stream")
-    p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="override the grid's backend (default: job for one node, pytorchjob for several)")
+    p.add_argument("--backend", default=None, choices=backends.NAMES,
+                   help=f"override the grid's backend: {backends.help_text()} (default: "
+                   f"{backends.DEFAULT_ONE_NODE.name} for one node, {backends.DEFAULT_MULTI_NODE.name} for several)")
     p.add_argument("--analysis", action="store_true",
                    help="the analysis Job alone, which starts at once: apply it when every cell has finished "
                    "(the cells' stream leaves it out, so re-applying that never touches a running analysis)")
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="override the grid's image")
     p.add_argument("--namespace", default=None, help="override the grid's namespace")
 
-    p = _command(sub, "submit", "critbatch.jobs.sweep.submit:cli_submit", "create a grid's objects on the cluster")
+    p = _command(sub, "submit", "critbatch.jobs.cluster.submit:cli_submit", "create a grid's objects on the cluster")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--max-active", type=int, default=0,
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: no cap)")
     p.add_argument("--store", default=None, help="override the grid's store (s3://BUCKET/PREFIX)")
     p.add_argument("--image", default=None, help="override the grid's image (the placeholder critbatch:latest is refused)")
-    p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="override the grid's backend")
+    p.add_argument("--backend", default=None, choices=backends.NAMES,
+                   help=f"override the grid's backend: {backends.help_text()}")
     p.add_argument("--retry-failed", action="store_true",
                    help="delete failed cells' objects and _FAILED markers and create them anew")
     p.add_argument("--wait", action="store_true",
@@ -175,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
     p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
 
-    p = _command(sub, "status", "critbatch.jobs.sweep.status:cli_status", "one table of every cell's cluster and store state")
+    p = _command(sub, "status", "critbatch.jobs.cluster.status:cli_status", "one table of every cell's cluster and store state")
     p.add_argument("grid", help="grid spec YAML or preset name")
     p.add_argument("--namespace", default=None, help="namespace (default: the grid's, else critbatch)")
     p.add_argument("--store", default=None, help="override the grid's store")
-    p.add_argument("--backend", default=None, choices=BACKENDS,
+    p.add_argument("--backend", default=None, choices=backends.NAMES,
                    help="the backend the cells were submitted with, if not the grid's")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
 

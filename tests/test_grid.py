@@ -86,7 +86,7 @@ def test_int_and_float_spellings_give_one_id():
     assert load_grid(spec(epochs=1)).cells()[0].id == load_grid(spec(epochs=1.0)).cells()[0].id
 
 
-@pytest.mark.parametrize("nodes,backend,expected", [(1, None, "job"), (2, None, "pytorchjob"),
+@pytest.mark.parametrize("nodes,backend,expected", [(1, None, "job"), (2, None, "trainjob"),
                                                     (2, "trainjob", "trainjob"), (1, "pytorchjob", "pytorchjob")])
 def test_backend_default(nodes, backend, expected):
     s = spec(resources={"gpus": 1, "nodes": nodes}, batch_size=64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import kubernetes_validate
 import pytest
@@ -21,11 +22,13 @@ from critbatch.jobs.cell.layout import success_key
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import cell_in_class, class_digest
 from critbatch.jobs.store import open_store
-from critbatch.jobs.sweep import indexed, k8s, render, status, submit
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.cluster import indexed, status, submit
+from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid, max_sweep_length, preset_names
-from critbatch.jobs.sweep.markers import MarkerBook
+from critbatch.jobs.cluster.markers import MarkerBook
 from test_render import KUBE_VERSION
-from test_submit import JOBS, api_server, cluster, sleeps, store  # noqa: F401 - fixtures
+from test_submit import JOBS, PODS, api_server, cluster, sleeps, store  # noqa: F401 - fixtures
 
 SPEC = {
     "sweep": "idx",
@@ -226,6 +229,45 @@ def test_status_reads_every_cell_from_the_completed_and_failed_indexes(api_serve
     report = submit.submit_once(g, cluster, store)
     assert list(report.failed) == [ids[2]]
     assert MarkerBook(store, "idxd").read().failed[ids[2]]["reason"].startswith("FailedIndex")
+
+
+def index_pod(api_server, cell_id, index, phase, finished_at=None):
+    """A pod of the class Job's index as the Job controller labels it, Succeeded pods with their end time."""
+    name = f"critbatch-idxd-cpu-{index}-abcde"
+    api_server.add_pod(cell_id, name, phase=phase)
+    pod = api_server.objects[PODS][name]
+    pod["metadata"]["labels"] = {k8s.LABEL_SWEEP: "idxd", k8s.LABEL_COMPONENT: k8s.COMPONENT_CELL,
+                                 k8s.LABEL_RESOURCE_CLASS: "cpu", indexed.POD_INDEX_LABEL: str(index)}
+    if finished_at:
+        pod["status"]["containerStatuses"] = [{"name": "critbatch", "state": {"terminated": {
+            "exitCode": 0, "reason": "Completed", "finishedAt": finished_at}}}]
+
+
+def test_a_completed_index_without_its_success_is_lost_after_the_grace(api_server, cluster, store):
+    g = indexed_grid()
+    submit.submit_once(g, cluster, store)
+    ids = g.cell_ids()
+    api_server.jobs()["critbatch-idxd-cpu"]["status"] = {"completedIndexes": "0-1", "active": 1}
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 2 * submit.LOST_GRACE_SECONDS))
+    just_now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    index_pod(api_server, ids[0], 0, "Succeeded", long_ago)
+    index_pod(api_server, ids[1], 1, "Succeeded", just_now)
+    report = submit.submit_once(g, cluster, store)
+    assert list(report.lost) == [ids[0]] and report.uploading == [ids[1]] and not report.finished
+    views, pods = indexed.index_views(g, cluster.list("Job", k8s.cell_selector("idxd")),
+                                      cluster.list("Pod", k8s.cell_selector("idxd")))
+    rows = status.cell_states(g, MarkerBook(store, "idxd").read(), views, pods)
+    assert [r["state"] for r in rows] == ["lost", "running", "pending"]
+
+
+def test_a_class_job_that_creates_no_pod_names_the_reason_for_each_of_its_cells(api_server, cluster, store):
+    g = indexed_grid()
+    submit.submit_once(g, cluster, store)
+    message = ('pods "critbatch-idxd-cpu-0-" is forbidden: error looking up service account critbatch/critbatch: '
+               'serviceaccount "critbatch" not found')
+    api_server.add_event("Job", "critbatch-idxd-cpu", "FailedCreate", message)
+    report = submit.submit_once(g, cluster, store)
+    assert report.stalled == {c: ("FailedCreate", message, "Job critbatch-idxd-cpu") for c in g.cell_ids()}
 
 
 def test_a_failed_job_fails_its_unfinished_indexes_and_finishes_the_sweep(api_server, cluster, store):

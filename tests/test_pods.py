@@ -48,7 +48,9 @@ from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.cli import main as cli
 from critbatch.jobs.store import open_store
-from critbatch.jobs.sweep import k8s, render
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import load_grid
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -60,7 +62,7 @@ SECRETS = secrets_from(REPO / "k8s/store-secret.example.yaml")
 #: shared) and, for the GPU pod, a driver that shows no device.
 NODE_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 #: Every backend; ``indexed`` renders one Indexed Job per resource class, each pod choosing its cell by index.
-BACKENDS = ["job", "pytorchjob", "trainjob"] + (["indexed"] if "indexed" in k8s.BACKENDS else [])
+BACKENDS = ["job", "pytorchjob", "trainjob", "indexed"]
 #: The image to run each container in (docker, the pod's security context); unset: on this machine.
 IMAGE = os.environ.get("CRITBATCH_POD_IMAGE") or None
 DOCKER = tuple(shlex.split(os.environ.get("CRITBATCH_DOCKER", "docker")))
@@ -150,8 +152,8 @@ def assert_finished(store, cell, steps: int) -> None:
 
 
 def test_every_backend_is_run_here_and_runs_the_launcher():
-    """A backend added to k8s.BACKENDS needs its case here (and its operator in podrun.py)."""
-    assert set(BACKENDS) == set(k8s.BACKENDS)
+    """A backend added to critbatch.jobs.backends needs its case here (and its operator in podrun.py)."""
+    assert set(BACKENDS) == set(backends.NAMES)
     spec = {"sweep": "x", "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "blr", "base_lr": 0.1,
             "base_batch": 8, "batch_size": 8, "epochs": 1}
     for backend in BACKENDS:

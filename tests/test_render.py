@@ -24,7 +24,9 @@ import yaml
 
 from critbatch.jobs import cli
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.sweep import k8s, render
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import load_grid, max_sweep_length, preset_names
 
 #: The Kubernetes version the batch/v1 objects are validated for (the oldest one supported).
@@ -259,7 +261,7 @@ def test_pytorchjob_gets_rendezvous_from_the_operator_without_a_shell():
         container = replica["template"]["spec"]["containers"][0]
         assert container["name"] == "pytorch"
         assert container["args"][:2] == ["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
-        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": k8s.PYTORCHJOB_PORT}]
+        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": backends.PYTORCHJOB.port}]
 
 
 def test_analysis_job_runs_analyze_and_carries_no_suspend_flag():
@@ -433,7 +435,7 @@ def test_grid_documents_equal_rendering_each_cell_alone(backend):
     docs = render.render_documents(grid)
     assert len(docs) == len(grid.cells()) + 1
     for doc, cell in zip(docs, grid.cells()):
-        alone = render._CELL_DOCUMENTS[backend](grid, cell.id, render.cell_json(cell), grid.plan(cell).placement)
+        alone = render.cell_renderer(grid, backend)(grid, cell.id, render.cell_json(cell), grid.plan(cell).placement)
         assert doc.text == alone.text
         assert doc.obj == alone.obj == yaml.safe_load(doc.text) == render.render_cell(grid, cell)
 
@@ -521,16 +523,16 @@ def test_trainjob_runtime_has_the_exit_code_policy():
     No ClusterTrainingRuntime CRD is at hand here: its node Job is checked as the batch/v1 Job it becomes.
     """
     runtime = yaml.safe_load((REPO / "k8s/trainer/clustertrainingruntime.yaml").read_text())
-    assert (runtime["kind"], runtime["metadata"]["name"]) == ("ClusterTrainingRuntime", k8s.TRAINJOB_RUNTIME)
+    assert (runtime["kind"], runtime["metadata"]["name"]) == ("ClusterTrainingRuntime", backends.TRAINJOB.runtime)
     jobset = runtime["spec"]["template"]["spec"]
-    (node,) = [rj for rj in jobset["replicatedJobs"] if rj["name"] == k8s.TRAINJOB_REPLICATED_JOB]
+    (node,) = [rj for rj in jobset["replicatedJobs"] if rj["name"] == backends.TRAINJOB.replicated_job]
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"}, "spec": node["template"]["spec"]}
     assert kubernetes_validate.validate(job, KUBE_VERSION, strict=True) == KUBE_VERSION
     grid = small(backend="job", resources={**SMALL["resources"], "nodes": 1})
     cell_rules = render.render_cell(grid, grid.cells()[0])["spec"]["podFailurePolicy"]["rules"]
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == cell_rules[0]  # Ignore on DisruptionTarget
-    assert rules[1]["onExitCodes"] == {**cell_rules[1]["onExitCodes"], "containerName": k8s.TRAINJOB_CONTAINER}
+    assert rules[1]["onExitCodes"] == {**cell_rules[1]["onExitCodes"], "containerName": backends.TRAINJOB.container_name}
     assert rules[1]["onExitCodes"]["values"] == list(k8s.EXIT_CODES_PERMANENT)
     assert job["spec"]["backoffLimit"] == 0  # every other failure restarts the whole JobSet, all nodes together
     assert jobset["failurePolicy"]["rules"] == [

@@ -17,7 +17,8 @@ from critbatch.jobs.search.loop import Search, wait_for_attached
 from critbatch.jobs.search.state import SearchState, read_state, state_key, write_state
 from critbatch.jobs.store import open_store
 from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.sweep import k8s, render
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import load_grid
 from critbatch.jobs.train.main import train_cell
 from critbatch.jobs.train.trainer import Paused

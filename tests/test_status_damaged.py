@@ -9,8 +9,8 @@ import yaml
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.store import LocalStore
 from critbatch.jobs.sweep.grid import load_grid
-from critbatch.jobs.sweep.markers import MarkerBook
-from critbatch.jobs.sweep.status import cell_states, format_table
+from critbatch.jobs.cluster.markers import MarkerBook
+from critbatch.jobs.cluster.status import cell_states, format_table
 from test_executor import TINY
 
 

@@ -2,8 +2,9 @@
 
 No Kubernetes API server can run on these machines (no Kubernetes binaries are reachable), so a small
 http.server plays the REST endpoints submit and status use - list/create/merge-patch/delete of batch/v1
-Jobs and custom objects, list of pods, read of a Secret - with the API server's status codes (201 Created,
-409 AlreadyExists and 404 NotFound as Status objects), label selectors, and the faults a real one gives
+Jobs and custom objects, list of pods and of events, read of a Namespace, a ServiceAccount and a Secret -
+with the API server's status codes (201 Created, 409 AlreadyExists and 404 NotFound as Status objects), label
+and field selectors, and the faults a real one gives
 under load: 429 with Retry-After, 500/503, and no answer at all (the server stopped mid `--wait`).
 Everything above the HTTP layer is the real client: request building, serialisation, ApiException on
 errors, urllib3's connection handling. The store is the real loopback S3 server or a local directory.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,9 +29,10 @@ from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.layout import failed_key, success_key
 from critbatch.jobs.store import open_store
 from critbatch.jobs.store.local import LocalStore
-from critbatch.jobs.sweep import cluster as api, k8s, status, submit
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.cluster import client as api, status, submit
 from critbatch.jobs.sweep.grid import load_grid
-from critbatch.jobs.sweep.markers import MarkerBook
+from critbatch.jobs.cluster.markers import MarkerBook
 
 SPEC = {
     "sweep": "sub",
@@ -48,6 +51,9 @@ SPEC = {
 JOBS = "/apis/batch/v1/namespaces/critbatch/jobs"
 PODS = "/api/v1/namespaces/critbatch/pods"
 SECRETS = "/api/v1/namespaces/critbatch/secrets"
+EVENTS = "/api/v1/namespaces/critbatch/events"
+NAMESPACES = "/api/v1/namespaces"
+ACCOUNTS = "/api/v1/namespaces/critbatch/serviceaccounts"
 
 
 def merge_patch(target, patch):
@@ -59,6 +65,13 @@ def merge_patch(target, patch):
             merge_patch(target[key], value)
         else:
             target[key] = value
+
+
+def field_of(obj, path):
+    """A field selector's value: ``involvedObject.kind`` -> obj["involvedObject"]["kind"]."""
+    for key in path.split("."):
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return "" if obj is None else str(obj)
 
 
 def status_body(code, reason, message=""):
@@ -113,11 +126,14 @@ class FakeApiServer:
                 url = self._start("GET")
                 if url is None:
                     return
-                if url.path in fake.objects or url.path.endswith(("/jobs", "/pods", "/pytorchjobs", "/trainjobs")):
+                if url.path in fake.objects or url.path.endswith(("/jobs", "/pods", "/pytorchjobs", "/trainjobs",
+                                                                   "/events")):
                     query = urllib.parse.parse_qs(url.query)
                     selector = dict(kv.split("=", 1) for kv in query.get("labelSelector", [""])[0].split(",") if kv)
+                    fields = dict(kv.split("=", 1) for kv in query.get("fieldSelector", [""])[0].split(",") if kv)
                     items = [o for o in fake.objects.get(url.path, {}).values()
-                             if all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
+                             if all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+                             and all(field_of(o, k) == v for k, v in fields.items())]
                     self._send(200, {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
                     return
                 prefix, _, name = url.path.rpartition("/")
@@ -191,6 +207,25 @@ class FakeApiServer:
         self.objects.setdefault(SECRETS, {})[name] = {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "critbatch"},
             "data": {k: "c2VjcmV0" for k in keys}}
+
+    def add_kit(self, *, namespace=True, account=True, secret=True):
+        """What `kubectl apply -f k8s/namespace.yaml` and `kubectl apply -k k8s/` create, and the store Secret."""
+        if namespace:
+            self.objects.setdefault(NAMESPACES, {})["critbatch"] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "critbatch"}}
+        if account:
+            self.objects.setdefault(ACCOUNTS, {})["critbatch"] = {
+                "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "critbatch", "namespace": "critbatch"}}
+        if secret:
+            self.add_secret()
+
+    def add_event(self, kind, name, reason, message, *, type_="Warning", when="2026-12-01T10:00:00Z"):
+        """An event as a controller records it on an object (core/v1)."""
+        events = self.objects.setdefault(EVENTS, {})
+        key = f"{name}.{len(events)}"
+        events[key] = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": key, "namespace": "critbatch"},
+                       "involvedObject": {"kind": kind, "name": name, "namespace": "critbatch"},
+                       "reason": reason, "message": message, "type": type_, "lastTimestamp": when, "count": 1}
 
     def add_pod(self, cell_id, name, *, waiting=None, unschedulable=None, phase="Pending"):
         """A cell's pod as the kubelet or the scheduler reports it: a container waiting (reason, message),
@@ -568,6 +603,210 @@ def test_stuck_pods_are_reported_per_cell_by_submit_and_status(api_server, clust
     assert rows[ids[4]]["state"] == "running" and rows[ids[3]]["why"] == "-"
 
 
+# ---- objects whose controller creates no pod ----------------------------------------------------------------------
+
+
+def no_account(pod_prefix):
+    """The Job controller's words when the pods' ServiceAccount is missing (an event on the Job; no pod exists)."""
+    return (f'pods "{pod_prefix}-" is forbidden: error looking up service account critbatch/critbatch: '
+            'serviceaccount "critbatch" not found')
+
+
+def test_a_job_that_creates_no_pod_is_named_with_its_event(api_server, cluster, store):
+    g = grid()
+    report = submit.submit_once(g, cluster, store, max_active=2)
+    started = sorted(report.started)
+    names = {c: k8s.object_name("sub", c) for c in started}
+    for cell_id, name in names.items():
+        api_server.add_event("Job", name, "FailedCreate", "an older refusal", when="2026-12-01T09:00:00Z")
+        api_server.add_event("Job", name, "FailedCreate", no_account(name))
+        api_server.add_event("Job", name, "SuccessfulCreate", "Created pod: x", type_="Normal",
+                             when="2026-12-01T11:00:00Z")  # not a Warning: not read
+    api_server.add_event("Job", "critbatch-other-0123456789", "FailedCreate", "another sweep's Job")
+    before = len(api_server.requests)
+    report = submit.submit_once(g, cluster, store, max_active=2)
+    assert report.stalled == {c: ("FailedCreate", no_account(names[c]), f"Job {names[c]}") for c in started}
+    assert report.stuck == {} and "; stuck: 2 FailedCreate" in report.summary() and not report.finished
+    # One LIST of the namespace's Warning events about Jobs for the whole pass, never one call per Job.
+    lists = [r for r in api_server.requests[before:] if r[1].startswith(EVENTS)]
+    assert lists == [("GET", EVENTS)]
+    objects = {o["metadata"]["name"]: o for o in cluster.list("Job", k8s.cell_selector("sub"))}
+    failures = api.create_failures(cluster.warnings("Job"))
+    rows = {r["cell"]: r for r in status.cell_states(g, MarkerBook(store, "sub").read(), objects, {}, failures)}
+    for cell_id in started:
+        assert (rows[cell_id]["state"], rows[cell_id]["why"]) == ("pending", f"FailedCreate: {no_account(names[cell_id])}")
+    assert {rows[c]["why"] for c in rows if c not in started} == {"suspended: held by the cap or queued"}
+    # Once the ServiceAccount is there, the Job makes its pod: the pod, not the old event, says how it goes.
+    api_server.add_pod(started[0], "pod-0", phase="Running")
+    mark(by_cell(cell_jobs(api_server))[started[0]], "running")
+    report = submit.submit_once(g, cluster, store, max_active=2)
+    assert list(report.stalled) == [started[1]]
+
+
+def test_no_event_list_while_every_cell_has_a_pod(api_server, cluster, store):
+    g = grid(batch_size=[16])
+    report = submit.submit_once(g, cluster, store)
+    for i, cell_id in enumerate(report.started):
+        api_server.add_pod(cell_id, f"pod-{i}", phase="Running")
+        mark(by_cell(cell_jobs(api_server))[cell_id], "running")
+    submit.submit_once(g, cluster, store)
+    assert not [r for r in api_server.requests if r[1].startswith(EVENTS)]
+
+
+def test_events_a_client_may_not_list_are_not_an_error(api_server, cluster, store):
+    g = grid(batch_size=[16])
+    submit.submit_once(g, cluster, store)
+    api_server.faults.append(("GET", EVENTS, 403, {}))  # RBAC without list on events
+    report = submit.submit_once(g, cluster, store)
+    assert report.stalled == {} and len(report.already_existed) == 2
+
+
+def test_a_trainjob_that_creates_no_pod_is_named_from_its_node_job(api_server, cluster, store):
+    g = grid(backend="trainjob", resources={"gpus": 0, "nodes": 2, "cpu": 1, "memory": "1Gi"})
+    submit.submit_once(g, cluster, store)
+    cell_id = g.cell_ids()[0]
+    node_job = f"{k8s.object_name('sub', cell_id)}-node-0"  # the JobSet's Job, which creates the pods
+    api_server.add_event("Job", node_job, "FailedCreate", no_account(node_job))
+    report = submit.submit_once(g, cluster, store)
+    assert report.stalled == {cell_id: ("FailedCreate", no_account(node_job), f"Job {node_job}")}
+
+
+# ---- succeeded on the cluster, nothing in the store -----------------------------------------------------------------
+
+
+def ago(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds))
+
+
+def test_succeeded_without_its_success_is_lost_after_the_grace(api_server, cluster, store):
+    g = grid()
+    submit.submit_once(g, cluster, store)
+    jobs = by_cell(cell_jobs(api_server))
+    lost, uploading, *rest = g.cell_ids()
+    for cell_id, obj in jobs.items():
+        mark(obj, "Complete")
+        if cell_id in rest:
+            finish_in_store(store, g, cell_id)
+    jobs[lost]["status"]["completionTime"] = ago(submit.LOST_GRACE_SECONDS + 60)
+    jobs[uploading]["status"]["completionTime"] = ago(5)
+    report = submit.submit_once(g, cluster, store)
+    assert report.lost == {lost: submit.lost_why(g)} and report.uploading == [uploading] and not report.finished
+    assert report.lost[lost].startswith("succeeded on the cluster, nothing in the store: do the pods write to "
+                                        "another store? (theirs: s3://critbatch/runs at http://critbatch-s3:8333")
+    assert ", lost 1" in report.summary()
+    objects = {o["metadata"]["name"]: o for o in cluster.list("Job", k8s.cell_selector("sub"))}
+    rows = {r["cell"]: r for r in status.cell_states(g, MarkerBook(store, "sub").read(), objects, {})}
+    assert (rows[lost]["cluster"], rows[lost]["state"], rows[lost]["why"]) == ("succeeded", "lost", submit.lost_why(g))
+    assert (rows[uploading]["state"], rows[uploading]["why"]) == ("running", "succeeded on the cluster; its _SUCCESS "
+                                                                               "on the way")
+    assert status.format_table(list(rows.values())).splitlines()[-1].endswith("failed 0  lost 1  (total 6)")
+    # The last upload arrives within the grace: that cell is done; the lost one holds the analysis back.
+    finish_in_store(store, g, uploading)
+    report = submit.submit_once(g, cluster, store)
+    assert report.finished and report.analysis == "held: 1 cells lost (succeeded on the cluster, nothing in the store)"
+    assert "critbatch-sub-analysis" not in api_server.jobs()
+
+
+def test_without_a_completion_time_the_grace_runs_from_the_first_poll_that_saw_it(api_server, cluster, store):
+    g = grid(batch_size=[16])
+    submit.submit_once(g, cluster, store)
+    first, second = g.cell_ids()
+    for cell_id, obj in by_cell(cell_jobs(api_server)).items():
+        mark(obj, "Complete")  # a condition without lastTransitionTime, no completionTime
+    finish_in_store(store, g, second)
+    now, seen = [1000.0], {}
+
+    def poll():
+        return submit.submit_once(g, cluster, store, seen=seen, clock=lambda: now[0])
+
+    assert poll().uploading == [first]
+    now[0] += submit.LOST_GRACE_SECONDS / 2
+    assert poll().uploading == [first]
+    now[0] += submit.LOST_GRACE_SECONDS / 2
+    report = poll()
+    assert list(report.lost) == [first] and report.finished
+
+
+def test_submit_wait_ends_on_a_lost_cell_with_exit_1(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit()
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps({**SPEC, "batch_size": [16]}))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
+    g = grid(batch_size=[16])
+    lost, done = g.cell_ids()
+    jobs = by_cell(cell_jobs(api_server))
+    for obj in jobs.values():
+        mark(obj, "Complete")
+        obj["status"]["completionTime"] = ago(600)
+    finish_in_store(open_store(s3_url), g, done)
+    capsys.readouterr()
+    assert cli.main(["submit", str(spec), "--store", s3_url, "--wait", "--poll-seconds", "0.01", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"sub: lost: {k8s.object_name('sub', lost)}: succeeded on the cluster, nothing in the store" in err
+    assert "held: 1 cells lost" in err and "critbatch-sub-analysis" not in api_server.jobs()
+
+
+# ---- checks before anything is created -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing,problem,fix", [
+    ("namespace", "namespace: no namespace 'critbatch' on the cluster", "kubectl apply -f k8s/namespace.yaml, then "
+                                                                        "kubectl apply -k k8s/"),
+    ("account", "service_account: no ServiceAccount 'critbatch' in namespace critbatch: the Job controller could "
+                "create no pod (FailedCreate)", "create it: kubectl apply -k k8s/"),
+])
+def test_submit_checks_the_namespace_and_service_account_first(api_server, tmp_path, monkeypatch, capsys, s3_url,
+                                                                missing, problem, fix):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit(**{missing: False})
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps(SPEC))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"critbatch submit: error: {problem}") and fix in err[0]
+    assert api_server.creates() == []
+
+
+def test_another_namespace_is_told_its_own_commands(api_server, cluster, store):
+    g = grid(namespace="ml", service_account="trainer")
+    api_server.add_kit()
+    with pytest.raises(ConfigError, match="^namespace: no namespace 'ml' on the cluster; create it: kubectl create "
+                                          "namespace ml, then its ServiceAccount 'trainer'"):
+        submit.check_cluster(g, cluster, print)
+    g = grid(service_account="trainer")
+    with pytest.raises(ConfigError, match=r"^service_account: no ServiceAccount 'trainer' .* create it: kubectl -n "
+                                          "critbatch create serviceaccount trainer$"):
+        submit.check_cluster(g, cluster, print)
+
+
+def test_what_submit_may_not_read_is_not_checked(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit(namespace=False)
+    api_server.faults.append(("GET", NAMESPACES, 403, {}))  # no right to read namespaces (cluster-scoped)
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps(SPEC))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
+    assert "cannot read Namespace critbatch (403 Forbidden): not checked" in capsys.readouterr().err
+    assert len(cell_jobs(api_server)) == 6
+
+
+def test_status_command_names_the_missing_service_account(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit()
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps({**SPEC, "batch_size": [16]}))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
+    for name in cell_jobs(api_server):
+        api_server.add_event("Job", name, "FailedCreate", no_account(name))
+    capsys.readouterr()
+    assert cli.main(["status", str(spec), "--store", s3_url]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert sum('pending  FailedCreate: pods "critbatch-sub-' in line and 'serviceaccount "critbatch" not found' in line
+               for line in table) == 2
+    assert table[-1] == "done 0  diverged 0  damaged 0  running 0  pending 2  failed 0  lost 0  (total 2)"
+
+
 # ---- status ------------------------------------------------------------------------------------------------------
 
 
@@ -592,7 +831,7 @@ def test_status_joins_cluster_and_store(api_server, cluster, store):
     assert len(held) == 2 and {r["state"] for r in held} == {"pending"}
     table = status.format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["CELL", "DATASET", "MODEL"]
-    assert table.splitlines()[-1] == "done 1  diverged 1  damaged 0  running 1  pending 2  failed 1  (total 6)"
+    assert table.splitlines()[-1] == "done 1  diverged 1  damaged 0  running 1  pending 2  failed 1  lost 0  (total 6)"
 
 
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
@@ -667,7 +906,7 @@ def test_status_command_without_cluster(tmp_path, capsys):
     spec.write_text(json.dumps({**SPEC, "store": str(store_dir)}))
     assert cli.main(["status", str(spec), "--no-cluster"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "done 1  diverged 0  damaged 0  running 0  pending 4  failed 1  (total 6)"
+    assert out[-1] == "done 1  diverged 0  damaged 0  running 0  pending 4  failed 1  lost 0  (total 6)"
     assert len(out) == 1 + 6 + 1 and "DeadlineExceeded" in out[2]
 
 
@@ -699,6 +938,7 @@ def test_submit_refuses_the_placeholder_image(api_server, tmp_path, monkeypatch,
 ])
 def test_submit_checks_the_store_secret_first(api_server, tmp_path, monkeypatch, capsys, s3_url, keys, problem):
     kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit(secret=False)
     if keys:
         api_server.add_secret(keys=keys)
     spec = tmp_path / "g.json"
@@ -711,6 +951,7 @@ def test_submit_checks_the_store_secret_first(api_server, tmp_path, monkeypatch,
 
 def test_a_secret_submit_may_not_read_is_not_checked(api_server, tmp_path, monkeypatch, capsys, s3_url):
     kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit(secret=False)
     api_server.faults.append(("GET", SECRETS, 403, {}))  # RBAC without get on Secrets
     spec = tmp_path / "g.json"
     spec.write_text(json.dumps(SPEC))
@@ -721,7 +962,7 @@ def test_a_secret_submit_may_not_read_is_not_checked(api_server, tmp_path, monke
 
 def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, monkeypatch, capsys, s3_url):
     kubeconfig(tmp_path, monkeypatch, api_server)
-    api_server.add_secret()
+    api_server.add_kit()
     spec = tmp_path / "g.yaml"
     spec.write_text(json.dumps({**SPEC, "image": "critbatch:latest"}))
     assert cli.main(["submit", str(spec), "--store", s3_url, "--max-active", "4", "--image", "reg/cb:2",
@@ -736,7 +977,7 @@ def test_submit_and_status_commands_through_a_kubeconfig(api_server, tmp_path, m
     mark(jobs[failed], "Failed", "PodFailurePolicy")
     assert cli.main(["status", str(spec), "--store", s3_url]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[-1] == "done 0  diverged 0  damaged 0  running 0  pending 5  failed 1  (total 6)"
+    assert table[-1] == "done 0  diverged 0  damaged 0  running 0  pending 5  failed 1  lost 0  (total 6)"
     assert sum(" suspended " in line for line in table) == 2
     # status wrote what it saw into the store: the failure outlives the Job.
     assert json.loads(open_store(s3_url).get_text(failed_key("sub", failed)))["by"] == "status"

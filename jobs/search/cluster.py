@@ -1,7 +1,7 @@
 """The search's cells on a cluster: created by the submit path, watched in the store, paused by deleting them.
 
 Each cell the search runs is one object (Job, PyTorchJob or TrainJob) made by
-``critbatch submit``'s own pass (jobs/sweep/submit.py) over a grid of that one
+``critbatch submit``'s own pass (jobs/cluster/submit.py) over a grid of that one
 cell: the cell's fields with the search's ``stop`` written in, the grid's run
 settings, so the object, its name, labels and failure policy are those a
 ``critbatch render`` of it would give. All of a wave's cells are created at
@@ -29,18 +29,19 @@ from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.store import Store
-from critbatch.jobs.sweep import k8s
-from critbatch.jobs.sweep.cluster import Cluster, api_client
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
+from critbatch.jobs.cluster.client import Cluster, api_client
+from critbatch.jobs.cluster.submit import backend_of, check_cluster, check_image, submit_once
 from critbatch.jobs.sweep.grid import GRID_FIELDS, Grid, grid_from_dict
-from critbatch.jobs.sweep.submit import cell_kind, check_image, submit_once
 
 
 def one_cell_grid(grid: Grid, cell: Cell) -> Grid:
     """The grid of ``cell`` alone, with ``grid``'s run settings: what the submit path renders it from."""
     raw = {k: v for k, v in grid.raw.items() if k in GRID_FIELDS and k != "search"}
     raw.update({k: v for k, v in cell.to_dict().items() if k != "sweep"})
-    if raw.get("backend") == "indexed":  # one object per cell, named after it, not one per resource class
-        raw["backend"] = "job"
+    if raw.get("backend") and not backends.get(raw["backend"]).per_cell:
+        raw["backend"] = backends.JOB.name  # one object per cell, named after it, not one per resource class
     one = grid_from_dict(raw, source=f"{grid.source}, cell {cell.id}")
     if one.cell_ids() != [cell.id]:
         raise ConfigError(f"search: cell {cell.id} of {grid.sweep} does not survive its own grid "
@@ -57,11 +58,14 @@ class ClusterBackend:
     log: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
     grids: dict[str, Grid] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)  # cells seen succeeded without their _SUCCESS
 
     @classmethod
     def connect(cls, grid: Grid, store: Store, **kwargs) -> "ClusterBackend":
         check_image(grid)
-        return cls(grid, Cluster(api_client(), grid.namespace), store, **kwargs)
+        cluster = Cluster(api_client(), grid.namespace)
+        check_cluster(grid, cluster, kwargs.get("log", print))
+        return cls(grid, cluster, store, **kwargs)
 
     @property
     def parallel(self) -> int:
@@ -79,9 +83,10 @@ class ClusterBackend:
                     self._pause(cell)
                     del pending[cell_id]
                     continue
-                report = submit_once(self._grid_of(cell), self.cluster, self.store, analysis=False)
-                if report.failed:
-                    self.log(f"critbatch search: cell {cell_id} failed: {report.failed[cell_id]}")
+                report = submit_once(self._grid_of(cell), self.cluster, self.store, analysis=False, seen=self.seen)
+                if report.failed or report.lost:
+                    why = report.failed.get(cell_id) or report.lost.get(cell_id)
+                    self.log(f"critbatch search: cell {cell_id} {'failed' if report.failed else 'lost'}: {why}")
                     failed.append(cell_id)
                     del pending[cell_id]
             if pending:
@@ -101,4 +106,4 @@ class ClusterBackend:
     def _pause(self, cell: Cell) -> None:
         """Delete the cell's object: SIGTERM, a checkpoint, no retry; the next rung creates it again."""
         one = self._grid_of(cell)
-        self.cluster.delete(cell_kind(one), k8s.object_name(one.sweep, cell.id))
+        self.cluster.delete(backend_of(one).kind, k8s.object_name(one.sweep, cell.id))

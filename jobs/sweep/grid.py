@@ -34,7 +34,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
-from . import k8s, sizing
+from . import sizing
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
 from .searchspec import SearchSpec
 from .sizing import CellPlan, Placement
 from critbatch.jobs.cell.analysis_args import parse_analyze_args
@@ -192,12 +194,18 @@ class GridSettings(Strict):
     data_root: str | None = Field(
         None, description="default: the store, under whose datasets/NAME/ `critbatch data stage` puts "
         "each dataset")
-    backend: Literal[k8s.BACKENDS] | None = Field(
-        None, description="default: job for one node, else pytorchjob")
+    backend: Literal[backends.NAMES] | None = Field(
+        None, description=f"default: {backends.DEFAULT_ONE_NODE.name} for one node, else "
+        f"{backends.DEFAULT_MULTI_NODE.name}")
     namespace: DNSLabel = k8s.DEFAULT_NAMESPACE
     queue: Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value (Kueue LocalQueue name)",
                                   max_length=k8s.MAX_LABEL_VALUE, min_length=1)] | None = Field(
         None, description="Kueue LocalQueue")
+    workload_priority_class: Annotated[str, Matches(k8s.LABEL_VALUE.pattern, "a valid label value (Kueue "
+                                                    "WorkloadPriorityClass name)", max_length=k8s.MAX_LABEL_VALUE,
+                                                    min_length=1)] | None = Field(
+        None, description="Kueue WorkloadPriorityClass of the cells' Workloads (needs queue); resources.priority_class "
+        "is the pods' PriorityClass")
     max_active: NonNegativeInt = Field(0, description="cap on cells running at once (clusters without Kueue); 0 = none")
     service_account: DNSSubdomain = k8s.DEFAULT_SERVICE_ACCOUNT
     checkpoint_seconds: PositiveFloat = 300.0
@@ -215,7 +223,7 @@ class GridSettings(Strict):
 
     @property
     def effective_backend(self) -> str:
-        return self.backend or ("job" if self.resources.nodes == 1 else "pytorchjob")
+        return self.backend or backends.default_for(self.resources.nodes).name
 
 
 GRID_FIELDS = tuple(GridSettings.model_fields)
@@ -242,6 +250,7 @@ class Grid:
     service_account: str
     checkpoint_seconds: float
     search: SearchSpec | None = None
+    workload_priority_class: str | None = None
     description: str = ""
     reproduces: str = ""
     source: str = "<dict>"
@@ -467,27 +476,10 @@ def _size_cells(cells: list[Cell], resources: Resources, pinned: set[str]) -> tu
 # ---- validation of the run settings ---------------------------------------------------------
 
 
-def name_budget(backend: str, nodes: int) -> int:
-    """Characters the longest derived name adds after ``critbatch-<sweep>-<cell-id>``.
-
-    A Job's pods keep the Job name as hostname; PyTorchJob names each replica's
-    pod and Service ``<name>-master-0`` and ``<name>-worker-<i>`` (the pod's
-    hostname) and a TrainJob's JobSet names pods ``<name>-node-0-<i>``: each
-    must stay a DNS label of at most 63 characters. An Indexed Job is named
-    ``critbatch-<sweep>-<class>`` (a resource class name is shorter than a cell
-    id) and its pods' hostnames ``<name>-<index>``.
-    """
-    if backend == "indexed":
-        return len(f"-{MAX_CELLS - 1}")
-    if backend == "pytorchjob":
-        return max(len(suffix) for suffix in ["-master-0"] + ([f"-worker-{nodes - 2}"] if nodes > 1 else []))
-    if backend == "trainjob":
-        return len(f"-node-0-{nodes - 1}")
-    return 0
-
-
 def max_sweep_length(backend: str, nodes: int) -> int:
-    fixed = len(k8s.object_name("", "0123456789")) + name_budget(backend, nodes)
+    """The longest sweep name that keeps ``critbatch-<sweep>-<cell-id>`` and every name the backend's
+    controller derives from it (its name budget: pods' hostnames, Services) within 63 characters."""
+    fixed = len(k8s.object_name("", "0123456789")) + backends.get(backend).name_budget(nodes, MAX_CELLS)
     return k8s.MAX_NAME - fixed
 
 
@@ -495,9 +487,10 @@ def _settings_problems(s: GridSettings) -> list[str]:
     """What the run settings' fields show only together: the backend against the nodes, the names' length."""
     out: list[str] = []
     backend, nodes = s.effective_backend, s.resources.nodes
-    if backend in ("job", "indexed") and nodes != 1:
-        out.append(f"backend: {backend!r} runs on one node, but resources.nodes is {nodes}; use pytorchjob or "
-                   "trainjob")
+    out.extend(backends.get(backend).render_problems(nodes=nodes, priority_class=None))
+    if s.workload_priority_class and not s.queue:
+        out.append(f"workload_priority_class: {s.workload_priority_class!r} is a Kueue WorkloadPriorityClass, which "
+                   "only a queued object has; set queue (a Kueue LocalQueue) too, or unset it")
     limit = max_sweep_length(backend, nodes)
     if len(s.sweep) > limit:
         out.append(f"sweep: {s.sweep!r} is {len(s.sweep)} characters; at most {limit} keep "

@@ -25,7 +25,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from . import k8s
+from critbatch.jobs import backends
+from critbatch.jobs.backends import Backend, k8s
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import class_digest
 from critbatch.jobs.cell.errors import ConfigError
@@ -176,6 +177,8 @@ def _pod_context(grid: Grid, cell_id: str | None, placement: Placement) -> dict[
     pod_labels = dict(obj_labels)
     if grid.queue:
         obj_labels[k8s.LABEL_QUEUE] = grid.queue
+    if grid.workload_priority_class:
+        obj_labels[k8s.LABEL_WORKLOAD_PRIORITY] = grid.workload_priority_class
     return {
         "name": k8s.object_name(grid.sweep, cell_id or placement.name),
         "namespace": grid.namespace,
@@ -208,36 +211,36 @@ def _pod_context(grid: Grid, cell_id: str | None, placement: Placement) -> dict[
 # ---- one render function per object -----------------------------------------------------------------
 
 
-def _job_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
-    if grid.resources.nodes != 1:
-        raise ConfigError(f"backend: a Job runs on one node; resources.nodes is {grid.resources.nodes}")
+def _cell_object(backend: Backend, grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
+    """One cell as an object of a per-cell ``backend``: the pod body, the backend's own variables, its template."""
+    problems = backend.render_problems(nodes=grid.resources.nodes, priority_class=grid.resources.priority_class)
+    if problems:
+        raise ConfigError(problems)
     ctx = _pod_context(grid, cell_id, placement)
-    ctx["container_name"] = k8s.CONTAINER_NAME
-    ctx["command"], ctx["args"] = _job_command(placement, _train_args(grid, cell_arg))
-    return _render("job-cell.yaml.j2", ctx)
-
-
-def _job_command(placement: Placement, train_args: list[str]) -> tuple[list[str], list[str]]:
-    """The container command and args of a one-node pod (a cell's Job, an Indexed Job's pods)."""
-    return _launch(["--standalone", f"--nproc-per-node={placement.procs_per_node}"], train_args, placement.gpus)
+    ctx.update(backend.context(placement))
+    ctx["command"], ctx["args"] = _launch(backend.torchrun_args(placement), _train_args(grid, cell_arg),
+                                          placement.gpus)
+    return _render(backend.template, ctx)
 
 
 def _indexed_document(grid: Grid, placement: Placement, cells: list[Cell], parallelism: int) -> Document:
     """The cells of one resource class as an Indexed Job; index i trains ``cells[i]``, read from sweep.yaml."""
-    if grid.resources.nodes != 1:
-        raise ConfigError(f"backend: an Indexed Job runs on one node; resources.nodes is {grid.resources.nodes}")
+    backend = backends.INDEXED
+    problems = backend.render_problems(nodes=grid.resources.nodes, priority_class=grid.resources.priority_class)
+    if problems:
+        raise ConfigError(problems)
     ctx = _pod_context(grid, None, placement)
-    ctx["container_name"] = k8s.CONTAINER_NAME
+    ctx.update(backend.context(placement))
     source = ["--cell-from-sweep", grid.sweep, "--resource-class", placement.name,
               "--sweep-digest", class_digest([c.id for c in cells])]
-    ctx["command"], ctx["args"] = _job_command(placement, _train_args(grid, source))
+    ctx["command"], ctx["args"] = _launch(backend.torchrun_args(placement), _train_args(grid, source), placement.gpus)
     ctx["completions"] = len(cells)
     ctx["parallelism"] = min(parallelism, len(cells)) if parallelism else len(cells)
     # The deadline covers the whole Job: a cell's deadline for each wave of `parallelism` cells.
     ctx["deadline_seconds"] *= -(-len(cells) // ctx["parallelism"])
     failed = grid.resources.max_failed_cells or max(1, len(cells) // 10)
     ctx["max_failed"] = min(failed, len(cells))
-    return _render("job-indexed.yaml.j2", ctx)
+    return _render(backend.template, ctx)
 
 
 def render_indexed(grid: Grid, *, parallelism: int | None = None) -> list[Document]:
@@ -247,37 +250,6 @@ def render_indexed(grid: Grid, *, parallelism: int | None = None) -> list[Docume
     """
     cap = grid.max_active if parallelism is None else parallelism
     return [_indexed_document(grid, placement, cells, cap) for placement, cells in grid.resource_classes().values()]
-
-
-def _pytorchjob_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
-    ctx = _pod_context(grid, cell_id, placement)
-    nodes = placement.nodes
-    ctx["replicas"] = [{"type": "Master", "count": 1}] + ([{"type": "Worker", "count": nodes - 1}] if nodes > 1 else [])
-    ctx["procs_per_node"] = placement.procs_per_node
-    ctx["container_name"] = k8s.PYTORCHJOB_CONTAINER
-    ctx["master_port"] = k8s.PYTORCHJOB_PORT
-    # $(VAR) is Kubernetes' own substitution of the container's variables, not a shell.
-    ctx["command"], ctx["args"] = _launch(["--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"],
-                                          _train_args(grid, cell_arg), placement.gpus)
-    return _render("pytorchjob-cell.yaml.j2", ctx)
-
-
-def _trainjob_document(grid: Grid, cell_id: str, cell_arg: str, placement: Placement) -> Document:
-    if grid.resources.priority_class:
-        # A TrainJob's runtime patch carries only the pod fields Kubeflow Trainer lets a manager set, and
-        # priorityClassName is not one of them: refuse rather than drop the grid's setting.
-        raise ConfigError(f"resources.priority_class: a TrainJob cannot set a pod priority class "
-                          f"({grid.resources.priority_class!r}); unset it, or use backend job or pytorchjob")
-    ctx = _pod_context(grid, cell_id, placement)
-    ctx["runtime"] = k8s.TRAINJOB_RUNTIME
-    ctx["patch_manager"] = k8s.TRAINJOB_PATCH_MANAGER
-    ctx["nodes"] = placement.nodes
-    ctx["procs_per_node"] = placement.procs_per_node
-    ctx["replicated_job"] = k8s.TRAINJOB_REPLICATED_JOB
-    ctx["container_name"] = k8s.TRAINJOB_CONTAINER
-    # No torchrun options: the launcher reads the PET_* variables Trainer injects, as torchrun does.
-    ctx["command"], ctx["args"] = _launch([], _train_args(grid, cell_arg), placement.gpus)
-    return _render("trainjob-cell.yaml.j2", ctx)
 
 
 def render_analysis_job(grid: Grid) -> dict:
@@ -319,25 +291,23 @@ def render_analysis_document(grid: Grid) -> Document:
 
 #: The kinds critbatch renders that hold no pod: the search controller's identity and its rights.
 _PODLESS = ("ServiceAccount", "Role", "RoleBinding")
-#: The API groups and resources of each backend's cell objects.
-_CELL_RESOURCES = {"job": ("batch", "jobs"), "indexed": ("batch", "jobs"),
-                   "pytorchjob": (k8s.PYTORCHJOB_GROUP, k8s.PYTORCHJOB_PLURAL),
-                   "trainjob": (k8s.TRAINJOB_GROUP, k8s.TRAINJOB_PLURAL)}
 
 
 def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[Document]:
     """The search controller (``critbatch search GRID --cluster`` in a pod): its ServiceAccount, a Role on the
-    cells' objects and pods in the grid's namespace, the RoleBinding, and the Job, which starts when applied.
+    cells' objects, their pods and the events that say why a controller made no pod (list) in the grid's
+    namespace, the RoleBinding, and the Job, which starts when applied.
 
     The grid travels inside the Job as JSON (its spec as written, the overrides applied), so the pod needs no
     file; rendering stays a pure function of the grid.
     """
     name = k8s.object_name(grid.sweep, k8s.SEARCH_SUFFIX)
     meta = {"name": name, "namespace": grid.namespace, "labels": labels(grid, k8s.COMPONENT_SEARCH)}
-    group, plural = _CELL_RESOURCES[grid.backend]
-    rules = [{"apiGroups": [group], "resources": [plural],
+    backend = backends.get(grid.backend)
+    rules = [{"apiGroups": [backend.group], "resources": [backend.plural],
               "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+             {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]}]
     a = grid.analysis
     job = {
         **meta,
@@ -363,21 +333,22 @@ def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[D
             _render("rolebinding-search.yaml.j2", meta), _render("job-search.yaml.j2", job)]
 
 
-_CELL_DOCUMENTS = {"job": _job_document, "pytorchjob": _pytorchjob_document, "trainjob": _trainjob_document}
-
-
 def render_cell(grid: Grid, cell: Cell, backend: str | None = None) -> dict:
     """One cell as an object of ``backend`` (default: the grid's): a batch/v1 Job on one node
-    (``torchrun --standalone``), a kubeflow.org/v1 PyTorchJob (Master + nodes-1 Workers) or a Kubeflow
-    Trainer v2 TrainJob on the critbatch runtime (k8s/trainer), on the devices of the cell's plan."""
-    return _cell_document(grid, backend or grid.backend)(grid, cell.id, cell_json(cell), grid.plan(cell).placement).obj
+    (``torchrun --standalone``), a Kubeflow Trainer v2 TrainJob on the critbatch runtime (k8s/trainer) or a
+    kubeflow.org/v1 PyTorchJob (Master + nodes-1 Workers), on the devices of the cell's plan."""
+    make = cell_renderer(grid, backend or grid.backend)
+    return make(grid, cell.id, cell_json(cell), grid.plan(cell).placement).obj
 
 
-def _cell_document(grid: Grid, backend: str):
-    if backend not in _CELL_DOCUMENTS:
-        raise ConfigError(f"backend: {backend!r} renders one Job per resource class, not one object per cell; "
-                          f"per-cell backends: {', '.join(_CELL_DOCUMENTS)}")
-    return _CELL_DOCUMENTS[backend]
+def cell_renderer(grid: Grid, name: str):
+    """``(grid, cell id, --cell argument, placement) -> Document`` for the per-cell backend ``name``."""
+    backend = backends.get(name)
+    if not backend.per_cell:
+        per_cell = [b.name for b in backends.REGISTRY.values() if b.per_cell]
+        raise ConfigError(f"backend: {name!r} renders one Job per resource class, not one object per cell; "
+                          f"per-cell backends: {', '.join(per_cell)}")
+    return functools.partial(_cell_object, backend)
 
 
 # Stand-ins for the only two values that differ between the cells of a grid. The id token has a cell id's
@@ -398,9 +369,9 @@ def render_documents(grid: Grid, *, backend: str | None = None, analysis: bool =
     the cost for 10,000 cells.
     """
     backend = backend or grid.backend
-    if backend == "indexed":
+    if not backends.get(backend).per_cell:
         return render_indexed(grid) + ([render_analysis_document(grid)] if analysis else [])
-    make = _cell_document(grid, backend)
+    make = cell_renderer(grid, backend)
     cells = grid.cells()
     placements = [p.placement for p in grid.plans()]
     docs: list[Document] = []
@@ -446,25 +417,18 @@ def render_grid(grid: Grid, *, backend: str | None = None, analysis: bool = True
 def pod_specs(obj: dict) -> list[dict]:
     """The pod specs (or pod spec patches) inside an object of any kind critbatch renders."""
     kind = obj.get("kind")
-    spec = obj.get("spec", {})
-    if kind == "Job":
-        return [spec["template"]["spec"]]
-    if kind == "PyTorchJob":
-        return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
-    if kind == "TrainJob":
-        return [rj["template"]["spec"]["template"]["spec"]
-                for patch in spec.get("runtimePatches", [])
-                for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
     if kind in _PODLESS:
         return []
-    raise ValueError(f"unexpected kind {kind!r}")
+    try:
+        return backends.by_kind(kind).pod_specs(obj)
+    except KeyError:
+        raise ValueError(f"unexpected kind {kind!r}") from None
 
 
 def env_lists(obj: dict) -> list[list[dict]]:
-    out = [c.get("env", []) for pod in pod_specs(obj) for c in pod.get("containers", [])]
-    if obj.get("kind") == "TrainJob":
-        out.append(obj["spec"]["trainer"].get("env", []))
-    return out
+    if obj.get("kind") in _PODLESS:
+        return []
+    return backends.by_kind(obj["kind"]).env_lists(obj)
 
 
 def check_object(obj: Any) -> None:

@@ -10,13 +10,12 @@ A running index is one whose pod runs (the pods carry the Job controller's compl
 
 from __future__ import annotations
 
-from . import k8s
-from .cluster import failure, is_suspended, object_state, true_conditions
-from .grid import Grid
+from critbatch.jobs.backends import INDEXED, k8s
+from critbatch.jobs.sweep.grid import Grid
 
 #: The labels the Job controller puts on an Indexed Job's pods (Kubernetes >= 1.28).
 POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-COMPLETE = k8s.CONDITIONS_SUCCEEDED[0]  # a batch/v1 Job's
+COMPLETE = INDEXED.succeeded_conditions[0]  # a batch/v1 Job's
 
 
 def indexes(text: str | None) -> set[int]:
@@ -50,17 +49,23 @@ def index_views(grid: Grid, jobs: list[dict], pods: list[dict]) -> tuple[dict[st
             continue
         status = job.get("status") or {}
         done, failed = indexes(status.get("completedIndexes")), indexes(status.get("failedIndexes"))
-        job_failed = object_state(job) == "failed"
+        job_failed = INDEXED.state(job) == "failed"
         for i, cell_id in enumerate(ids):
-            view = {"kind": "Job", "metadata": {"name": k8s.object_name(grid.sweep, cell_id)},
-                    "spec": {"suspend": is_suspended(job)}, "status": {}}
+            view = {"kind": INDEXED.kind,
+                    "metadata": {"name": k8s.object_name(grid.sweep, cell_id),
+                                 "ownerReferences": [{"kind": INDEXED.kind, "name": job["metadata"]["name"]}]},
+                    "spec": {"suspend": INDEXED.is_suspended(job)}, "status": {}}
             where = f"index {i} of {job['metadata']['name']}"
             if i in done:
                 view["status"]["conditions"] = [{"type": COMPLETE, "status": "True"}]
+                finished = [_finished_at(p) for p in cell_pods.get(cell_id, [])
+                            if (p.get("status") or {}).get("phase") == "Succeeded"]
+                if any(finished):  # when the index's pod ended: how long its _SUCCESS has been on its way
+                    view["status"]["completionTime"] = max(t for t in finished if t)
             elif i in failed or job_failed:
                 # A failed index used up its retries or exited with a bad-configuration code; an index of a
                 # Job that failed as a whole (its deadline, maxFailedIndexes) fails with the Job's reason.
-                reason, message = ("FailedIndex", f"{where} failed") if i in failed else (failure(job), where)
+                reason, message = ("FailedIndex", f"{where} failed") if i in failed else (INDEXED.failure(job), where)
                 view["status"]["conditions"] = [{"type": k8s.CONDITION_FAILED, "status": "True",
                                                  "reason": reason, "message": message}]
             elif any((p.get("status") or {}).get("phase") == "Running" for p in cell_pods.get(cell_id, [])):
@@ -69,6 +74,9 @@ def index_views(grid: Grid, jobs: list[dict], pods: list[dict]) -> tuple[dict[st
     return views, cell_pods
 
 
-def job_finished(job: dict) -> bool:
-    """An Indexed Job that has Completed or Failed as a whole."""
-    return bool(true_conditions(job) & {COMPLETE, k8s.CONDITION_FAILED})
+
+def _finished_at(pod: dict) -> str:
+    """When a pod's last container terminated (RFC 3339), or ""."""
+    times = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
+             for cs in (pod.get("status") or {}).get("containerStatuses") or []]
+    return max(times, default="")

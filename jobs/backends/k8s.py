@@ -1,4 +1,4 @@
-"""Names, label keys and reserved numbers shared by the grid, the templates and ``submit``/``status``.
+"""Names, label keys and reserved numbers shared by the backends, the grid, the templates and ``submit``/``status``.
 
 One module, so a label the templates write and a selector ``status`` reads can
 never drift apart (the habit of Katib's SDK ``constants.py``).
@@ -34,16 +34,6 @@ DEFAULT_STORE_ENDPOINT = "http://critbatch-s3:8333"
 ANALYSIS_SUFFIX = "analysis"
 #: ``critbatch-<sweep>-search``: the search controller's Job, ServiceAccount, Role and RoleBinding.
 SEARCH_SUFFIX = "search"
-#: The ClusterTrainingRuntime every TrainJob refers to (k8s/trainer/clustertrainingruntime.yaml: Trainer's
-#: torch runtime with the failure policy of the exit-code table), its replicated job and trainer container
-#: (names Trainer's torch plugin looks for), and the owner of critbatch's runtime patch.
-TRAINJOB_RUNTIME = "critbatch"
-TRAINJOB_REPLICATED_JOB = "node"
-TRAINJOB_CONTAINER = "node"
-TRAINJOB_PATCH_MANAGER = "critbatch.io/render"
-#: The Training Operator finds the PyTorch container and its rendezvous port by these names.
-PYTORCHJOB_CONTAINER = "pytorch"
-PYTORCHJOB_PORT = 23456
 
 # ---- label keys ------------------------------------------------------------------
 LABEL_NAME = "app.kubernetes.io/name"
@@ -55,22 +45,16 @@ LABEL_CELL = "critbatch.io/cell-id"
 #: The resource class of an Indexed Job (backend indexed): the cells that share its pod.
 LABEL_RESOURCE_CLASS = "critbatch.io/resource-class"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+#: The Kueue WorkloadPriorityClass of a queued object's Workload (Kueue v0.20 serves kueue.x-k8s.io/v1beta2 only;
+#: the two labels are the same in every version).
+LABEL_WORKLOAD_PRIORITY = "kueue.x-k8s.io/priority-class"
 COMPONENT_CELL = "cell"
 COMPONENT_ANALYSIS = "analysis"
 COMPONENT_SEARCH = "search"
 
-# ---- condition types read back by submit and status -------------------------------------
-#: Job and TrainJob say Complete, PyTorchJob says Succeeded.
-CONDITIONS_SUCCEEDED = ("Complete", "Succeeded")
+# ---- condition types read back by submit and status (each backend names its own, jobs/backends) --------
 CONDITION_FAILED = "Failed"
 CONDITION_SUSPENDED = "Suspended"
-#: PyTorchJob's; a Job counts status.active, a TrainJob its child Jobs' active or ready pods.
-CONDITIONS_RUNNING = ("Running", "Restarting")
-
-# ---- API groups ---------------------------------------------------------------------
-PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
-BACKENDS = ("job", "pytorchjob", "trainjob", "indexed")
 
 # ---- the container -----------------------------------------------------------------
 #: Exit code a cell uses for bad configuration: the Job fails at once (podFailurePolicy FailJob).

@@ -1,5 +1,6 @@
 """The cluster's API as ``submit`` and ``status`` use it: a few calls on plain dicts, each one retried
-through transient errors, and the words they read back from an object or a pod.
+through transient errors, and what they read back from a pod. What an object's status says is its
+backend's to read (critbatch.jobs.backends).
 
 Every call goes through :meth:`Cluster._call`. A 429 or a 5xx answer, a refused or dropped connection
 and a timeout are retried with jittered exponential backoff (tenacity), waiting at least what the
@@ -26,7 +27,8 @@ from typing import Any, Callable
 
 import tenacity
 
-from . import k8s
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
 from critbatch.jobs.cell.errors import ConfigError
 
 #: HTTP statuses worth another try: throttled, or the API server (or what is in front of it) failing.
@@ -35,6 +37,10 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 120.0
 #: Container waiting reasons that are the normal way into running, not a reason to report.
 NORMAL_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+#: Warning events by which a controller says it cannot make an object's pods (the Job controller's
+#: FailedCreate: a missing ServiceAccount, an exhausted ResourceQuota, an admission webhook's refusal;
+#: the Training Operator's FailedCreatePod): no pod exists to show the reason, only these events.
+CREATE_FAILURES = frozenset({"FailedCreate", "FailedCreatePod"})
 
 
 class ClusterUnavailable(RuntimeError):
@@ -122,33 +128,17 @@ def describe(err: BaseException) -> str:
 # ---- the calls -------------------------------------------------------------------------------------------
 
 
-def suspend_patch(kind: str, suspend: bool) -> dict:
-    """The merge patch that suspends or resumes an object: PyTorchJob keeps the flag in its runPolicy."""
-    if kind == "PyTorchJob":
-        return {"spec": {"runPolicy": {"suspend": suspend}}}
-    return {"spec": {"suspend": suspend}}
-
-
-def set_suspend(obj: dict, suspend: bool) -> dict:
-    """``obj`` with its suspend flag set (the field submit owns: never rendered, so re-applying a rendered
-    stream never resets it)."""
-    spec = obj["spec"]["runPolicy"] if obj["kind"] == "PyTorchJob" else obj["spec"]
-    spec["suspend"] = suspend
-    return obj
-
-
 class Cluster:
     """The API calls submit and status make, per kind, on plain dicts; each retried through transient errors.
+
+    A kind is a built-in one (Job, Pod) or a backend's custom resource, whose group, version and plural
+    its backend gives.
 
     ``attempts`` tries per call, waits from ``wait`` (default: jittered exponential from 1 s up to 30 s,
     at least the server's Retry-After), slept with ``sleep``; ``timeout`` is each request's (connect,
     read) timeout in seconds, so a hung API server counts as a failed attempt rather than a hung submit.
     """
 
-    _CRDS = {
-        "PyTorchJob": (k8s.PYTORCHJOB_GROUP, k8s.PYTORCHJOB_VERSION, k8s.PYTORCHJOB_PLURAL),
-        "TrainJob": (k8s.TRAINJOB_GROUP, k8s.TRAINJOB_VERSION, k8s.TRAINJOB_PLURAL),
-    }
     #: Items per page of a LIST: a sweep of thousands of cells is read in pages, not one huge answer.
     PAGE = 500
 
@@ -206,8 +196,7 @@ class Cluster:
         elif kind == "Pod":
             fn, args = self.core.list_namespaced_pod, (self.namespace,)
         else:
-            group, version, plural = self._CRDS[kind]
-            fn, args = self.custom.list_namespaced_custom_object, (group, version, self.namespace, plural)
+            fn, args = self.custom.list_namespaced_custom_object, (*_resource(kind), self.namespace, _plural(kind))
         items: list[dict] = []
         token = None
         while True:
@@ -228,27 +217,25 @@ class Cluster:
                 self._call(f"create Job {obj['metadata']['name']}", self.batch.create_namespaced_job,
                            self.namespace, obj, expect=(409,))
             else:
-                group, version, plural = self._CRDS[kind]
                 self._call(f"create {kind} {obj['metadata']['name']}", self.custom.create_namespaced_custom_object,
-                           group, version, self.namespace, plural, obj, expect=(409,))
+                           *_resource(kind), self.namespace, _plural(kind), obj, expect=(409,))
         except ApiException:  # 409 AlreadyExists: another submit, or an earlier pass, got there first
             return False
         return True
 
     def set_suspended(self, kind: str, name: str, suspend: bool) -> bool:
-        """Suspend or resume an object with a merge patch; False when it is gone (404)."""
+        """Suspend or resume an object with a merge patch (its backend's); False when it is gone (404)."""
         from kubernetes.client.exceptions import ApiException
 
-        body = suspend_patch(kind, suspend)
+        body = backends.by_kind(kind).suspend_patch(suspend)
         verb = "suspend" if suspend else "resume"
         try:
             if kind == "Job":
                 self._call(f"{verb} Job {name}", self.batch.patch_namespaced_job, name, self.namespace, body,
                            _content_type="application/merge-patch+json", expect=(404,))
             else:
-                group, version, plural = self._CRDS[kind]
-                self._call(f"{verb} {kind} {name}", self.custom.patch_namespaced_custom_object, group, version,
-                           self.namespace, plural, name, body, _content_type="application/merge-patch+json",
+                self._call(f"{verb} {kind} {name}", self.custom.patch_namespaced_custom_object, *_resource(kind),
+                           self.namespace, _plural(kind), name, body, _content_type="application/merge-patch+json",
                            expect=(404,))
         except ApiException:
             return False
@@ -264,12 +251,49 @@ class Cluster:
                 self._call(f"delete Job {name}", self.batch.delete_namespaced_job, name, self.namespace, body=body,
                            expect=(404,))
             else:
-                group, version, plural = self._CRDS[kind]
-                self._call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object, group, version,
-                           self.namespace, plural, name, body=body, expect=(404,))
+                self._call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object, *_resource(kind),
+                           self.namespace, _plural(kind), name, body=body, expect=(404,))
         except ApiException:
             return False
         return True
+
+    def found(self, kind: str, name: str) -> bool:
+        """Whether a Namespace (``name`` itself) or a ServiceAccount of the namespace exists. A 403 (no
+        right to read it) is raised as the ApiException, for the caller to skip its check."""
+        from kubernetes.client.exceptions import ApiException
+
+        if kind == "Namespace":
+            fn, args = self.core.read_namespace, (name,)
+        elif kind == "ServiceAccount":
+            fn, args = self.core.read_namespaced_service_account, (name, self.namespace)
+        else:
+            raise ValueError(f"cannot look up a {kind}")
+        try:
+            self._read(f"read {kind} {name}", fn, *args, expect=(403, 404))
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def warnings(self, kind: str) -> list[dict]:
+        """The namespace's Warning events about objects of ``kind``: one LIST (paged), filtered by the server;
+        none where this client may not list events (403: they only explain, so their absence is no error)."""
+        from kubernetes.client.exceptions import ApiException
+
+        items: list[dict] = []
+        token = None
+        while True:
+            try:
+                page = self._read(f"list Events of {kind}s", self.core.list_namespaced_event, self.namespace,
+                                  field_selector=f"involvedObject.kind={kind},type=Warning", limit=self.PAGE,
+                                  expect=(403,), **({"_continue": token} if token else {}))
+            except ApiException:
+                return items
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     def secret_keys(self, name: str) -> set[str] | None:
         """The key names of a Secret (never its values); None when it does not exist. A 403 (no right to
@@ -286,49 +310,17 @@ class Cluster:
         return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
 
 
-# ---- what an object or a pod says -------------------------------------------------------------------------
+def _resource(kind: str) -> tuple[str, str]:
+    """(group, version) of a backend's custom resource."""
+    backend = backends.by_kind(kind)
+    return backend.group, backend.version
 
 
-def true_conditions(obj: dict) -> set[str]:
-    return {c.get("type") for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+def _plural(kind: str) -> str:
+    return backends.by_kind(kind).plural
 
 
-def is_suspended(obj: dict) -> bool:
-    spec = obj.get("spec") or {}
-    flag = (spec.get("runPolicy") or {}).get("suspend") if obj.get("kind") == "PyTorchJob" else spec.get("suspend")
-    return bool(flag) or k8s.CONDITION_SUSPENDED in true_conditions(obj)
-
-
-def object_state(obj: dict) -> str:
-    """succeeded | failed | deleting | suspended | running | created: one word for any kind rendered.
-
-    Job: Complete / Failed conditions, ``status.active``. PyTorchJob: Succeeded / Failed / Running /
-    Restarting. TrainJob: Complete / Failed / Suspended, and running while one of its child Jobs
-    (``status.jobsStatus``) has active or ready pods - it has no Running condition.
-    """
-    conditions = true_conditions(obj)
-    status = obj.get("status") or {}
-    if conditions & set(k8s.CONDITIONS_SUCCEEDED):
-        return "succeeded"
-    if k8s.CONDITION_FAILED in conditions:
-        return "failed"
-    if (obj.get("metadata") or {}).get("deletionTimestamp"):
-        return "deleting"
-    if is_suspended(obj):
-        return "suspended"
-    children = status.get("jobsStatus") or []
-    if status.get("active") or conditions & set(k8s.CONDITIONS_RUNNING) or any(
-            j.get("active") or j.get("ready") for j in children):
-        return "running"
-    return "created"
-
-
-def failure(obj: dict) -> str:
-    """The Failed condition's reason and message, e.g. ``BackoffLimitExceeded: Job has reached ...``."""
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == k8s.CONDITION_FAILED and cond.get("status") == "True":
-            return ": ".join(p for p in (cond.get("reason"), cond.get("message")) if p) or "Failed"
-    return "Failed"
+# ---- what a pod says ------------------------------------------------------------------------------------------
 
 
 def pod_problem(pod: dict) -> tuple[str, str] | None:
@@ -367,4 +359,29 @@ def cell_problem(pods: list[dict]) -> tuple[str, str, str] | None:
         problem = pod_problem(pod)
         if problem:
             return (*problem, pod["metadata"]["name"])
+    return None
+
+
+def _event_time(event: dict) -> str:
+    return (event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+            or (event.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def create_failures(events: list[dict]) -> dict[str, tuple[str, str]]:
+    """Object name -> (reason, message) of the latest event saying its controller could not create its pods."""
+    out: dict[str, tuple[str, str]] = {}
+    for event in sorted(events, key=_event_time):
+        if event.get("reason") in CREATE_FAILURES:
+            out[(event.get("involvedObject") or {}).get("name", "")] = (event["reason"], event.get("message", ""))
+    return out
+
+
+def cell_stall(backend, obj: dict, pods: list[dict], failures: dict[str, tuple[str, str]]) -> tuple[str, str, str] | None:
+    """(reason, message, object) when a cell has no pod at all and its controller says why it made none
+    (create_failures, on one of the objects the backend's controller creates the pods from); else None."""
+    if pods:
+        return None
+    for subject in backend.event_subjects(obj):
+        if subject in failures:
+            return (*failures[subject], f"{backend.event_kind} {subject}")
     return None
