@@ -32,7 +32,8 @@ from critbatch.jobs.cell.layout import cell_prefix
 from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.local.s3server import S3Server
 from critbatch.jobs.store import open_store
-from critbatch.jobs.sweep import k8s
+from critbatch.jobs import backends
+from critbatch.jobs.backends import k8s
 from critbatch.jobs.sweep.grid import load_grid, preset_names
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.s3]
@@ -258,7 +259,7 @@ def crds(control_plane):
     control_plane.kubectl("apply", "--validate=strict", "-f", str(REPO / "k8s/trainer/clustertrainingruntime.yaml"))
 
 
-@pytest.mark.parametrize("backend", list(k8s.BACKENDS))
+@pytest.mark.parametrize("backend", list(backends.NAMES))
 def test_every_preset_passes_a_strict_server_side_dry_run(control_plane, crds, backend, tmp_path):
     """Every preset's cells and analysis Job under ``backend``, applied with --dry-run=server and strict field
     validation: the API server's own checks (restartPolicy with a podFailurePolicy, backoffLimitPerIndex

@@ -466,22 +466,47 @@ def complete_everything(api_server, store, g):
         finish_in_store(store, g, obj["metadata"]["labels"][k8s.LABEL_CELL])
 
 
+def complete_analysis(api_server):
+    """The analysis Job, once created, as its controller leaves it after the report is written."""
+    for obj in api_server.jobs().values():
+        if obj["metadata"]["labels"][k8s.LABEL_COMPONENT] == k8s.COMPONENT_ANALYSIS:
+            mark(obj, "Complete")
+
+
 def test_wait_keeps_submitting_then_creates_the_analysis(api_server, cluster, store):
     g = grid()
     polls = []
 
     def sleep(seconds):
-        # Between polls the cluster runs what was resumed: each running cell finishes and writes _SUCCESS.
+        # Between polls the cluster runs what was resumed: each running cell finishes and writes _SUCCESS;
+        # once created, the analysis Job runs and completes by the next poll.
         polls.append(seconds)
         for obj in cell_jobs(api_server).values():
             if not obj["spec"]["suspend"]:
                 mark(obj, "Complete")
                 finish_in_store(store, g, obj["metadata"]["labels"][k8s.LABEL_CELL])
+        if "critbatch-sub-analysis" in api_server.jobs():
+            created.append(dict(api_server.jobs()["critbatch-sub-analysis"]["spec"]))
+            mark(api_server.jobs()["critbatch-sub-analysis"], "Complete")
 
+    created = []
     report = submit.submit(g, cluster, store, max_active=4, wait=True, poll_seconds=0.5, sleep=sleep)
-    assert report.finished and polls == [0.5, 0.5]
-    analysis = api_server.jobs()["critbatch-sub-analysis"]
-    assert "suspend" not in analysis["spec"] and report.analysis == "created"
+    # Two polls until every cell is done (the analysis Job created), one more until the analysis completes.
+    assert report.finished and polls == [0.5, 0.5, 0.5]
+    assert len(created) == 1 and "suspend" not in created[0]
+    assert report.analysis == "succeeded" and report.settled
+
+
+def test_wait_ends_non_zero_when_the_analysis_fails(api_server, cluster, store):
+    g = grid()
+    for cell_id in g.cell_ids():
+        finish_in_store(store, g, cell_id)
+
+    def sleep(seconds):
+        mark(api_server.jobs()["critbatch-sub-analysis"], "Failed", "BackoffLimitExceeded")
+
+    report = submit.submit(g, cluster, store, wait=True, poll_seconds=0.5, sleep=sleep)
+    assert report.analysis == "failed" and report.settled
 
 
 def test_wait_times_out(api_server, cluster, store):
@@ -537,12 +562,15 @@ def test_wait_survives_the_api_server_going_away(api_server, cluster, store):
         elif len(polls) == 2:
             api_server.start()
             complete_everything(api_server, store, g)
+        else:
+            complete_analysis(api_server)
 
     report = submit.submit(g, cluster, store, wait=True, poll_seconds=5, sleep=sleep, log=lines.append)
-    assert report.finished and report.analysis == "created" and polls == [5, 5]
+    assert report.finished and report.analysis == "succeeded" and polls == [5, 5, 5]
     assert lines[0].startswith("created 6, started 6")
     assert lines[1].startswith("this poll failed (kubernetes: list Jobs: MaxRetryError") and "trying again in 5 s" in lines[1]
     assert lines[2].startswith("created 0") and lines[2].endswith("analysis job created")
+    assert lines[3].endswith("analysis job succeeded")
 
 
 def test_a_store_outage_mid_wait_is_one_line_too(api_server, cluster, tmp_path):
@@ -562,6 +590,7 @@ def test_a_store_outage_mid_wait_is_one_line_too(api_server, cluster, tmp_path):
         store.down = not store.down
         if not store.down:
             complete_everything(api_server, store, g)
+            complete_analysis(api_server)
 
     report = submit.submit(g, cluster, store, wait=True, poll_seconds=1, sleep=sleep, log=lines.append)
     assert report.finished and lines[1] == "this poll failed (s3 unreachable); trying again in 1 s"

@@ -122,6 +122,11 @@ class SubmitReport:
             text += "; stuck: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
         return text + (f"; analysis job {self.analysis}" if self.analysis else "")
 
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for: every cell finished, and the analysis Job finished or is held."""
+        return self.finished and (self.analysis in ("succeeded", "failed") or self.analysis.startswith("held"))
+
 
 def backend_of(grid: Grid) -> Backend:
     """The backend the grid's cells run as."""
@@ -325,7 +330,8 @@ def _ensure_analysis(grid: Grid, cluster: Cluster, dry_run: bool, report: Submit
 def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, wait: bool = False,
            poll_seconds: float = 30.0, timeout: float = 0.0, dry_run: bool = False, retry_failed: bool = False,
            log: Callable[[str], None] = lambda s: None, sleep: Callable[[float], None] = time.sleep) -> SubmitReport:
-    """``submit_once``, repeated every ``poll_seconds`` with ``wait`` until every cell has finished.
+    """``submit_once``, repeated every ``poll_seconds`` with ``wait`` until every cell has finished and the
+    analysis Job it then creates has finished too (the report is in the store), or is held by failed cells.
 
     With ``wait``, a pass that the cluster or the store fails (past the retries of each call) is logged
     and the next poll tries again; ``--retry-failed`` applies to the first pass only (a cell that fails
@@ -345,10 +351,11 @@ def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int
         else:
             retry_failed = False
             log(report.summary())
-            if not wait or dry_run or report.finished:
+            if not wait or dry_run or report.settled:
                 return report
         if timeout and time.monotonic() - started + poll_seconds > timeout:
-            raise TimeoutError(f"cells still unfinished after {timeout:g} s: {report.summary()}")
+            what = "the analysis Job still unfinished" if report.finished else "cells still unfinished"
+            raise TimeoutError(f"{what} after {timeout:g} s: {report.summary()}")
         sleep(poll_seconds)
 
 
@@ -460,4 +467,7 @@ def cli_submit(args: argparse.Namespace) -> int:
         log(f"failed: {k8s.object_name(grid.sweep, cell_id)}: {reason}")
     for cell_id, why in sorted(report.lost.items()):
         log(f"lost: {k8s.object_name(grid.sweep, cell_id)}: {why}")
-    return 1 if (report.failed or report.lost) and report.finished else 0
+    if report.analysis == "failed":
+        log(f"failed: the analysis Job {k8s.object_name(grid.sweep, k8s.ANALYSIS_SUFFIX)}: "
+            f"kubectl -n {grid.namespace} logs job/{k8s.object_name(grid.sweep, k8s.ANALYSIS_SUFFIX)}")
+    return 1 if ((report.failed or report.lost) and report.finished) or report.analysis == "failed" else 0
