@@ -36,8 +36,18 @@ class Link:
             server, self._server = self._server, None
             conns, self._conns = self._conns, []
         if server is not None:
+            # shutdown() first: close() alone leaves a thread blocked in accept() holding the port open, which
+            # goes on accepting connections.
+            try:
+                server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             server.close()
         for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             conn.close()
 
     def _accept(self, server: socket.socket) -> None:

@@ -490,3 +490,61 @@ def test_a_failed_job_deleted_by_its_ttl_stays_failed(ns, kube_api, kube_node, s
     assert (row["cluster"], row["state"]) == ("absent", "failed"), row
     again = critbatch("submit", str(grid))
     assert "failed 1" in again.stderr and "created 0" in again.stderr, again.stderr
+
+
+# ---- the two stalls a real API server showed ---------------------------------------------------------------
+
+
+def test_submit_refuses_a_namespace_without_the_pods_service_account(kube_namespace, kube_api, control_plane, s3,
+                                                                     store_url, tmp_path, monkeypatch):
+    from kubernetes import client
+
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    env = s3["server"].env()
+    client.CoreV1Api(kube_api).create_namespaced_secret(kube_namespace, {
+        "metadata": {"name": k8s.DEFAULT_STORE_SECRET},
+        "stringData": {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+    grid = write_grid(tmp_path, "e2e-nosa", kube_namespace, store_url, s3["link"])
+    done = critbatch("submit", str(grid))
+    assert done.returncode == 2, done.stderr
+    assert 'ServiceAccount "critbatch"' in done.stderr or "serviceaccount" in done.stderr.lower(), done.stderr
+    assert "kubectl apply -k k8s/" in done.stderr, done.stderr
+    assert client.BatchV1Api(kube_api).list_namespaced_job(kube_namespace).items == [], "nothing created"
+
+
+def test_status_names_a_job_that_cannot_create_its_pods(kube_namespace, kube_api, kube_node, control_plane, s3,
+                                                        store_url, tmp_path, monkeypatch):
+    """Applied with kubectl where the ServiceAccount is missing: the Job controller records FailedCreate on the
+    Job, no pod ever exists, and status says so instead of 'pending' with no reason."""
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    grid = write_grid(tmp_path, "e2e-nopods", kube_namespace, store_url, s3["link"], batch_size=[4])
+    rendered = critbatch("render", str(grid))
+    assert rendered.returncode == 0, rendered.stderr
+    control_plane.kubectl("apply", "-f", "-", input=rendered.stdout)
+    (cell,) = load_grid(yaml.safe_load(grid.read_text())).cell_ids()
+
+    def named():
+        row = status_rows(grid)[cell]
+        return row if "FailedCreate" in row["why"] else None
+    row = wait_until(named, 120, "status names the FailedCreate event")
+    assert row["state"] == "pending" and 'serviceaccount "critbatch" not found' in row["why"], row
+    assert pods_of(kube_api, kube_namespace, k8s.object_name("e2e-nopods", cell)) == []
+
+
+def test_a_job_that_succeeded_without_writing_the_store_ends_the_wait(ns, kube_api, kube_node, store_url, s3,
+                                                                      tmp_path):
+    """The pods write to another S3 server than the one submit reads (a store endpoint that differs between
+    the pods and the machine running submit): each Job succeeds, nothing reaches this store, and after the
+    grace period the cell is 'lost' and submit --wait ends with exit 1 instead of waiting forever."""
+    other = S3Server(tmp_path / "other-store")
+    other.start()
+    try:
+        grid = write_grid(tmp_path, "e2e-lost", ns, store_url, s3["link"], batch_size=[4],
+                          store_endpoint=other.endpoint)
+        done = critbatch("submit", str(grid), "--wait", "--poll-seconds", "2", "--timeout", "400")
+    finally:
+        other.stop()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "lost" in done.stderr and "succeeded on the cluster, nothing in the store" in done.stderr
+    (cell,) = load_grid(yaml.safe_load(grid.read_text())).cell_ids()
+    assert status_rows(grid)[cell]["state"] == "lost"

@@ -28,6 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from critbatch.jobs.train.parent import preexec
+
 GO_MODULE = Path(__file__).parent / "go"
 BUILD_SCRIPT = GO_MODULE / "build.sh"
 K8S_VERSION = re.search(r"^\s*k8s\.io/kubernetes (v[0-9.]+)", (GO_MODULE / "go.mod").read_text(), re.M).group(1)
@@ -193,8 +195,10 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         with open(self.workdir / f"{name}.log", "wb") as log:
+            # Each dies with the test process however it ends (PR_SET_PDEATHSIG), so none outlives a killed run.
             self.procs[name] = subprocess.Popen([str(self.bindir / name), *args], stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+                                                stderr=subprocess.STDOUT, start_new_session=True,
+                                                preexec_fn=preexec(signal.SIGTERM))
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
