@@ -44,6 +44,7 @@ from typing import Mapping, Sequence
 
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, ConfigError
+from critbatch.jobs.cell.inputs import output_dir
 from critbatch.jobs.store import Store, open_store
 from critbatch.jobs.cell.layout import DEFAULT_STORE, cell_prefix
 from critbatch.jobs.store.cellstate import DAMAGED, sweep_states
@@ -368,9 +369,8 @@ def cli_run(args) -> int:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
     grid = load_grid(args.grid)
     cells = grid.cells()
-    log_dir = Path(args.log_dir) if args.log_dir else None
-    if log_dir is not None and any(p.exists() and not p.is_dir() for p in (log_dir, *log_dir.parents)):
-        raise ConfigError(f"--log-dir: {args.log_dir} is at or under a file; give a directory")
+    if args.log_dir:
+        output_dir(args.log_dir, "--log-dir")
     # The grid's store when it is a local one (an s3:// store is the cluster's, and the grid's default).
     store_url = args.store or (grid.store if not grid.store.startswith("s3://") else DEFAULT_STORE)
     store = open_store(store_url)
