@@ -338,10 +338,11 @@ def preset_names() -> list[str]:
 def parse_yaml(text: str, source: str) -> Any:
     """The YAML document in ``text``; ConfigError if it is not valid YAML, repeats a key in a mapping, or
     nests or expands (through aliases) past what a grid spec needs."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # reading starts here: a character YAML does not allow fails at once
         node = loader.get_single_node()
-        problems = _alias_problems(node, source) or _repeated_keys(node, "", set())
+        problems = _alias_problems(node, source) or _key_problems(node, "", set())
         if problems:
             raise ConfigError(problems)
         return None if node is None else loader.construct_document(node)
@@ -350,7 +351,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 #: Values a grid spec may hold once its aliases are expanded (a preset holds a few hundred).
@@ -397,8 +399,13 @@ class _Recursive(Exception):
     pass
 
 
-def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[str]:
-    """Every key that a mapping under ``node`` repeats (YAML would keep the last one silently), by its path."""
+#: Tags of the keys a grid may write: names, and YAML's merge key ``<<``.
+_NAME_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
+
+
+def _key_problems(node: yaml.Node | None, path: str, seen: set[int]) -> list[str]:
+    """Every key that a mapping under ``node`` repeats (YAML would keep the last one silently), or that is
+    not a string, by its path."""
     if node is None or id(node) in seen:  # an alias names a node already walked
         return []
     seen.add(id(node))
@@ -408,15 +415,18 @@ def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[st
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else key.start_mark.line
             where = f"{path}.{name}" if path else str(name)
-            if name in first:
+            if key.tag not in _NAME_TAGS:  # 1, 0E0, yes, null or a mapping as a key: a grid's keys are names
+                out.append(f"{clip(where)}: the key {clip(str(name))} at {_position(key.start_mark)} is not a name; "
+                           "quote it to make it one")
+            elif name in first:
                 out.append(f"{where}: repeated at {_position(key.start_mark)} (first at {_position(first[name])}); "
                            "a key may appear once")
             else:
                 first[name] = key.start_mark
-            out.extend(_repeated_keys(value, where, seen))
+            out.extend(_key_problems(value, where, seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            out.extend(_repeated_keys(item, f"{path}[{i}]", seen))
+            out.extend(_key_problems(item, f"{path}[{i}]", seen))
     return out
 
 
