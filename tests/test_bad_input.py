@@ -66,9 +66,10 @@ GRID_CASES = {
                          r"^.*grid.yaml: nested deeper than 64 levels"),
     "control character (found by fuzzing)": (_text("grid.yaml", "sweep: a\x08\n"),
                                              r"^.*grid.yaml: not valid YAML \(unacceptable character #x0008"),
-    "a number as a key (found by fuzzing)": (_text("grid.yaml",
-                                                   yaml.safe_dump(SMALL_GRID) + "model_options: {0E0: 1}\n"),
-                                             r"^model_options.0E0: the key 0E0 at line \d+ column \d+ is not a name"),
+    "a number as a key (found by fuzzing)": (_text("grid.yaml", yaml.safe_dump(SMALL_GRID)
+                                                   + "accumulation: [{'': null, 0E0: null}]\n"),
+                                             r"^accumulation\[0\].0E0: the key 0E0 at line \d+ column \d+ is not a "
+                                             r"name"),
     "linreg n of 10^12": (_grid(dataset={"name": "linreg", "options": {"n": 10**12, "d": 128}}),
                           r"^dataset.options: n = 1000000000000 samples of d = 128 features .*n x d at most"),
     "a value a megabyte long": (_grid(model="m" * 10**6),

@@ -113,8 +113,9 @@ def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, n
     return [sys.executable, "-m", "critbatch.jobs.cli", *tail]
 
 
-def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell], dict[str, list[str]]]:
-    """Split cells into (to run, finished, {id: problems} of the damaged ones, which are among those to run)."""
+def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell], dict[str, str]]:
+    """Split cells into (to run, finished, {id: what is wrong and how its trainer repairs it} of the damaged
+    ones, which are among those to run)."""
     todo, finished, damaged = [], [], {}
     by_sweep: dict[str, list[Cell]] = {}
     for cell in cells:
@@ -125,7 +126,8 @@ def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list
             state = states[cell.id]
             (finished if state.finished else todo).append(cell)
             if state.state == DAMAGED:
-                damaged[cell.id] = state.problems
+                repair = "writing its cell.json again" if state.record_only(cell.id) else "training it again"
+                damaged[cell.id] = f"{'; '.join(state.problems)}: {repair}"
     return todo, finished, damaged
 
 
@@ -166,8 +168,8 @@ def run_cells(
     bar = _Bar(len(cells), len(finished), label, show_progress)
     if finished:
         bar.note(f"{len(finished)} of {len(cells)} {label} already done (their _SUCCESS exists): skipped")
-    for cell_id, problems in damaged.items():
-        bar.note(f"damaged {cell_id}: {'; '.join(problems)}: training it again")
+    for cell_id, why in damaged.items():
+        bar.note(f"damaged {cell_id}: {why}")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                **{DIE_WITH_PARENT_ENV: "1"})
