@@ -26,7 +26,7 @@ INFEASIBLE (training diverged) a diverged one, INCOMPLETE one without
 metaparameter and the study's budget are kept in ``derived``. Cells keep the
 source's names (``cifar_10``, ``resnet_8``, ``nesterov_momentum``) and the
 strategy ``tuned``; the loader reads them without critbatch's training
-catalogue (analysis.load.cell_fields).
+catalogue (critbatch.jobs.store.cellstate.read_record).
 
 Everything is read and checked before anything is written: bad input writes
 nothing.
@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import cell_prefix, success_key
+from critbatch.jobs.cell.layout import cell_prefix, success_key, sweep_problem
 from critbatch.jobs.cell.logschema import EVALS_SCHEMA, part_key, success_summary, table_to_ipc
 from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
 from critbatch.jobs.store import Store, open_store
@@ -238,8 +238,9 @@ def _describe(out: Imported, curve: str) -> str:
 def cli_import(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """``critbatch import shallue DIR --store S --sweep NAME``."""
     sweep = args.sweep
-    if not sweep or "/" in sweep or sweep.startswith("."):
-        raise ConfigError(f"--sweep: {sweep!r} is not a sweep name (a DNS-1123 label such as shallue-cifar10)")
+    problem = sweep_problem(sweep)
+    if problem:
+        raise ConfigError(f"--sweep: {problem}")
     trials, skipped = read_shallue(Path(args.dir).expanduser(), curve=args.curve, workloads=args.workload)
     store = open_store(args.store)
     store.check()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .plugins import PluginError
@@ -74,6 +74,17 @@ class LinregOptions(Strict):
         if "d" in info.data and spikes > info.data["d"]:
             raise invalid(f"{spikes} exceeds d = {info.data['d']}")
         return spikes
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "LinregOptions":
+        if self.n * self.d > LINREG_MAX_VALUES:
+            raise invalid(f"n = {self.n} samples of d = {self.d} features are {self.n * self.d:.3g} values; allowed: "
+                          f"n x d at most {LINREG_MAX_VALUES} (8 GiB of float32)")
+        return self
+
+
+#: The most values of the linreg problem's data matrix.
+LINREG_MAX_VALUES = 2**31
 
 
 class Mnist1dOptions(Strict):

@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
+from .inputs import json_object
+from .layout import SWEEP_NAME
 from .options import dataset_options, option_problems
 from .registry import DATASETS, MODELS, Registered, fits, resolve
 from .validation import (
@@ -36,6 +38,7 @@ from .validation import (
     PositiveFloat,
     PositiveInt,
     Range,
+    Matches,
     Strict,
     error_lines,
     invalid,
@@ -114,7 +117,9 @@ class Cell(Strict):
     base_lr: PositiveFloat = Field(description="eta_0, tuned at base_batch")
     base_batch: PositiveInt = Field(description="m_0")
     epochs: PositiveFloat = Field(description="E")
-    sweep: str = Field("default", description="names jobs and store prefixes; not part of the id")
+    sweep: Annotated[str, Matches(SWEEP_NAME, "a DNS-1123 label (lower-case letters, digits and '-', starting and "
+                                  "ending with a letter or digit)", max_length=63)] = Field(
+        "default", description="names jobs and store prefixes; not part of the id")
     warmup_epochs: NonNegativeFloat = Field(0.0, description="W, for lsr")
     decay: Decay = "none"
     seed: int = 0
@@ -209,16 +214,10 @@ class Cell(Strict):
         return cell
 
     @classmethod
-    def from_json(cls, text: str) -> "Cell":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"cell: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError("cell: must be a JSON object")
-        # cell.json as written to the store carries provenance beside the fields.
-        data = {k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}
-        return cls.from_dict(data)
+    def from_json(cls, text: str, path: str = "cell") -> "Cell":
+        """A cell from its JSON (a cell.json from the store too: its provenance beside the fields is left out)."""
+        data = json_object(text, path)
+        return cls.from_dict({k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}, path)
 
     def problems(self, path: str = "cell", world_size: int | None = 1) -> list[str]:
         """The problems no single field shows (fields that do not fit together, or this world size).
@@ -252,12 +251,12 @@ class Cell(Strict):
                        f"{self.accumulation} is not the batch size {self.batch_size}: the cell was sized for "
                        f"{self.batch_size // (self.micro_batch * self.accumulation)} devices (`critbatch cells` "
                        "prints each cell's plan)")
-        if self.strategy == "lsr" and self.warmup_epochs > self.epochs:
-            out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
-                       f"({self.epochs} epochs); allowed: 0 to {self.epochs}")
         if out:
             return out
         size = self.train_size()
+        out.extend(self._budget_problems(path, max(1, size // self.batch_size) if size else None))
+        if out:
+            return out
         if size is not None and self.batch_size > size:
             out.append(f"{path}.batch_size: {self.batch_size} is larger than the training set ({size} examples)")
         elif size is not None:
@@ -272,6 +271,36 @@ class Cell(Strict):
                            f"allowed: 2 to {limit}")
         return out
 
+    def _budget_problems(self, path: str, steps_per_epoch: int | None) -> list[str]:
+        """A budget the run cannot finish (more than MAX_STEPS updates), and a warm-up longer than the run
+        (counted in steps where the training set's size is known, else in epochs)."""
+        out = []
+        spe = steps_per_epoch or 1  # unknown: at least one step per epoch
+        steps = uncapped_steps(self, spe)
+        if self.max_steps is None and steps > MAX_STEPS:
+            unit = "epochs" if self.strategy != "longer" else "epochs (x batch_size / base_batch for longer)"
+            more = "" if steps_per_epoch else " or more"
+            out.append(f"{path}.epochs: {self.epochs:g} {unit} imply {steps:.3g} steps{more}; "
+                       f"allowed: at most {MAX_STEPS:.0e} steps (or set max_steps)")
+            return out
+        if self.strategy != "lsr":
+            return out
+        if steps_per_epoch is None:
+            if self.warmup_epochs > self.epochs:
+                out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
+                           f"({self.epochs} epochs); allowed: 0 to {self.epochs}")
+            return out
+        total, warm = total_steps(self, spe), round(self.warmup_epochs * spe)
+        if warm > total:
+            capped = f", capped by max_steps {self.max_steps}" if total == self.max_steps else ""
+            out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs ({warm} steps) is longer "
+                       f"than the run ({total} steps{capped}); allowed: 0 to {total / spe:g} epochs")
+        return out
+
+
+#: The most updates a cell may take: a budget past it cannot finish (a typo such as epochs 1e12), and the
+#: trainer counts steps and samples in 64-bit integers.
+MAX_STEPS = 10**9
 
 #: Keys cell.json carries beside the cell's own fields.
 CELL_JSON_EXTRAS = ("id", "code_version", "plugins", "derived", "created")
@@ -282,9 +311,14 @@ def total_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None)
 
     ``batch_size``: count them for this m instead of the cell's (the base batch's budget anchors the eval grid).
     """
-    m = cell.batch_size if batch_size is None else batch_size
-    epochs = cell.epochs * (m / cell.base_batch if cell.strategy == "longer" else 1.0)
-    total = max(1, round(epochs * steps_per_epoch))
+    total = uncapped_steps(cell, steps_per_epoch, batch_size)
     if cell.max_steps is not None:
         total = min(total, cell.max_steps)
-    return total
+    return max(1, round(total))
+
+
+def uncapped_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None) -> float:
+    """The updates the cell's epochs imply, before ``max_steps`` caps them (a float: it may be huge)."""
+    m = cell.batch_size if batch_size is None else batch_size
+    epochs = cell.epochs * (m / cell.base_batch if cell.strategy == "longer" else 1.0)
+    return epochs * steps_per_epoch

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError, core_schema
 
+from .inputs import shown
+
 
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, types are strict, instances are frozen."""
@@ -93,7 +95,7 @@ class Matches:
         fits = self.min_length <= len(value) <= (len(value) if self.max_length is None else self.max_length)
         if fits and re.fullmatch(self.pattern, value):
             return value
-        raise invalid(f"{value!r} is not {self.what}")
+        raise invalid(f"{shown(value)} is not {self.what}")
 
 
 POSITIVE = Range(0, low_open=True)
@@ -134,14 +136,14 @@ def error_lines(err: ValidationError, path: str, root: type[BaseModel], unknown:
             names = [p for p in loc if isinstance(p, str)]
             noun = names[-2] if len(names) > 1 and names[-1] == "name" else names[-1]
             choices = ", ".join(str(c) for c in get_args(_type_at(root, loc)))
-            message = f"unknown {noun.replace('_', ' ')} {value!r}; allowed: {choices}"
+            message = f"unknown {noun.replace('_', ' ')} {shown(value)}; allowed: {choices}"
         elif kind in _WANTED:
-            shown = type(value).__name__ if _WANTED[kind] in ("a mapping", "a list") else repr(value)
-            message = f"must be {_WANTED[kind]}, got {shown}"
+            got = type(value).__name__ if _WANTED[kind] in ("a mapping", "a list") else shown(value)
+            message = f"must be {_WANTED[kind]}, got {got}"
         elif kind in ("too_short", "too_long"):
             ctx = e.get("ctx", {})
             bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
-            message = f"must list {bound} values, got {value!r}"
+            message = f"must list {bound} values, got {shown(value)}"
         else:
             message = e["msg"]
         out.append(f"{location(path, loc)}: {message}")

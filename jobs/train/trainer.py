@@ -46,7 +46,7 @@ from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.data.datasets import TaskData
 from critbatch.jobs.models.zoo import loss_fn, metric_name
 from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import KINDS, readable_parts
+from critbatch.jobs.store.cellstate import KINDS, RECORD, read_record, readable_parts
 from critbatch.jobs.store.logstream import LogStream, spool_dir
 
 from . import distributed
@@ -228,7 +228,7 @@ class Trainer:
 
     def _open_logs(self, checkpoint: dict | None) -> None:
         """Rank 0: cell.json (on the first start), the log stream from the checkpoint's part indices, progress."""
-        _write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
+        write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
         guard = self.guard
         self.logs = LogStream(
             self.store, self.prefix, spool_dir=guard.spool if guard else spool_dir(self.store),
@@ -441,12 +441,16 @@ def _configure_backends(cuda: bool) -> None:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> None:
+def write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> bool:
     """``cell.json``: the cell, its id, the code version (and the versions of the plug-ins it uses) and the derived
-    figures; a resumed run keeps the first."""
-    key = f"{prefix}/cell.json"
-    if store.exists(key):
-        return
+    figures. A resumed run keeps the first; one that is not this cell's record (damaged, missing) is written
+    anew. True when written."""
+    key = f"{prefix}/{RECORD}"
+    try:
+        read_record(store.get_bytes(key), cell.id)
+        return False
+    except (KeyError, ValueError):
+        pass
     body = {
         **cell.to_dict(), "id": cell.id, "code_version": code_version(), "derived": derived,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -455,3 +459,4 @@ def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> 
     if plugins:  # models and datasets of other packages, with their versions (critbatch's are code_version's)
         body["plugins"] = plugins
     store.put_text(key, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return True
