@@ -1,6 +1,7 @@
 """The trainer of one cell: the parts it assembles, its resumable state, and the loop.
 
     Plan        the batch arithmetic and step budget (printed at start)       plan.py
+    optimizer   built by name from the cell's options and rules               optimizers.py
     NoiseProbe  the gradient-noise measurement, its mode fixed at start        noise.py
     StepSync    the steps' figures, copied to the host every few steps         sync.py
     Stopwatch   training time, evaluations and checkpoints excluded            sync.py
@@ -56,6 +57,7 @@ from .evaluate import Evaluator
 from .finish import final_linear_approx_error, summarize, write_results
 from .guard import CellGuard
 from .noise import NoiseSample, noise_probe
+from .optimizers import build_optimizer, probe_step, set_lr
 from .plan import Plan
 from .progress import Progress
 from .rng import rng_state, seed_rngs, set_rng_state
@@ -112,9 +114,9 @@ class Trainer:
         self.model: nn.Module = self.raw_model  # wrapped in DDP by run() when there are several ranks
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.loss_fn, self.metric = loss_fn(data.task), metric_name(data.task)
-        opt = cell.optimizer
-        self.optimizer = torch.optim.SGD(self.params, lr=cell.base_lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+        self.optimizer = build_optimizer(cell, self.raw_model, self.plan.derived)
+        if hasattr(self.optimizer, "split"):  # Muon: which parameters each part updates, for cell.json
+            self.plan.derived["optimizer_split"] = self.optimizer.split
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cell.precision == "bf16"
                          else nullcontext())
 
@@ -301,12 +303,11 @@ class Trainer:
         return x, y
 
     def _update(self, x: Tensor, y: Tensor, lr: float, measure: bool) -> tuple[Tensor, NoiseSample | None]:
-        """One SGD step on this rank's share (x, y) of the global batch; (mean loss, noise sample) on the device.
+        """One optimizer step on this rank's share (x, y) of the global batch; (mean loss, noise sample) on the device.
 
         The loss is this rank's (the mean over ranks is taken at the next sync).
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         if measure:
             loss, noise = self.noise.measure(self._backward, x, y)
@@ -410,7 +411,7 @@ class Trainer:
                 self.raw_model, batch, parts=self.plan.accumulation, dist=self.dist,
                 loss_of=lambda x, y: self._loss(self.raw_model, x, y),
                 loss_at=lambda: self.evaluator.split("train")[0],
-                step_size=self.cell.base_lr * self.plan.m / self.cell.base_batch)
+                step_size=probe_step(self.cell, self.plan.derived))
         step, reason = self.diverged or (self.step, None)
         summary = summarize(self.cell, steps=step, wall_time_s=self.stopwatch.total, metric=self.metric,
                             last_eval=self.last_eval, diverged=reason, lin_approx=lin_approx,
