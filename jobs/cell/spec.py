@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .optimizers import OptimizerSpec, Rule, SGDOptions, rule_problems
-from .options import dataset_options, option_problems
+from .options import dataset_options, model_options, option_problems
 from .registry import DATASETS, MODELS, Registered, fits, resolve
 from .validation import (
     NonNegativeFloat,
@@ -295,6 +295,10 @@ class Cell(Strict):
             out.append(f"{path}.warmup: lsr already warms up over warmup_epochs ({self.warmup_epochs}); give one")
         if self.wsd is not None and self.decay != "wsd":
             out.append(f"{path}.wsd: options of the wsd decay, but decay is {self.decay!r}")
+        context = getattr(_model_options_or_none(self.model, self.model_options), "seq_len", None)
+        if context is not None and (self.tokens_per_example() or 0) > context:
+            out.append(f"{path}.model_options.seq_len: {context} is shorter than the dataset's examples "
+                       f"({self.tokens_per_example()} tokens); allowed: {self.tokens_per_example()} or more")
         out.extend(rule_problems(self.optimizer, self.rules, self.strategy, self.batch_size / self.base_batch,
                                  f"{path}.rules"))
         if self.strategy == "lsr" and self.epochs is not None and self.warmup_epochs > self.epochs:
@@ -316,6 +320,13 @@ class Cell(Strict):
                 out.append(f"{path}.eval.points: {self.eval.points} evaluations for a run of {steps} steps; "
                            f"allowed: 2 to {limit}")
         return out
+
+
+def _model_options_or_none(model: str, options: dict[str, Any]) -> Any:
+    try:
+        return model_options(model, options)
+    except ConfigError:
+        return None  # reported by option_problems
 
 
 #: Keys cell.json carries beside the cell's own fields.
