@@ -136,6 +136,7 @@ class Trainer:
         self.epoch = 0
         self.batch_index = 0  # batches of `epoch` already consumed
         self.last_eval: dict[str, Any] = {}
+        self.skipped_steps = 0  # bf16: steps whose gradient was not finite, not applied
 
         self.stop_requested = False
         self.pause_at = pause_at
@@ -158,11 +159,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "rng": rngs, "world_size": self.dist.world, "logs": log_parts,
             "data": self.data.state_dict(),  # a stream's position (rank 0's; the same on every rank), else {}
             "threshold": self.threshold.state_dict() if self.threshold is not None else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.stopwatch.total, self.last_eval = state["wall_time_s"], state.get("last_eval", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data.load_state_dict(state.get("data") or {})
@@ -313,7 +316,17 @@ class Trainer:
             loss, noise = self.noise.measure(self._backward, x, y)
         else:
             loss, noise = self._backward(x, y, self.plan.accumulation), None
-        if self.cell.clip_grad is not None:
+        if self.cell.precision == "bf16":
+            # Mixed precision (gpt-neox's habit): a step whose gradient is not finite is skipped and counted,
+            # not applied; the check costs a host sync per step, so fp32 cells do without it.
+            norm = nn.utils.get_total_norm([p.grad.float() for p in self.params if p.grad is not None])
+            if not torch.isfinite(norm):
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss, noise
+            if self.cell.clip_grad is not None:
+                nn.utils.clip_grads_with_norm_(self.params, self.cell.clip_grad, norm)
+        elif self.cell.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.params, self.cell.clip_grad)
         self.optimizer.step()
         return loss, noise
@@ -416,6 +429,8 @@ class Trainer:
         summary = summarize(self.cell, steps=step, wall_time_s=self.stopwatch.total, metric=self.metric,
                             last_eval=self.last_eval, diverged=reason, lin_approx=lin_approx,
                             stop=self.threshold.summary() if self.threshold is not None else None)
+        if self.cell.precision == "bf16":
+            summary["skipped_nonfinite_steps"] = self.skipped_steps
         if self.dist.is_main:
             if reason is not None:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
