@@ -179,12 +179,14 @@ def group_cells(cells: list[CellSummary]) -> list[Group]:
         by_key[key].cells.append(cell)
     groups = list(by_key.values())
     varying = {k for g in groups for k, v in g.fields.items() if any(h.fields.get(k) != v for h in groups)}
+    # Optimizers of different names have different options: the name says it, their options do not all apply.
+    varying = {k for k in varying if all(k in g.fields for g in groups) or not k.startswith("optimizer.")}
     for g in groups:
         g.cells.sort(key=lambda c: (c.batch_size, c.seed, c.id))
         parts = [str(g.fields["dataset.name"]), str(g.fields["model"]), str(g.fields["strategy"])]
         shown = {"dataset.name", "model", "strategy"}
         parts += [f"{'optimizer' if k == 'optimizer.name' else k.split('.')[-1]}={_fmt(g.fields[k])}"
-                  for k in sorted(varying - shown)]
+                  for k in sorted(varying - shown) if k in g.fields]
         g.label = parts[0] + "/" + parts[1] + "/" + parts[2] + (" " + " ".join(parts[3:]) if parts[3:] else "")
         flats = [flatten(c.cell) for c in g.cells]
         g.trial_fields = tuple(f for f in TRIAL_FIELDS if len({json.dumps(x.get(f)) for x in flats}) > 1)

@@ -432,7 +432,8 @@ CRIT_COLUMNS = ["group", "threshold", "eps", "source", "m0", "batch_sizes", "see
                 "m_eff", "m_eff_interp", "m_eff_implied_b", "m_level_fit", "m_level_fit_lo", "m_level_fit_hi",
                 "m_zhang", "m_zhang_lo", "m_zhang_hi",
                 "b_simple", "b_simple_lo", "b_simple_hi", "b_simple_bound", "b_simple_cells",
-                "linear_until", "stagnation_from", "censored", "seeds_censored", "bootstrap"]
+                "linear_until", "stagnation_from", "censored", "seeds_censored", "bootstrap",
+                "tokens_per_example", "E_min_tokens"]
 
 
 def b_crit_text(r: dict[str, Any]) -> str:
