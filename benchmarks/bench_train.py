@@ -30,6 +30,11 @@ Measured on a 2-core x86 VM, CPU only, one torch thread, machine otherwise idle
     digits        64   119          119   (1.001)       118   (0.992; noise via the split step)
     resnet34     128     0.120        0.116 (0.969)       0.111 (0.926; one extra quarter-batch pass in 10 steps)
 
+The GPT (``--only gpt --steps-gpt 100 --repeats 3``, AdamW, one torch thread) was measured on the same
+VM shared with other work (load average 3 to 8), so the best of the alternating repeats counts:
+
+    gpt           64     7.75         7.56  (0.976)       6.51  (0.84 wall, 0.943 CPU; noise via the split step)
+
 The trainer's own per-step work is far below a millisecond (digits: ratio 1.00 at
 8 ms a step); the ResNet figures, 8.5 s a step over 10 timed steps, vary by +-5 %
 between identical runs, and with noise on one of the ten timed steps carries the

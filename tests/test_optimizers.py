@@ -178,3 +178,37 @@ def test_warmup_in_examples_and_tokens():
         cell(warmup={"tokens": 1000.0})
     with pytest.raises(ConfigError, match="warmup: lsr already warms up"):
         cell(strategy="lsr", warmup={"steps": 3}, warmup_epochs=1.0)
+
+
+def test_bf16_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, cpu_env):
+    """Mixed precision: the step whose gradient is poisoned leaves the weights as they were; _SUCCESS counts it."""
+    from critbatch.jobs.data.datasets import load_task_data
+    from critbatch.jobs.models.zoo import build_model
+    from critbatch.jobs.store import LocalStore
+    from critbatch.jobs.train.distributed import Dist
+    from critbatch.jobs.train.trainer import Trainer
+
+    class Poisoned(Trainer):
+        seen: dict[int, torch.Tensor] = {}
+
+        def _backward(self, *args, **kwargs):
+            loss = super()._backward(*args, **kwargs)
+            if self.step == 3:  # the 4th update: an overflow in one gradient
+                next(iter(self.params)).grad[0].fill_(float("inf"))
+            return loss
+
+        def _update(self, *args, **kwargs):
+            before = [p.detach().clone() for p in self.params]
+            out = super()._update(*args, **kwargs)
+            self.seen[self.step] = all(torch.equal(a, p) for a, p in zip(before, self.params))
+            return out
+
+    c = cell(precision="bf16", optimizer={"name": "adamw"}, max_steps=6)
+    data = load_task_data(c, str(tmp_path))
+    torch.manual_seed(0)
+    trainer = Poisoned(c, LocalStore(tmp_path / "store"), data, build_model(c, data), torch.device("cpu"), Dist(),
+                       flush_steps=100, flush_seconds=10.0, checkpoint_seconds=300.0, checkpoint_steps=0,
+                       progress="none")
+    summary = trainer.run()
+    assert Poisoned.seen == {0: False, 1: False, 2: False, 3: True, 4: False, 5: False}
+    assert summary["skipped_nonfinite_steps"] == 1 and summary["status"] == "done"
