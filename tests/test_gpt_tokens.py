@@ -150,3 +150,24 @@ def test_gpt_cell_trains_on_pycorpus(tmp_path, cpu_env):
     done = json.loads(store.get_text(f"{prefix}/_SUCCESS"))
     assert done["status"] == "done" and done["steps"] == 10 and done["final"]["metric"] == "perplexity"
     assert done["final"]["train_loss"] < np.log(256)  # below the uniform byte model
+
+
+def test_tokens_staged_into_a_store_are_read_from_it(tmp_path, capsys):
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_fineweb(src / "fineweb_train_000001.bin", np.arange(2000, dtype=np.uint16))
+    write_fineweb(src / "fineweb_val_000000.bin", np.arange(300, dtype=np.uint16))
+    (src / "notes.txt").write_text("not a token file")
+    store = tmp_path / "store"
+    assert cli_main(["data", "stage", "tokens", "--from", str(src), "--store", str(store)]) == 0
+    assert sorted(p.name for p in (store / "datasets" / "tokens").iterdir()) == [
+        "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    request = DataRequest(name="tokens", root=store / "tokens", data_root=str(store), seed=0, fraction=1.0,
+                          max_train=None, extra=False, eval_train_subset=4, batch_size=2, rank=0, world=1,
+                          download=False)
+    out = load_tokens(request, Opts("fineweb"))
+    assert out.info["train_tokens"] == 2000 and out.info["val_tokens"] == 300
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["data", "stage", "tokens", "--from", str(empty), "--store", str(store)]) == 2
+    assert "holds no .bin token files" in capsys.readouterr().err

@@ -39,7 +39,8 @@ from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.plugins import DataRequest
 
 from .corpus import pycorpus_bytes, pycorpus_split
-from .datasets import mix_seed
+from .datasets import _is_store_url as is_store_url
+from .datasets import fetch_staged, mix_seed
 from .plugin import Streamed
 
 FINEWEB_MAGIC = 20240520
@@ -162,9 +163,18 @@ def _streamed(train: Tokens, val: Tokens, request: DataRequest, seq_len: int, vo
                     info={"train_tokens": train.n, "val_tokens": val.n, "seq_len": seq_len, **info})
 
 
+def token_root(request: DataRequest) -> Path:
+    """Where the token files are: staged in a store (copied once to the local cache), else ``<data-root>/tokens``
+    or ``<data-root>/datasets/tokens`` (a directory store they were staged to)."""
+    if is_store_url(request.data_root):
+        return fetch_staged("tokens", request.data_root)
+    staged = Path(request.data_root.removeprefix("file://")).expanduser() / "datasets" / "tokens"
+    return staged if not any(Path(request.root).glob("*.bin")) and staged.is_dir() else Path(request.root)
+
+
 def load_tokens(request: DataRequest, options: Any) -> Streamed:
     """nanoGPT's or modded-nanogpt's token files under ``<data-root>/tokens``."""
-    train, val = read_splits(Path(request.root), options.format)
+    train, val = read_splits(token_root(request), options.format)
     return _streamed(train, val, request, options.seq_len, options.vocab_size, {"format": options.format})
 
 
