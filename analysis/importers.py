@@ -52,7 +52,8 @@ import pyarrow as pa
 from critbatch.jobs.cell.errors import ConfigError
 from critbatch.jobs.cell.layout import cell_prefix, success_key, sweep_problem
 from critbatch.jobs.cell.logschema import EVALS_SCHEMA, part_key, success_summary, table_to_ipc
-from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
+from critbatch.jobs.cell.optimizers import SGDOptions
+from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec
 from critbatch.jobs.store import Store, open_store
 
 SHALLUE = "shallue2018"
@@ -151,7 +152,7 @@ def cell_of(trial: Trial, sweep: str, base_batch: int) -> dict:
         dataset=DatasetSpec(name="cifar10"), model="resnet34", strategy="blr",
         batch_size=int(trial.study["batch_size"]), base_lr=float(params.get("learning_rate", 1.0)),
         base_batch=base_batch, epochs=1.0, sweep=sweep, seed=int(trial.meta.get("trial_id", 0)),
-        optimizer=OptimizerSpec(momentum=momentum if 0 <= momentum < 1 else 0.0, weight_decay=0.0),
+        optimizer=SGDOptions(momentum=momentum if 0 <= momentum < 1 else 0.0, weight_decay=0.0),
         eval=EvalSpec(points=max(2, len(trial.steps)), train_subset=None), noise=NoiseSpec(every=0),
     ).to_dict()
     template["dataset"]["name"] = str(trial.study.get("dataset", trial.workload.split("/")[-3]))

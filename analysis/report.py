@@ -174,7 +174,7 @@ def render_files(a: Analysis, *, store_url: str) -> dict[str, bytes]:
                                            ["group", "threshold", "eps", "batch_size", "trial", "trials", "seeds",
                                             "seeds_reached", "k_mean", "k_sd", "censored", "k_lower_bound",
                                             "speedup", "speedup_lo", "speedup_hi", "ideal", "efficiency", "regime",
-                                            "fit_k", "wall_s", "samples"])
+                                            "fit_k", "wall_s", "samples", "tokens"])
     files["thresholds.csv"] = plots.table_csv(a.thresholds)
     files["cells.csv"] = plots.table_csv(a.crossings)
     files["final_metrics.csv"] = plots.table_csv(a.final, plots.FINAL_COLUMNS)

@@ -94,6 +94,21 @@ class Mnist1dOptions(Strict):
         5000, description="examples generated, 80 % for training (the generator's default: 5000 -> 4000 / 1000)")
 
 
+class TokensOptions(Strict):
+    """Token files (critbatch.jobs.data.tokens): nanoGPT's train.bin/val.bin or modded-nanogpt's FineWeb shards."""
+
+    seq_len: Annotated[int, Range(2)] = Field(1024, description="tokens per example (the context length)")
+    format: Literal["nanogpt", "fineweb"] = Field(
+        "nanogpt", description="nanogpt: train.bin and val.bin; fineweb: *_train_*.bin and *_val_*.bin shards")
+    vocab_size: PositiveInt = Field(50304, description="the tokenizer's vocabulary (GPT-2's 50257, padded)")
+
+
+class PycorpusOptions(Strict):
+    """The offline byte-level corpus (pydoc_data.topics)."""
+
+    seq_len: Annotated[int, Range(2, 4096)] = Field(64, description="bytes per example (the context length)")
+
+
 # ---- models ------------------------------------------------------------------------------------------
 
 
@@ -147,6 +162,35 @@ class Mnist1dGRUOptions(Strict):
     """MNIST-1D's GRU: a bidirectional GRU read out at every time step."""
 
     hidden: PositiveInt = Field(6, description="hidden units per direction")
+
+
+class GPTOptions(Strict):
+    """A decoder-only transformer (critbatch.jobs.models.gpt); the defaults are GPT-2 small (124M)."""
+
+    n_layer: PositiveInt = Field(12, description="transformer blocks")
+    n_head: PositiveInt = Field(12, description="attention heads per block")
+    n_embd: PositiveInt = Field(768, description="width of the residual stream (a multiple of n_head)")
+    seq_len: Annotated[int, Range(2)] = Field(1024, description="the longest context (learned positions' table)")
+    dropout: Dropout = Field(0.0, description="dropout on attention weights and residual branches")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="the pre-norm of each branch")
+    positions: Literal["learned", "rotary"] = Field("learned", description="learned absolute positions or RoPE")
+    bias: bool = Field(True, description="biases in the linear layers and LayerNorms (GPT-2 has them)")
+
+    @field_validator("n_embd")
+    @classmethod
+    def _heads_divide(cls, n_embd: int, info: ValidationInfo) -> int:
+        heads = info.data.get("n_head")
+        if heads and n_embd % heads:
+            raise invalid(f"{n_embd} is not a multiple of n_head {heads}")
+        return n_embd
+
+    @field_validator("positions")
+    @classmethod
+    def _rotary_pairs(cls, positions: str, info: ValidationInfo) -> str:
+        heads, width = info.data.get("n_head"), info.data.get("n_embd")
+        if positions == "rotary" and heads and width and (width // heads) % 2:
+            raise invalid(f"rotary positions rotate pairs: the head width n_embd / n_head = {width // heads} is odd")
+        return positions
 
 
 # ---- checking and reading ------------------------------------------------------------------------------

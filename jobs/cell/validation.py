@@ -133,7 +133,7 @@ def error_lines(err: ValidationError, path: str, root: type[BaseModel], unknown:
         elif kind == "missing":
             message = "required field is missing"
         elif kind == "literal_error":
-            names = [p for p in loc if isinstance(p, str)]
+            names = [p for p in _untagged(root, loc) if isinstance(p, str)]
             noun = names[-2] if len(names) > 1 and names[-1] == "name" else names[-1]
             choices = ", ".join(str(c) for c in get_args(_type_at(root, loc)))
             message = f"unknown {noun.replace('_', ' ')} {shown(value)}; allowed: {choices}"
@@ -146,7 +146,7 @@ def error_lines(err: ValidationError, path: str, root: type[BaseModel], unknown:
             message = f"must list {bound} values, got {shown(value)}"
         else:
             message = e["msg"]
-        out.append(f"{location(path, loc)}: {message}")
+        out.append(f"{location(path, _untagged(root, loc))}: {message}")
     return out
 
 
@@ -169,11 +169,47 @@ def _strip(tp: Any) -> Any:
             return tp
 
 
+def _tagged(tp: Any) -> dict[str, Any]:
+    """The members of a union chosen by a tag (pydantic's ``Tag``), by tag; {} for any other type."""
+    if get_origin(tp) is not Union:
+        return {}
+    out = {}
+    for arg in get_args(tp):
+        tag = next((m.tag for m in getattr(arg, "__metadata__", ()) if type(m).__name__ == "Tag"), None)
+        if tag is None:
+            return {}
+        out[tag] = get_args(arg)[0]
+    return out
+
+
+def _untagged(root: Any, loc: tuple) -> tuple:
+    """``loc`` without the tags pydantic puts after a tagged union's field (``optimizer.adamw.beta2`` ->
+    ``optimizer.beta2``): the spec the user wrote has no such level."""
+    out, tp = [], root
+    for part in loc:
+        tp = _strip(tp)
+        members = _tagged(tp)
+        if members and part in members:
+            tp = members[part]
+            continue
+        out.append(part)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            tp = tp.model_fields[part].annotation if part in tp.model_fields else Any
+        else:
+            args = get_args(tp)
+            tp = args[-1] if args else Any
+    return tuple(out)
+
+
 def _type_at(root: Any, loc: tuple) -> Any:
     """The annotation of the field at ``loc`` under model ``root`` (list indices and mapping keys followed)."""
     tp = root
     for part in loc:
         tp = _strip(tp)
+        members = _tagged(tp)
+        if members and part in members:
+            tp = members[part]
+            continue
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             tp = tp.model_fields[part].annotation
         else:  # list[T] (an index) or dict[str, T] (a key)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
@@ -563,12 +563,40 @@ def _settings_problems(s: GridSettings) -> list[str]:
 
 def _is_spec(tp: Any) -> bool:
     """A nested spec model (dataset, optimizer, ...): its fields are axes too."""
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
+    return isinstance(tp, type) and issubclass(tp, BaseModel) or bool(_members(tp))
+
+
+def _members(tp: Any) -> dict[str, type[BaseModel]]:
+    """The models of a union chosen by name (the optimizer), by name; {} for any other type."""
+    if get_origin(tp) is not Union:
+        return {}
+    models = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(tp)]
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "name" in m.model_fields for m in models):
+        return {}
+    return {m.model_fields["name"].default: m for m in models}
+
+
+def _expand_named(data: dict, tp: Any, path: str, problems: list[str]) -> list[tuple[dict, dict[str, int]]]:
+    """A mapping whose ``name`` picks its model (the optimizer): each name's fields expand as that model's axes;
+    an unknown name is left whole for validation to report."""
+    members = _members(tp)
+    names = data.get("name", "sgd")
+    out = []
+    for name, choice in _expand_value(names, None, f"{path}.name", problems):
+        if name not in members:
+            out.append(({**data, "name": name}, choice))
+            continue
+        rest = {k: v for k, v in data.items() if k != "name"}
+        out.extend(({"name": name, **v} if "name" in data else v, {**choice, **ch})
+                   for v, ch in _expand_mapping(rest, members[name], path, problems))
+    return out
 
 
 def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[tuple[Any, dict[str, int]]]:
     """Every value an axis takes, each with the list indices chosen on the way (spec path -> index)."""
     nested = _is_spec(tp)
+    if _members(tp) and isinstance(value, dict):
+        return _expand_named(value, tp, path, problems)
     if isinstance(value, list):
         if not value:
             problems.append(f"{path}: an axis must list at least one value")
@@ -577,7 +605,8 @@ def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[t
         out = []
         for i, item in enumerate(value):
             if nested and isinstance(item, dict):
-                out.extend((v, {path: i, **ch}) for v, ch in _expand_mapping(item, tp, f"{path}[{i}]", problems))
+                expand = _expand_named if _members(tp) else _expand_mapping
+                out.extend((v, {path: i, **ch}) for v, ch in expand(item, tp, f"{path}[{i}]", problems))
             else:
                 out.append((item, {path: i}))
         return out
@@ -705,8 +734,11 @@ def _relocate(problem: str, choices: dict[str, int]) -> str:
 def _axes(tp: Any, cache: dict[type, type]) -> Any:
     """The type a grid writes for a cell field of type ``tp``: one value or a list of them (an axis).
 
-    A nested spec becomes a model of the same fields, each an axis itself.
+    A nested spec becomes a model of the same fields, each an axis itself; a union chosen by name, the union of
+    its members' axes.
     """
+    if _members(tp):
+        return Union[tuple(_axes(m, cache) for m in _members(tp).values())]
     if _is_spec(tp):
         if tp not in cache:
             cache[tp] = create_model(f"{tp.__name__}Axes", __config__=tp.model_config, __doc__=tp.__doc__,
