@@ -58,7 +58,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pydantic import ValidationError
+
 from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED
+from critbatch.jobs.cell.spec import Cell
 
 from .fit import Fit, censored_log_mean, fit_mccandlish
 from .load import INCOMPLETE, CellSummary, Curve
@@ -176,11 +179,14 @@ def group_cells(cells: list[CellSummary]) -> list[Group]:
         by_key[key].cells.append(cell)
     groups = list(by_key.values())
     varying = {k for g in groups for k, v in g.fields.items() if any(h.fields.get(k) != v for h in groups)}
+    # Optimizers of different names have different options: the name says it, their options do not all apply.
+    varying = {k for k in varying if all(k in g.fields for g in groups) or not k.startswith("optimizer.")}
     for g in groups:
         g.cells.sort(key=lambda c: (c.batch_size, c.seed, c.id))
         parts = [str(g.fields["dataset.name"]), str(g.fields["model"]), str(g.fields["strategy"])]
         shown = {"dataset.name", "model", "strategy"}
-        parts += [f"{k.split('.')[-1]}={_fmt(g.fields[k])}" for k in sorted(varying - shown)]
+        parts += [f"{'optimizer' if k == 'optimizer.name' else k.split('.')[-1]}={_fmt(g.fields[k])}"
+                  for k in sorted(varying - shown) if k in g.fields]
         g.label = parts[0] + "/" + parts[1] + "/" + parts[2] + (" " + " ".join(parts[3:]) if parts[3:] else "")
         flats = [flatten(c.cell) for c in g.cells]
         g.trial_fields = tuple(f for f in TRIAL_FIELDS if len({json.dumps(x.get(f)) for x in flats}) > 1)
@@ -435,6 +441,7 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
     """Speedup, efficiency, regimes, the McCandlish fit with its interval, the figures derived from it."""
     mine = [r for r in rows if r["group"] == group.label and r["threshold"] == threshold]
     best = best_trials(mine)
+    seq_len = tokens_per_example(group)
     ms = np.array([b.batch_size for b in best], dtype=float)
     fit = fit_mccandlish(np.concatenate([np.full(len(b.k), b.batch_size) for b in best]) if best else [],
                          np.concatenate([b.k for b in best]) if best else [],
@@ -474,9 +481,13 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
             "fit_k": float(fit.k(b.batch_size)) if fit.ok else math.nan,
             "wall_s": float(np.mean(b.wall[np.isfinite(b.k)])) if len(reached_k) else math.nan,
             "samples": float(np.mean(b.samples[np.isfinite(b.k)])) if len(reached_k) else math.nan,
+            # Language models: k(m) in tokens, samples x sequence length (Zhang et al. 2024 plot both)
+            "tokens": float(np.mean(b.samples[np.isfinite(b.k)])) * seq_len if len(reached_k) and seq_len
+            else math.nan,
         })
 
     noise = b_simple_at(_noise_windows(group, best))
+
     lin = [r["batch_size"] for r in per_m if r["regime"] == "linear"]
     stag = [r["batch_size"] for r in per_m if r["regime"] in ("stagnation", "not reached")]
     summary = {
@@ -491,8 +502,18 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
         "censored": " ".join(str(r["batch_size"]) for r in per_m if r["censored"]),
         "seeds_censored": int(sum(r["seeds"] - r["seeds_reached"] for r in per_m)),
         "bootstrap": bootstrap if bands else 0,
+        "tokens_per_example": seq_len or math.nan,
+        "E_min_tokens": fit.e_min() * seq_len if seq_len and fit.ok else math.nan,
     }
     return CurveResult(group, threshold, eps, per_m, summary, fit, bands)
+
+
+def tokens_per_example(group: Group) -> int | None:
+    """A language-model curve's sequence length (its dataset's ``seq_len``), else None."""
+    try:
+        return Cell.model_validate(group.cells[0].cell).tokens_per_example()
+    except (ValidationError, ValueError, KeyError, IndexError):
+        return None
 
 
 #: Zhang et al. (2024): the batch size that needs this many times the steps of perfect scaling from m0.

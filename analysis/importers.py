@@ -26,7 +26,7 @@ INFEASIBLE (training diverged) a diverged one, INCOMPLETE one without
 metaparameter and the study's budget are kept in ``derived``. Cells keep the
 source's names (``cifar_10``, ``resnet_8``, ``nesterov_momentum``) and the
 strategy ``tuned``; the loader reads them without critbatch's training
-catalogue (analysis.load.cell_fields).
+catalogue (critbatch.jobs.store.cellstate.read_record).
 
 Everything is read and checked before anything is written: bad input writes
 nothing.
@@ -50,9 +50,10 @@ import numpy as np
 import pyarrow as pa
 
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import cell_prefix, success_key
+from critbatch.jobs.cell.layout import cell_prefix, success_key, sweep_problem
 from critbatch.jobs.cell.logschema import EVALS_SCHEMA, part_key, success_summary, table_to_ipc
-from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
+from critbatch.jobs.cell.optimizers import SGDOptions
+from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec
 from critbatch.jobs.store import Store, open_store
 
 SHALLUE = "shallue2018"
@@ -151,7 +152,7 @@ def cell_of(trial: Trial, sweep: str, base_batch: int) -> dict:
         dataset=DatasetSpec(name="cifar10"), model="resnet34", strategy="blr",
         batch_size=int(trial.study["batch_size"]), base_lr=float(params.get("learning_rate", 1.0)),
         base_batch=base_batch, epochs=1.0, sweep=sweep, seed=int(trial.meta.get("trial_id", 0)),
-        optimizer=OptimizerSpec(momentum=momentum if 0 <= momentum < 1 else 0.0, weight_decay=0.0),
+        optimizer=SGDOptions(momentum=momentum if 0 <= momentum < 1 else 0.0, weight_decay=0.0),
         eval=EvalSpec(points=max(2, len(trial.steps)), train_subset=None), noise=NoiseSpec(every=0),
     ).to_dict()
     template["dataset"]["name"] = str(trial.study.get("dataset", trial.workload.split("/")[-3]))
@@ -238,8 +239,9 @@ def _describe(out: Imported, curve: str) -> str:
 def cli_import(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """``critbatch import shallue DIR --store S --sweep NAME``."""
     sweep = args.sweep
-    if not sweep or "/" in sweep or sweep.startswith("."):
-        raise ConfigError(f"--sweep: {sweep!r} is not a sweep name (a DNS-1123 label such as shallue-cifar10)")
+    problem = sweep_problem(sweep)
+    if problem:
+        raise ConfigError(f"--sweep: {problem}")
     trials, skipped = read_shallue(Path(args.dir).expanduser(), curve=args.curve, workloads=args.workload)
     store = open_store(args.store)
     store.check()

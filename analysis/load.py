@@ -17,20 +17,30 @@ where such cells count.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from critbatch.jobs.cell.spec import CELL_JSON_EXTRAS, Cell
+from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.logschema import EVALS_SCHEMA, STATUSES, STEPS_SCHEMA, TASK_METRIC, ipc_to_table, part_index
+from critbatch.jobs.cell.inputs import decode
+from critbatch.jobs.cell.layout import cell_prefix, success_key
+from critbatch.jobs.cell.logschema import (
+    EVALS_SCHEMA,
+    STATUS_DIVERGED,
+    STEPS_SCHEMA,
+    TASK_METRIC,
+    ipc_to_table,
+    part_index,
+)
 from critbatch.jobs.store import LocalStore, S3Store, Store
+from critbatch.jobs.store.cellstate import RECORD, parse_success, read_record
 
 from .noise import NoiseTrace, gns_components
 
@@ -141,22 +151,24 @@ def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: i
     """
     if window < 1:
         raise ConfigError(f"--window: must be a positive number of steps, got {window}")
-    problems, jobs, yaml = [], [], {}
+    problems, jobs, yaml, unreadable = [], [], {}, []
     for sweep in sweeps:
-        keys = store.list(f"{sweep}/cells/")
-        by_cell: dict[str, list[str]] = {}
-        for key in keys:
+        by_cell: dict[str, dict[str, int]] = {}
+        for key, size in store.sizes(f"{sweep}/cells/").items():
             parts = key.split("/")
             if len(parts) >= 4:
-                by_cell.setdefault(parts[2], []).append(key)
+                by_cell.setdefault(parts[2], {})[key] = size
         if not by_cell:
             problems.append(f"--sweep {sweep}: no cells under {store.join(sweep + '/cells/')}; "
                             f"check the sweep name and --store")
             continue
         try:
-            yaml[sweep] = store.get_text(f"{sweep}/sweep.yaml")
+            yaml[sweep] = decode(store.get_bytes(f"{sweep}/sweep.yaml"), store.join(f"{sweep}/sweep.yaml"))
         except KeyError:
             yaml[sweep] = None
+        except ConfigError as err:  # damaged: named, and treated as missing
+            yaml[sweep] = None
+            unreadable.append(Skipped(f"{sweep}/sweep.yaml", f"{err}; treated as missing"))
         jobs.extend((sweep, cell_id, cell_keys) for cell_id, cell_keys in sorted(by_cell.items()))
     if problems:
         raise ConfigError(problems)
@@ -176,15 +188,16 @@ def load_sweeps(store: Store, sweeps: list[str], *, window: int = 50, workers: i
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             results = list(pool.map(lambda job: load_cell(store, *job, window=window), jobs))
 
-    cells, skipped, seen = [], [], set()
+    cells, skipped, seen = [], unreadable, {}
     for summary, skips in results:
         skipped.extend(skips)
         if summary is None:
             continue
         if summary.id in seen:  # the same cell in two sweeps analysed together: count it once
-            skipped.append(Skipped(f"{summary.sweep}/cells/{summary.id}", "duplicate of a cell already loaded"))
+            skipped.append(Skipped(f"{summary.sweep}/cells/{summary.id}",
+                                   f"the same cell as {seen[summary.id]}/cells/{summary.id}, already loaded"))
             continue
-        seen.add(summary.id)
+        seen[summary.id] = summary.sweep
         cells.append(summary)
     for item in skipped:
         if warn:
@@ -204,59 +217,45 @@ def _load_job(job: tuple) -> tuple[CellSummary | None, list[Skipped]]:
     return load_cell(store, sweep, cell_id, keys, window=window)
 
 
-def load_cell(store: Store, sweep: str, cell_id: str, keys: list[str], *, window: int = 50
+def load_cell(store: Store, sweep: str, cell_id: str, keys: Iterable[str], *, window: int = 50
               ) -> tuple[CellSummary | None, list[Skipped]]:
-    """Read one cell's files and reduce them; returns the summary (or None) and what was skipped."""
-    prefix = f"{sweep}/cells/{cell_id}"
+    """Read one cell's files and reduce them; returns the summary (or None) and what was skipped.
+
+    ``cell.json`` and ``_SUCCESS`` are read as every command reads them (critbatch.jobs.store.cellstate);
+    a part with non-finite values where the trainer writes none is skipped as damaged.
+    """
+    prefix = cell_prefix(sweep, cell_id)
     skipped: list[Skipped] = []
     key_set = set(keys)
-    if f"{prefix}/cell.json" not in key_set:
-        return None, [Skipped(prefix, "no cell.json")]
+    if f"{prefix}/{RECORD}" not in key_set:
+        return None, [Skipped(prefix, f"no {RECORD}")]
     try:
-        doc = json.loads(store.get_text(f"{prefix}/cell.json"))
-        cell = cell_fields(doc)
+        doc, cell = read_record(store.get_bytes(f"{prefix}/{RECORD}"), cell_id)
     except (ValueError, KeyError) as err:
-        return None, [Skipped(f"{prefix}/cell.json", f"not a valid cell ({str(err).splitlines()[0]})")]
+        return None, [Skipped(f"{prefix}/{RECORD}", f"not a valid cell ({str(err).splitlines()[0]})")]
 
     success = None
-    if f"{prefix}/_SUCCESS" in key_set:
+    if success_key(sweep, cell_id) in key_set:
         try:
-            success = json.loads(store.get_text(f"{prefix}/_SUCCESS"))
-            if not isinstance(success, dict) or success.get("status") not in STATUSES:
-                raise ValueError(f"no status {'|'.join(STATUSES)}")
+            success = parse_success(store.get_bytes(success_key(sweep, cell_id)))
         except (ValueError, KeyError) as err:
-            skipped.append(Skipped(f"{prefix}/_SUCCESS", f"unreadable ({err}); cell treated as incomplete"))
-            success = None
-
-    steps = _read_parts(store, sorted(k for k in keys if k.startswith(f"{prefix}/steps/part-")),
-                        STEPS_SCHEMA, _STEP_COLUMNS, skipped)
-    evals = _read_parts(store, sorted(k for k in keys if k.startswith(f"{prefix}/evals/part-")),
-                        EVALS_SCHEMA, _EVAL_COLUMNS, skipped)
-    doc.setdefault("id", cell_id)
+            skipped.append(Skipped(success_key(sweep, cell_id), f"unreadable ({err}); cell treated as incomplete"))
+    # The trainer writes a non-finite loss (and noise statistics) only on the step a cell diverges at.
+    whole = success is not None and success["status"] != STATUS_DIVERGED
+    steps = _read_parts(store, sorted(k for k in key_set if k.startswith(f"{prefix}/steps/part-")),
+                        STEPS_SCHEMA, _STEP_COLUMNS, skipped,
+                        finite=("wall_time_s",) + (("train_loss",) + _NOISE_COLUMNS if whole else ()))
+    evals = _read_parts(store, sorted(k for k in key_set if k.startswith(f"{prefix}/evals/part-")),
+                        EVALS_SCHEMA, _EVAL_COLUMNS, skipped, finite=("loss",) if whole else ())
+    doc["id"] = cell_id
     summary = reduce_cell(doc, cell, success, steps, evals, sweep=sweep, window=window)
     return summary, skipped
 
 
-#: The fields an imported cell (``derived.imported_from``) must have; the rest take the cell's defaults.
-IMPORTED_REQUIRED = ("dataset", "model", "strategy", "batch_size", "base_lr", "base_batch", "seed")
-
-
-def cell_fields(doc: dict[str, Any]) -> dict[str, Any]:
-    """The cell's fields from its cell.json: validated as a Cell, or, for a cell imported from another
-    study (analysis.importers), checked for the fields the analysis reads. An imported cell keeps its
-    source's names (datasets, models, optimizers critbatch does not train), so the catalogue does not apply."""
-    fields = {k: v for k, v in doc.items() if k not in CELL_JSON_EXTRAS}
-    if not (doc.get("derived") or {}).get("imported_from"):
-        return Cell.from_dict(fields).to_dict()
-    missing = [k for k in IMPORTED_REQUIRED if k not in fields]
-    if missing or not isinstance(fields["dataset"], dict) or "name" not in fields["dataset"]:
-        raise ValueError(f"imported cell without {', '.join(missing) or 'dataset.name'}")
-    return fields
-
-
 def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple[str, ...],
-                skipped: list[Skipped]) -> pa.Table | None:
-    """The parts' rows (in part order), with unreadable parts skipped and named."""
+                skipped: list[Skipped], finite: tuple[str, ...] = ()) -> pa.Table | None:
+    """The parts' rows (in part order), with unreadable parts, and parts with non-finite values in the columns
+    ``finite``, skipped and named."""
     want = pa.schema([schema.field(name) for name in columns])
     tables = []
     expected = 0
@@ -279,6 +278,11 @@ def _read_parts(store: Store, keys: list[str], schema: pa.Schema, columns: tuple
                 table = pa.table([table.column(n).cast(want.field(n).type) for n in columns], names=columns)
         except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             skipped.append(Skipped(key, f"does not follow the log schema ({str(err).splitlines()[0][:120]})"))
+            continue
+        bad = [name for name in finite if pc.any(pc.invert(pc.is_finite(table.column(name)))).as_py()]
+        if bad:
+            skipped.append(Skipped(key, f"damaged: non-finite {', '.join(bad)}, which the trainer writes only on "
+                                        "the step a cell diverges at, and this one did not"))
             continue
         tables.append(table)
     if not tables:

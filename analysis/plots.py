@@ -432,7 +432,8 @@ CRIT_COLUMNS = ["group", "threshold", "eps", "source", "m0", "batch_sizes", "see
                 "m_eff", "m_eff_interp", "m_eff_implied_b", "m_level_fit", "m_level_fit_lo", "m_level_fit_hi",
                 "m_zhang", "m_zhang_lo", "m_zhang_hi",
                 "b_simple", "b_simple_lo", "b_simple_hi", "b_simple_bound", "b_simple_cells",
-                "linear_until", "stagnation_from", "censored", "seeds_censored", "bootstrap"]
+                "linear_until", "stagnation_from", "censored", "seeds_censored", "bootstrap",
+                "tokens_per_example", "E_min_tokens"]
 
 
 def b_crit_text(r: dict[str, Any]) -> str:
@@ -588,21 +589,27 @@ def time_figure(results: list[CurveResult]) -> Artifact:
     art = Artifact("time_to_threshold", "Wall-clock time and samples to threshold",
                    "Seconds of training (excluding evaluations) and samples processed until the training loss "
                    "first reaches the threshold, mean over the seeds of the winning trial, against batch size.",
-                   columns=["group", "threshold", "eps", "batch_size", "k_mean", "wall_s", "samples", "censored"])
+                   columns=["group", "threshold", "eps", "batch_size", "k_mean", "wall_s", "samples", "tokens",
+                            "censored"])
     rows = [x for r in results for x in r.per_m]
     if not any(math.isfinite(x["wall_s"]) for x in rows):
         art.missing = "no step log with wall-clock times reached a threshold"
         return art
     art.rows = rows
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    # Language models: the tokens to the threshold beside the steps (Zhang et al. 2024 plot both).
+    tokens = any(math.isfinite(x.get("tokens", math.nan)) for x in rows)
+    fig = Figure(figsize=(16 if tokens else 11, 4), layout="constrained")
+    axes = fig.subplots(1, 3 if tokens else 2)
+    panels = [("wall_s", "wall-clock seconds to threshold"), ("samples", "samples to threshold")]
+    if tokens:
+        panels = [("k_mean", "steps to threshold"), ("tokens", "tokens to threshold"), panels[0]]
     all_ms: set[float] = set()
     for r in results:
         ms = np.array([x["batch_size"] for x in r.per_m], dtype=float)
         all_ms.update(ms.tolist())
-        ax1.plot(ms, [x["wall_s"] for x in r.per_m], "o-", ms=4, label=r.group.label)
-        ax2.plot(ms, [x["samples"] for x in r.per_m], "o-", ms=4, label=r.group.label)
-    for ax, ylabel in ((ax1, "wall-clock seconds to threshold"), (ax2, "samples to threshold")):
+        for ax, (column, _) in zip(axes, panels):
+            ax.plot(ms, [x.get(column, math.nan) for x in r.per_m], "o-", ms=4, label=r.group.label)
+    for ax, (_, ylabel) in zip(axes, panels):
         ax.set_yscale("log")
         _log2_axis(ax, sorted(all_ms))
         ax.set_xlabel("batch size m")

@@ -37,8 +37,9 @@ from .load import INCOMPLETE, Loaded, load_sweeps
 from .plots import Artifact, fmt
 from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.cell.errors import EXIT_INCOMPLETE, ConfigError
+from critbatch.jobs.cell.inputs import output_dir
 from critbatch.jobs.store import S3Store, Store, open_store
-from critbatch.jobs.cell.layout import report_prefix
+from critbatch.jobs.cell.layout import report_prefix, sweep_problem
 
 
 @dataclass
@@ -63,9 +64,7 @@ class Analysis:
 def validate_options(thresholds: list[float] | None, efficiency: float, bootstrap: int, window: int,
                      sweeps: list[str] = ()) -> None:
     problems = []
-    for sweep in sweeps:
-        if not sweep or "/" in sweep or sweep.startswith("."):
-            problems.append(f"--sweep: {sweep!r} is not a sweep name (a DNS-1123 label such as cifar10-resnet34)")
+    problems.extend(f"--sweep: {problem}" for problem in map(sweep_problem, sweeps) if problem)
     for eps in thresholds or []:
         if not (math.isfinite(eps) and eps > 0):
             problems.append(f"--threshold: must be a positive loss value, got {eps}")
@@ -175,7 +174,7 @@ def render_files(a: Analysis, *, store_url: str) -> dict[str, bytes]:
                                            ["group", "threshold", "eps", "batch_size", "trial", "trials", "seeds",
                                             "seeds_reached", "k_mean", "k_sd", "censored", "k_lower_bound",
                                             "speedup", "speedup_lo", "speedup_hi", "ideal", "efficiency", "regime",
-                                            "fit_k", "wall_s", "samples"])
+                                            "fit_k", "wall_s", "samples", "tokens"])
     files["thresholds.csv"] = plots.table_csv(a.thresholds)
     files["cells.csv"] = plots.table_csv(a.crossings)
     files["final_metrics.csv"] = plots.table_csv(a.final, plots.FINAL_COLUMNS)
@@ -213,6 +212,8 @@ def write_report(store: Store, a: Analysis, *, output: str | None = None,
 
 def cli_analyze(args: argparse.Namespace) -> int:
     """``critbatch analyze``: the report of one or several sweeps."""
+    if args.output:
+        output_dir(args.output, "--output")  # before the work, not after the report is in the store
     store = open_store(args.store)
     store.check()
 

@@ -32,7 +32,8 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec, OptimizerSpec
+from critbatch.jobs.cell.optimizers import SGDOptions
+from critbatch.jobs.cell.spec import Cell, DatasetSpec, EvalSpec, NoiseSpec
 from critbatch.jobs.cell.logschema import (
     EVALS_SCHEMA,
     STATUS_DIVERGED,
@@ -218,7 +219,7 @@ def _cell(name, spec, m, m_min, seed, base_lr, train_size, epochs, total_steps, 
         epochs=float(epochs or 1.0),
         sweep=name,
         seed=seed,
-        optimizer=OptimizerSpec(),
+        optimizer=SGDOptions(),
         eval=EvalSpec(points=eval_points),
         noise=NoiseSpec(every=noise_every),
         max_steps=total_steps,

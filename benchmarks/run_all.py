@@ -39,8 +39,9 @@ SETTINGS = {
     "data": Settings(threads=2),
     # 10^5 logged steps instead of 10^6, paced at 20,000 steps/s (its docstring's shorter run).
     "logging": Settings(reduced=("--steps", "100000", "--rate", "20000")),
-    # The digits CNN only; --full adds the CIFAR ResNet-34 (about 8 s a step on a CPU core: 10+ minutes).
-    "train": Settings(reduced=("--only", "digits")),
+    # The digits CNN and the laptop GPT with AdamW; --full adds the CIFAR ResNet-34 (about 8 s a step on a CPU
+    # core: 10+ minutes).
+    "train": Settings(reduced=("--only", "digits", "--only", "gpt", "--steps-gpt", "100")),
     # The linreg oracle problem only (2 minutes); --full adds its LR grid and digits (15 to 25 minutes).
     "search": Settings(reduced=("--only", "linreg")),
 }

@@ -125,9 +125,21 @@ def write_cityscapes(root: Path, n_train: int = 6, n_val: int = 3, size: tuple[i
     return root
 
 
+def write_tokens(root: Path, n_train: int = 5000, n_val: int = 2100, seed: int = 0) -> Path:
+    """modded-nanogpt's FineWeb shards: a header of 256 int32 (magic 20240520, version 1, count), uint16 ids."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = _rng(seed)
+    for name, n in (("fineweb_train_000001.bin", n_train), ("fineweb_val_000000.bin", n_val)):
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = (20240520, 1, n)
+        (root / name).write_bytes(header.tobytes() + rng.integers(0, 50257, n, dtype=np.uint16).tobytes())
+    return root
+
+
 WRITERS = {
     "mnist": write_mnist, "cifar10": write_cifar10, "cifar100": write_cifar100, "svhn": write_svhn,
-    "wikitext2": write_wikitext2, "cityscapes": write_cityscapes,
+    "wikitext2": write_wikitext2, "cityscapes": write_cityscapes, "tokens": write_tokens,
 }
 
 

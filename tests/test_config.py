@@ -72,7 +72,8 @@ BAD = [  # name, changes to BASE, the lines expected on stderr (regexes, each a 
     ("eval points beyond a capped run", {"max_steps": 10, "eval": {"points": 500}},
      [r"eval\.points: 500 evaluations for a run of 10 steps; allowed: 2 to 200"]),
     ("warm-up longer than the run", {"strategy": ["blr", "lsr"], "warmup_epochs": 5, "epochs": 2},
-     [r"warmup_epochs: a warm-up of 5\.0 epochs is longer than the run \(2\.0 epochs\); allowed: 0 to 2\.0"]),
+     [r"warmup_epochs: a warm-up of 5\.0 epochs \(3905 steps\) is longer than the run \(1562 steps\); "
+      r"allowed: 0 to 2 epochs$"]),
     ("analysis args unknown option", {"analysis": {"args": ["--bogus"]}},
      [r"analysis\.args: unrecognized arguments: --bogus"]),
     ("analysis args bad value", {"analysis": {"args": ["--efficiency", "high"]}},

@@ -116,7 +116,7 @@ def test_sweep_yaml_holds_spec_and_cells():
 
 def test_with_overrides_revalidates():
     grid = load_grid(spec())
-    assert grid.with_overrides(store="s3://b/p", image="x:1").store == "s3://b/p"
+    assert grid.with_overrides(store="s3://bkt/p", image="x:1").store == "s3://bkt/p"
     with pytest.raises(ConfigError, match="namespace: 'Bad' is not a DNS-1123 label"):
         grid.with_overrides(namespace="Bad")
 

@@ -132,23 +132,28 @@ def _success(**logs) -> bytes:
 
 
 P = "sw/cells/c1"
+R = {f"{P}/cell.json": 300}  # the cell's record, which a finished cell has beside its parts
 
 
 @pytest.mark.parametrize("success, sizes, state, problem", [
-    (_success(steps={"rows": 10, "parts": [100, 50]}), {f"{P}/steps/part-000000.arrow": 100,
+    (_success(steps={"rows": 10, "parts": [100, 50]}), {**R, f"{P}/steps/part-000000.arrow": 100,
                                                           f"{P}/steps/part-000001.arrow": 50}, "done", None),
     (_success(steps={"rows": 10, "parts": [100, 50]}), {f"{P}/steps/part-000000.arrow": 100,
+                                                          f"{P}/steps/part-000001.arrow": 50}, "damaged",
+     "cell.json is missing"),
+    (_success(steps={"rows": 10, "parts": [100, 50]}), {**R, f"{P}/steps/part-000000.arrow": 100,
                                                           f"{P}/steps/part-000001.arrow": 31}, "damaged",
      "steps part 000001 has 31 bytes, not 50"),
-    (_success(steps={"rows": 10, "parts": [100, 50]}), {f"{P}/steps/part-000001.arrow": 50}, "damaged",
+    (_success(steps={"rows": 10, "parts": [100, 50]}), {**R, f"{P}/steps/part-000001.arrow": 50}, "damaged",
      "steps part 000000 is missing"),
-    (_success(steps={"rows": 10, "parts": [100]}), {f"{P}/steps/part-000000.arrow": 100,
+    (_success(steps={"rows": 10, "parts": [100]}), {**R, f"{P}/steps/part-000000.arrow": 100,
                                                      f"{P}/steps/part-000001.arrow": 9}, "damaged",
      "steps parts 000001 were written after _SUCCESS"),
-    (json.dumps({"status": "done", "steps": 10}).encode(), {f"{P}/evals/part-000001.arrow": 9}, "damaged",
+    (json.dumps({"status": "done", "steps": 10}).encode(), {**R, f"{P}/evals/part-000001.arrow": 9}, "damaged",
      "evals parts 000000 are missing"),  # no manifest (an older _SUCCESS): gaps still show
     (b'{"status": "do', {}, "damaged", "_SUCCESS is unreadable: not JSON"),
     (b'{"status": "running", "steps": 3}', {}, "damaged", "_SUCCESS is unreadable: no status done|diverged"),
+    (b'{"status": "done", "steps": "many"}', R, "damaged", "_SUCCESS is unreadable: steps is not a count"),
 ])
 def test_a_cell_is_finished_only_when_its_success_and_parts_agree(success, sizes, state, problem):
     judged = judge(success, sizes, P)

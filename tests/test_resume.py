@@ -32,9 +32,9 @@ TOTAL = 300
 PREFIX = cell_prefix("r", Cell.from_json(CELL).id)
 
 
-def launch(store: str, *extra: str) -> subprocess.Popen:
+def launch(store: str, *extra: str, cell: str = CELL) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "critbatch.jobs.cli", "train", "--cell", CELL, "--store", store,
+    cmd = [sys.executable, "-m", "critbatch.jobs.cli", "train", "--cell", cell, "--store", store,
            "--threads", "1", "--progress", "none", "--flush-steps", "16", "--checkpoint-steps", "25", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -54,10 +54,11 @@ def reference(tmp_path_factory):
     return final_weights(store, PREFIX), read_rows(store, PREFIX, "steps"), read_rows(store, PREFIX, "evals")
 
 
-def wait_for_checkpoint(store, proc: subprocess.Popen, after: int = 0, timeout: float = 120) -> int:
+def wait_for_checkpoint(store, proc: subprocess.Popen, after: int = 0, timeout: float = 120,
+                        prefix: str = PREFIX) -> int:
     """The step of the first complete checkpoint newer than ``after``."""
     deadline = time.monotonic() + timeout
-    ckpt = Checkpointer(store, PREFIX)
+    ckpt = Checkpointer(store, prefix)
     while time.monotonic() < deadline:
         steps = [s for s in ckpt.complete_steps() if s > after]
         if steps:
@@ -67,11 +68,12 @@ def wait_for_checkpoint(store, proc: subprocess.Popen, after: int = 0, timeout: 
     raise AssertionError("no checkpoint appeared")
 
 
-def interrupt(url: str, sig: signal.Signals, after: int) -> int:
+def interrupt(url: str, sig: signal.Signals, after: int, cell: str = CELL, total: int = TOTAL) -> int:
     """Start (or resume) the run, send ``sig`` at a random moment past its next checkpoint; the step to resume from."""
     store = open_store(url)
-    proc = launch(url)
-    wait_for_checkpoint(store, proc, after)
+    prefix = cell_prefix("r", Cell.from_json(cell).id)
+    proc = launch(url, cell=cell)
+    wait_for_checkpoint(store, proc, after, prefix=prefix)
     time.sleep(random.uniform(0.0, 0.25))  # a random step past that checkpoint (tens of steps here)
     assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
     proc.send_signal(sig)
@@ -83,12 +85,12 @@ def interrupt(url: str, sig: signal.Signals, after: int) -> int:
         assert "on SIGTERM (checkpointed)" in out
         stopped = int(out.split("stopped at step ")[1].split()[0])
         # SIGTERM: the step in flight is finished and checkpointed before the exit.
-        assert Checkpointer(store, PREFIX).complete_steps()[-1] == stopped
+        assert Checkpointer(store, prefix).complete_steps()[-1] == stopped
     else:
         assert code == -signal.SIGKILL, out
-    assert not store.exists(f"{PREFIX}/_SUCCESS")
-    resume_from = Checkpointer(store, PREFIX).complete_steps()[-1]
-    assert after < resume_from < TOTAL
+    assert not store.exists(f"{prefix}/_SUCCESS")
+    resume_from = Checkpointer(store, prefix).complete_steps()[-1]
+    assert after < resume_from < total
     return resume_from
 
 
@@ -150,3 +152,36 @@ def test_store_outage_mid_run_loses_no_row(tmp_path, cpu_env, s3_server, s3_url)
     store = open_store(s3_url)
     assert [r["step"] for r in read_rows(store, prefix, "steps")] == list(range(1, 201))
     assert read_success(store, prefix)["status"] == "done"
+
+
+GPT = {
+    "dataset": {"name": "pycorpus", "options": {"seq_len": 16}}, "model": "gpt",
+    "model_options": {"n_layer": 1, "n_head": 2, "n_embd": 16, "seq_len": 16, "dropout": 0.1}, "strategy": "srsr",
+    "batch_size": 8, "base_lr": 0.003, "base_batch": 4, "tokens": 19200.0, "sweep": "r", "warmup": {"steps": 20},
+    "decay": "wsd", "eval": {"points": 8, "train_subset": 16}, "noise": {"every": 7},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [{"name": "adamw"}, {"name": "muon", "ns_steps": 3}], ids=["adamw", "muon"])
+def test_gpt_cell_killed_and_resumed_matches_uninterrupted(tmp_path, optimizer):
+    """A GPT cell (dropout on, token windows, WSD) with AdamW or Muon: SIGKILL at a random step past a checkpoint,
+    resume; the final weights, step losses and noise figures are the uninterrupted run's, bit for bit."""
+    cell = json.dumps({**GPT, "optimizer": optimizer})
+    prefix = cell_prefix("r", Cell.from_json(cell).id)
+    total = 150  # 19200 tokens / (8 x 16)
+    ref_url = str(tmp_path / "reference")
+    code, out = finish(launch(ref_url, cell=cell))
+    assert code == 0, out
+    url = str(tmp_path / "store")
+    after = interrupt(url, signal.SIGKILL, after=0, cell=cell, total=total)
+    code, out = finish(launch(url, cell=cell))
+    assert code == 0 and f"resumed from the checkpoint at step {after}" in out, out
+    ref, got = open_store(ref_url), open_store(url)
+    ref_weights, weights = final_weights(ref, prefix), final_weights(got, prefix)
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    steps, ref_steps = read_rows(got, prefix, "steps"), read_rows(ref, prefix, "steps")
+    assert [r["step"] for r in steps] == list(range(1, total + 1))
+    for column in ("train_loss", "lr", "noise_g_big_sq"):
+        assert [r[column] for r in steps] == [r[column] for r in ref_steps], column

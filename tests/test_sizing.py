@@ -209,9 +209,18 @@ def test_device_memory(resources, size, warned):
 # ---- the committed table, the presets ----------------------------------------------------------------------
 
 
+#: Presets whose model has no entry yet: their cells take one device without accumulation and the plan says so.
+#: Measuring the GPTs (benchmarks/measure_memory.py --only gpt; GPT-124M at 1024 tokens takes tens of minutes
+#: on two cores) removes them from this list.
+NOT_YET_MEASURED = {"gpt-pycorpus", "gpt124m-fineweb"}
+
+
 def test_every_preset_model_and_input_has_a_measured_entry():
     table = sizing.load_table()
     for name in preset_names():
+        if name in NOT_YET_MEASURED:
+            assert all(sizing.fit_of(cell) is None for cell in load_grid(name).cells()), f"{name} is measured now"
+            continue
         for cell in load_grid(name).cells():
             entry = table[sizing.memory_key(cell)]
             assert entry["saved_bytes_per_sample"]["bf16"] < entry["saved_bytes_per_sample"]["fp32"]

@@ -21,6 +21,7 @@ def test_status_shows_damaged_cells(tmp_path):
     whole, cut, unreadable = grid.cells()
     store = LocalStore(tmp_path / "store")
     for cell in (whole, cut):
+        store.put_text(f"{cell_prefix('tiny', cell.id)}/cell.json", cell.to_json())
         store.put_bytes(f"{cell_prefix('tiny', cell.id)}/steps/part-000000.arrow", b"x" * 40)
         store.put_text(success_key("tiny", cell.id), json.dumps(
             {"status": "done", "steps": 3, "logs": {"steps": {"rows": 3, "parts": [40]}}}))

@@ -19,7 +19,7 @@ from critbatch.jobs.train.strategies import base_total_steps, eval_steps, lr_at,
 
 DIGITS = {
     "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 64,
-    "base_lr": 0.05, "base_batch": 32, "epochs": 2, "warmup_epochs": 1, "sweep": "t",
+    "base_lr": 0.05, "base_batch": 32, "epochs": 2, "warmup_epochs": 0.25, "sweep": "t",
     "eval": {"points": 8, "train_subset": 300}, "noise": {"every": 4}, "max_steps": 30,
 }
 
@@ -226,7 +226,8 @@ def _no_aws(monkeypatch, tmp_path):
         ({"dataset": {"name": "digits", "fraction": 1.5}}, {}, None, [], r"cell\.dataset\.fraction: 1\.5 is outside"),
         ({"dataset": {"name": "digits", "fraction": 0.0}}, {}, None, [], r"cell\.dataset\.fraction: 0\.0 is outside"),
         ({"batch_size": 2048}, {}, None, [], r"cell\.batch_size: 2048 is larger than the training set"),
-        ({"dataset": {"name": "cifar10"}, "model": "resnet34"}, {}, None, ["--data-root", "/nonexistent/data"],
+        ({"dataset": {"name": "cifar10"}, "model": "resnet34", "strategy": "blr"}, {}, None,
+         ["--data-root", "/nonexistent/data"],
          r"dataset 'cifar10' not found: looked for .* under /nonexistent/data.*critbatch data stage cifar10"),
         ({"strategy": "fastest"}, {}, None, [], r"cell\.strategy: unknown strategy 'fastest'; allowed: blr"),
         ({}, {}, "s3://critbatch-test/runs", [], r"no S3 credentials"),
@@ -259,10 +260,11 @@ def test_finished_cell_is_not_trained_again(tmp_path, cpu_env, capsys):
     store = open_store(url)
     cell = Cell.from_json(cell_json(max_steps=6))
     prefix = cell_prefix("t", cell.id)
+    store.put_text(f"{prefix}/cell.json", cell.to_json())  # a finished cell has its record beside _SUCCESS
     store.put_text(f"{prefix}/_SUCCESS", json.dumps({"status": "done", "steps": 6, "wall_time_s": 1.0}))
     assert train(cell_json(max_steps=6), url) == 0
     assert "already finished" in capsys.readouterr().out
-    assert store.list(prefix + "/") == [f"{prefix}/_SUCCESS"]  # nothing else was written
+    assert store.list(prefix + "/") == [f"{prefix}/_SUCCESS", f"{prefix}/cell.json"]  # nothing else was written
     # --force wipes the prefix and trains it for real.
     assert train(cell_json(max_steps=6), url, "--force") == 0
     assert read_success(store, prefix)["status"] == "done"

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import core_schema
 
+from .inputs import shown
 from .plugins import TASKS, DatasetPlugin, ModelPlugin, PluginError, import_object, load_factory
 from .validation import invalid
 
@@ -95,7 +96,7 @@ def unknown(kind: str, name: str) -> str:
     hint = "" if names(kind, builtin=True) else (
         f" (no {kind} of critbatch itself is registered: install it with pip install -e . and remove any stale "
         f"critbatch.egg-info on sys.path, whose metadata hides the installed one)")
-    return (f"unknown {kind} {name!r}; allowed: {', '.join(names(kind))}, or the import path module:attribute "
+    return (f"unknown {kind} {shown(name)}; allowed: {', '.join(names(kind))}, or the import path module:attribute "
             f"of a {_DECLARATION[kind].__name__}{hint}")
 
 

@@ -25,10 +25,13 @@ import json
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .options import dataset_options, option_problems
+from .inputs import json_object
+from .layout import SWEEP_NAME
+from .optimizers import OptimizerSpec, Rule, SGDOptions, rule_problems
+from .options import dataset_options, model_options, option_problems
 from .registry import DATASETS, MODELS, Registered, fits, resolve
 from .validation import (
     NonNegativeFloat,
@@ -36,13 +39,14 @@ from .validation import (
     PositiveFloat,
     PositiveInt,
     Range,
+    Matches,
     Strict,
     error_lines,
     invalid,
 )
 
 Strategy = Literal["blr", "lsr", "srsr", "longer", "oracle"]
-Decay = Literal["none", "step", "cosine"]
+Decay = Literal["none", "step", "cosine", "wsd", "linear"]
 
 
 class DatasetSpec(Strict):
@@ -58,18 +62,30 @@ class DatasetSpec(Strict):
         "spike_var; mnist1d: num_samples; a plug-in's: `critbatch plugins`)")
 
 
-class OptimizerSpec(Strict):
-    name: Literal["sgd"] = "sgd"
-    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
-    weight_decay: NonNegativeFloat = 5e-4
-    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0)")
+class WarmupSpec(Strict):
+    """A linear warm-up from 0 to the peak LR, for any strategy: over ``steps`` updates, or over as many as
+    ``examples`` (or ``tokens``) take at the cell's batch size (rounded, at least 1)."""
 
-    @field_validator("nesterov")
-    @classmethod
-    def _needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
-        if nesterov and info.data.get("momentum") == 0:
-            raise invalid("Nesterov momentum needs momentum > 0, got momentum 0")
-        return nesterov
+    steps: PositiveInt | None = Field(None, description="warm-up length in updates")
+    examples: PositiveInt | None = Field(None, description="warm-up length in training examples")
+    tokens: PositiveFloat | None = Field(None, description="warm-up length in tokens (token datasets)")
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "WarmupSpec":
+        given = [n for n in ("steps", "examples", "tokens") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise invalid(f"give exactly one of steps, examples, tokens; got {', '.join(given) or 'none'}")
+        return self
+
+
+class WsdSpec(Strict):
+    """Warm-up, stable, decay (Hu et al. 2024, MiniCPM): the peak until the last ``decay_fraction`` of the
+    updates, then down to ``final`` x peak, linearly or as 1 - sqrt (Hägele et al. 2024)."""
+
+    decay_fraction: Annotated[float, Range(0, 1, low_open=True)] = Field(
+        0.2, description="the fraction of the updates spent decaying")
+    shape: Literal["linear", "1-sqrt"] = Field("linear", description="the decay's shape")
+    final: Annotated[float, Range(0, 1)] = Field(0.0, description="the LR at the end, as a fraction of the peak")
 
 
 class EvalSpec(Strict):
@@ -113,12 +129,24 @@ class Cell(Strict):
     batch_size: PositiveInt = Field(description="global batch m, across all ranks and micro-batches")
     base_lr: PositiveFloat = Field(description="eta_0, tuned at base_batch")
     base_batch: PositiveInt = Field(description="m_0")
-    epochs: PositiveFloat = Field(description="E")
-    sweep: str = Field("default", description="names jobs and store prefixes; not part of the id")
+    epochs: PositiveFloat | None = Field(None, description="E, the budget in epochs (or give tokens)")
+    tokens: PositiveFloat | None = Field(
+        None, description="the budget in tokens (token datasets: steps = tokens / (m x seq_len)); part of the id "
+        "only when set")
+    sweep: Annotated[str, Matches(SWEEP_NAME, "a DNS-1123 label (lower-case letters, digits and '-', starting and "
+                                  "ending with a letter or digit)", max_length=63)] = Field(
+        "default", description="names jobs and store prefixes; not part of the id")
     warmup_epochs: NonNegativeFloat = Field(0.0, description="W, for lsr")
     decay: Decay = "none"
+    wsd: WsdSpec | None = Field(None, description="decay wsd's options (defaults when unset); part of the id only "
+                                "when set")
+    warmup: WarmupSpec | None = Field(None, description="a linear warm-up from 0 for any strategy; part of the id "
+                                      "only when set")
     seed: int = 0
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    optimizer: OptimizerSpec = Field(default_factory=SGDOptions, description="the optimizer and its options, "
+                                     "by name: sgd, adamw, adam, adafactor, muon")
+    rules: list[Rule] = Field(default_factory=list, description="batch-size rules for the optimizer's other "
+                              "hyperparameters, beside the LR strategy; part of the id only when listed")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     noise: NoiseSpec = Field(default_factory=NoiseSpec)
     accumulation: PositiveInt = Field(1, description="micro-batches per rank per step (default: the sizing's)")
@@ -136,11 +164,12 @@ class Cell(Strict):
 
     # ---- identity -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain data; ``stop``, ``micro_batch`` and ``sync_bn`` only when set, so a cell without
-        them keeps the id it always had."""
+        """The fields as plain data; the optional ones (``stop``, ``micro_batch``, ``sync_bn``, ``tokens``,
+        ``rules``, ``warmup``, ``wsd``) only when set, so a cell without them keeps the id it always had."""
         data = self.model_dump()
-        for name, unset in (("stop", None), ("micro_batch", None), ("sync_bn", False)):
-            if data[name] is unset:
+        for name, unset in (("stop", None), ("micro_batch", None), ("sync_bn", False), ("tokens", None),
+                            ("epochs", None), ("rules", []), ("warmup", None), ("wsd", None)):
+            if data[name] is None if unset is None else data[name] == unset:
                 del data[name]
         return data
 
@@ -172,6 +201,13 @@ class Cell(Strict):
     @property
     def task(self) -> str:
         return resolve("dataset", self.dataset.name).plugin.task
+
+    def tokens_per_example(self) -> int | None:
+        """Tokens of one training example (a token dataset's ``seq_len``), or None when examples are not text."""
+        try:
+            return getattr(dataset_options(self.dataset), "seq_len", None)
+        except ConfigError:
+            return None
 
     def train_size(self) -> int | None:
         """Training examples the cell uses, or None when only the data knows."""
@@ -209,16 +245,10 @@ class Cell(Strict):
         return cell
 
     @classmethod
-    def from_json(cls, text: str) -> "Cell":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"cell: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError("cell: must be a JSON object")
-        # cell.json as written to the store carries provenance beside the fields.
-        data = {k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}
-        return cls.from_dict(data)
+    def from_json(cls, text: str, path: str = "cell") -> "Cell":
+        """A cell from its JSON (a cell.json from the store too: its provenance beside the fields is left out)."""
+        data = json_object(text, path)
+        return cls.from_dict({k: v for k, v in data.items() if k not in CELL_JSON_EXTRAS}, path)
 
     def problems(self, path: str = "cell", world_size: int | None = 1) -> list[str]:
         """The problems no single field shows (fields that do not fit together, or this world size).
@@ -252,12 +282,30 @@ class Cell(Strict):
                        f"{self.accumulation} is not the batch size {self.batch_size}: the cell was sized for "
                        f"{self.batch_size // (self.micro_batch * self.accumulation)} devices (`critbatch cells` "
                        "prints each cell's plan)")
-        if self.strategy == "lsr" and self.warmup_epochs > self.epochs:
-            out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
-                       f"({self.epochs} epochs); allowed: 0 to {self.epochs}")
+        if (self.epochs is None) == (self.tokens is None):
+            out.append(f"{path}.epochs: give the budget as exactly one of epochs, tokens; got "
+                       f"{'both' if self.epochs is not None else 'neither'}")
+        elif self.tokens is not None and self.tokens_per_example() is None:
+            out.append(f"{path}.tokens: a budget in tokens needs a token dataset (one with seq_len); "
+                       f"{ds.name!r} counts examples: give epochs")
+        if self.warmup is not None and self.warmup.tokens is not None and self.tokens_per_example() is None:
+            out.append(f"{path}.warmup.tokens: {ds.name!r} is not a token dataset; give steps or examples")
+        if self.warmup is not None and self.strategy == "lsr" and self.warmup_epochs > 0:
+            out.append(f"{path}.warmup: lsr already warms up over warmup_epochs ({self.warmup_epochs}); give one")
+        if self.wsd is not None and self.decay != "wsd":
+            out.append(f"{path}.wsd: options of the wsd decay, but decay is {self.decay!r}")
+        context = getattr(_model_options_or_none(self.model, self.model_options), "seq_len", None)
+        if context is not None and (self.tokens_per_example() or 0) > context:
+            out.append(f"{path}.model_options.seq_len: {context} is shorter than the dataset's examples "
+                       f"({self.tokens_per_example()} tokens); allowed: {self.tokens_per_example()} or more")
+        out.extend(rule_problems(self.optimizer, self.rules, self.strategy, self.batch_size / self.base_batch,
+                                 f"{path}.rules"))
         if out:
             return out
         size = self.train_size()
+        out.extend(self._budget_problems(path, max(1, size // self.batch_size) if size else None))
+        if out:
+            return out
         if size is not None and self.batch_size > size:
             out.append(f"{path}.batch_size: {self.batch_size} is larger than the training set ({size} examples)")
         elif size is not None:
@@ -272,19 +320,66 @@ class Cell(Strict):
                            f"allowed: 2 to {limit}")
         return out
 
+    def _budget_problems(self, path: str, steps_per_epoch: int | None) -> list[str]:
+        """A budget the run cannot finish (more than MAX_STEPS updates), and a warm-up longer than the run
+        (counted in steps where the training set's size is known, else in epochs)."""
+        out = []
+        spe = steps_per_epoch or 1  # unknown: at least one step per epoch
+        steps = uncapped_steps(self, spe)
+        if self.max_steps is None and steps > MAX_STEPS:
+            budget = "tokens" if self.tokens is not None else "epochs"
+            unit = budget if self.strategy != "longer" else f"{budget} (x batch_size / base_batch for longer)"
+            more = "" if steps_per_epoch else " or more"
+            out.append(f"{path}.{budget}: {getattr(self, budget):g} {unit} imply {steps:.3g} steps{more}; "
+                       f"allowed: at most {MAX_STEPS:.0e} steps (or set max_steps)")
+            return out
+        if self.strategy != "lsr":
+            return out
+        if steps_per_epoch is None:
+            if self.epochs is not None and self.warmup_epochs > self.epochs:
+                out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs is longer than the run "
+                           f"({self.epochs} epochs); allowed: 0 to {self.epochs}")
+            return out
+        total, warm = total_steps(self, spe), round(self.warmup_epochs * spe)
+        if warm > total:
+            capped = f", capped by max_steps {self.max_steps}" if total == self.max_steps else ""
+            out.append(f"{path}.warmup_epochs: a warm-up of {self.warmup_epochs} epochs ({warm} steps) is longer "
+                       f"than the run ({total} steps{capped}); allowed: 0 to {total / spe:g} epochs")
+        return out
+
+
+#: The most updates a cell may take: a budget past it cannot finish (a typo such as epochs 1e12), and the
+#: trainer counts steps and samples in 64-bit integers.
+MAX_STEPS = 10**9
+
+def _model_options_or_none(model: str, options: dict[str, Any]) -> Any:
+    try:
+        return model_options(model, options)
+    except ConfigError:
+        return None  # reported by option_problems
+
 
 #: Keys cell.json carries beside the cell's own fields.
 CELL_JSON_EXTRAS = ("id", "code_version", "plugins", "derived", "created")
 
 
 def total_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None) -> int:
-    """Updates of the cell: E epochs (``longer``: E * m / m_0), capped by ``max_steps``; at least 1.
+    """Updates of the cell: E epochs, or T tokens / (m x seq_len) (``longer``: x m / m_0), capped by ``max_steps``;
+    at least 1.
 
     ``batch_size``: count them for this m instead of the cell's (the base batch's budget anchors the eval grid).
     """
-    m = cell.batch_size if batch_size is None else batch_size
-    epochs = cell.epochs * (m / cell.base_batch if cell.strategy == "longer" else 1.0)
-    total = max(1, round(epochs * steps_per_epoch))
+    total = uncapped_steps(cell, steps_per_epoch, batch_size)
     if cell.max_steps is not None:
         total = min(total, cell.max_steps)
-    return total
+    return max(1, round(total))
+
+
+def uncapped_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None) -> float:
+    """The updates the cell's budget (epochs or tokens) implies, before ``max_steps`` caps them (a float: it may
+    be huge)."""
+    m = cell.batch_size if batch_size is None else batch_size
+    longer = m / cell.base_batch if cell.strategy == "longer" else 1.0
+    if cell.tokens is not None:
+        return cell.tokens * longer / (m * (cell.tokens_per_example() or 1))
+    return cell.epochs * longer * steps_per_epoch

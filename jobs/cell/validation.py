@@ -21,6 +21,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError, core_schema
 
+from .inputs import shown
+
 
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, types are strict, instances are frozen."""
@@ -93,7 +95,7 @@ class Matches:
         fits = self.min_length <= len(value) <= (len(value) if self.max_length is None else self.max_length)
         if fits and re.fullmatch(self.pattern, value):
             return value
-        raise invalid(f"{value!r} is not {self.what}")
+        raise invalid(f"{shown(value)} is not {self.what}")
 
 
 POSITIVE = Range(0, low_open=True)
@@ -131,20 +133,20 @@ def error_lines(err: ValidationError, path: str, root: type[BaseModel], unknown:
         elif kind == "missing":
             message = "required field is missing"
         elif kind == "literal_error":
-            names = [p for p in loc if isinstance(p, str)]
+            names = [p for p in _untagged(root, loc) if isinstance(p, str)]
             noun = names[-2] if len(names) > 1 and names[-1] == "name" else names[-1]
             choices = ", ".join(str(c) for c in get_args(_type_at(root, loc)))
-            message = f"unknown {noun.replace('_', ' ')} {value!r}; allowed: {choices}"
+            message = f"unknown {noun.replace('_', ' ')} {shown(value)}; allowed: {choices}"
         elif kind in _WANTED:
-            shown = type(value).__name__ if _WANTED[kind] in ("a mapping", "a list") else repr(value)
-            message = f"must be {_WANTED[kind]}, got {shown}"
+            got = type(value).__name__ if _WANTED[kind] in ("a mapping", "a list") else shown(value)
+            message = f"must be {_WANTED[kind]}, got {got}"
         elif kind in ("too_short", "too_long"):
             ctx = e.get("ctx", {})
             bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
-            message = f"must list {bound} values, got {value!r}"
+            message = f"must list {bound} values, got {shown(value)}"
         else:
             message = e["msg"]
-        out.append(f"{location(path, loc)}: {message}")
+        out.append(f"{location(path, _untagged(root, loc))}: {message}")
     return out
 
 
@@ -167,11 +169,47 @@ def _strip(tp: Any) -> Any:
             return tp
 
 
+def _tagged(tp: Any) -> dict[str, Any]:
+    """The members of a union chosen by a tag (pydantic's ``Tag``), by tag; {} for any other type."""
+    if get_origin(tp) is not Union:
+        return {}
+    out = {}
+    for arg in get_args(tp):
+        tag = next((m.tag for m in getattr(arg, "__metadata__", ()) if type(m).__name__ == "Tag"), None)
+        if tag is None:
+            return {}
+        out[tag] = get_args(arg)[0]
+    return out
+
+
+def _untagged(root: Any, loc: tuple) -> tuple:
+    """``loc`` without the tags pydantic puts after a tagged union's field (``optimizer.adamw.beta2`` ->
+    ``optimizer.beta2``): the spec the user wrote has no such level."""
+    out, tp = [], root
+    for part in loc:
+        tp = _strip(tp)
+        members = _tagged(tp)
+        if members and part in members:
+            tp = members[part]
+            continue
+        out.append(part)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            tp = tp.model_fields[part].annotation if part in tp.model_fields else Any
+        else:
+            args = get_args(tp)
+            tp = args[-1] if args else Any
+    return tuple(out)
+
+
 def _type_at(root: Any, loc: tuple) -> Any:
     """The annotation of the field at ``loc`` under model ``root`` (list indices and mapping keys followed)."""
     tp = root
     for part in loc:
         tp = _strip(tp)
+        members = _tagged(tp)
+        if members and part in members:
+            tp = members[part]
+            continue
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             tp = tp.model_fields[part].annotation
         else:  # list[T] (an index) or dict[str, T] (a key)

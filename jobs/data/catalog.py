@@ -14,6 +14,8 @@ from critbatch.jobs.cell.options import (
     CityscapesOptions,
     LinregOptions,
     Mnist1dOptions,
+    PycorpusOptions,
+    TokensOptions,
     MnistOptions,
     SvhnOptions,
 )
@@ -40,3 +42,14 @@ LINREG = DatasetPlugin(f"{_LOADERS}:load_linreg", "regression", LinregOptions, l
 MNIST1D = DatasetPlugin("critbatch.jobs.data.mnist1d:load_mnist1d", "classification", Mnist1dOptions,
                         lambda o: int(o.num_samples // 10 * 10 * 0.8), classes=10,
                         description="MNIST-1D (Greydanus 2020), generated offline by its own generator")
+TOKENS = DatasetPlugin("critbatch.jobs.data.tokens:load_tokens", "language_model", TokensOptions,
+                       description="token ids: nanoGPT's train.bin/val.bin or modded-nanogpt's FineWeb shards")
+PYCORPUS = DatasetPlugin("critbatch.jobs.data.tokens:load_pycorpus", "language_model", PycorpusOptions,
+                         lambda o: _pycorpus_windows(o.seq_len),
+                         description="the offline corpus: pydoc_data.topics as UTF-8 bytes, built in")
+
+
+def _pycorpus_windows(seq_len: int) -> int:
+    from .corpus import pycorpus_windows
+
+    return pycorpus_windows(seq_len)

@@ -404,6 +404,10 @@ LAYOUTS: dict[str, Layout] = {
     "cityscapes": Layout(
         "", ("leftImg8bit/train/", "leftImg8bit/val/", "gtFine/train/", "gtFine/val/"), ("leftImg8bit", "gtFine"),
         "leftImg8bit/ and gtFine/ with their train and val folders", downloadable=False),
+    # Token files (critbatch.jobs.data.tokens): read where they are, by format; staging uploads every .bin.
+    "tokens": Layout(
+        "", (), ("*.bin",), "train.bin and val.bin (nanoGPT) or *_train_*.bin and *_val_*.bin shards (FineWeb)",
+        downloadable=False),
 }
 
 
@@ -514,6 +518,11 @@ def _stage_files(name: str, source: Path) -> dict[str, Path]:
     folder itself (``cifar-10-batches-py``; for MNIST also ``MNIST`` or ``MNIST/raw``).
     """
     layout = LAYOUTS[name]
+    if name == "tokens":  # no fixed file names: every .bin file of the directory
+        found = {p.name: p for p in sorted(source.glob("*.bin")) if p.is_file()}
+        if not found:
+            raise ConfigError(f"--from: {source} holds no .bin token files; a tokens directory holds {layout.holds}")
+        return found
     parts = layout.inner.split("/") if layout.inner else []
     for depth in range(len(parts) + 1):
         rest = "/".join(parts[depth:])

@@ -44,6 +44,7 @@ from typing import Mapping, Sequence
 
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, ConfigError
+from critbatch.jobs.cell.inputs import output_dir
 from critbatch.jobs.store import Store, open_store
 from critbatch.jobs.cell.layout import DEFAULT_STORE, cell_prefix
 from critbatch.jobs.store.cellstate import DAMAGED, sweep_states
@@ -112,8 +113,9 @@ def train_command(cell: Cell, store_url: str, *, data_root: str, threads: int, n
     return [sys.executable, "-m", "critbatch.jobs.cli", *tail]
 
 
-def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell], dict[str, list[str]]]:
-    """Split cells into (to run, finished, {id: problems} of the damaged ones, which are among those to run)."""
+def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list[Cell], dict[str, str]]:
+    """Split cells into (to run, finished, {id: what is wrong and how its trainer repairs it} of the damaged
+    ones, which are among those to run)."""
     todo, finished, damaged = [], [], {}
     by_sweep: dict[str, list[Cell]] = {}
     for cell in cells:
@@ -124,7 +126,8 @@ def pending_cells(cells: Sequence[Cell], store: Store) -> tuple[list[Cell], list
             state = states[cell.id]
             (finished if state.finished else todo).append(cell)
             if state.state == DAMAGED:
-                damaged[cell.id] = state.problems
+                repair = "writing its cell.json again" if state.record_only(cell.id) else "training it again"
+                damaged[cell.id] = f"{'; '.join(state.problems)}: {repair}"
     return todo, finished, damaged
 
 
@@ -165,8 +168,8 @@ def run_cells(
     bar = _Bar(len(cells), len(finished), label, show_progress)
     if finished:
         bar.note(f"{len(finished)} of {len(cells)} {label} already done (their _SUCCESS exists): skipped")
-    for cell_id, problems in damaged.items():
-        bar.note(f"damaged {cell_id}: {'; '.join(problems)}: training it again")
+    for cell_id, why in damaged.items():
+        bar.note(f"damaged {cell_id}: {why}")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                **{DIE_WITH_PARENT_ENV: "1"})
@@ -368,9 +371,8 @@ def cli_run(args) -> int:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
     grid = load_grid(args.grid)
     cells = grid.cells()
-    log_dir = Path(args.log_dir) if args.log_dir else None
-    if log_dir is not None and any(p.exists() and not p.is_dir() for p in (log_dir, *log_dir.parents)):
-        raise ConfigError(f"--log-dir: {args.log_dir} is at or under a file; give a directory")
+    if args.log_dir:
+        output_dir(args.log_dir, "--log-dir")
     # The grid's store when it is a local one (an s3:// store is the cluster's, and the grid's default).
     store_url = args.store or (grid.store if not grid.store.startswith("s3://") else DEFAULT_STORE)
     store = open_store(store_url)

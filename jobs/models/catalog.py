@@ -10,6 +10,7 @@ from __future__ import annotations
 from critbatch.jobs.cell.options import (
     AlexNetOptions,
     DigitsCNNOptions,
+    GPTOptions,
     LSTMOptions,
     MobileNetV2Options,
     Mnist1dCNNOptions,
@@ -45,3 +46,5 @@ MNIST1D_CNN = ModelPlugin(f"{_MNIST1D}:cnn", _CLASSIFY, Mnist1dCNNOptions, ("mni
                           "MNIST-1D's CNN: three strided 1-D convolutions of 25 channels")
 MNIST1D_GRU = ModelPlugin(f"{_MNIST1D}:gru", _CLASSIFY, Mnist1dGRUOptions, ("mnist1d",),
                           "MNIST-1D's GRU: bidirectional, 6 units, read out at all 40 steps")
+GPT = ModelPlugin("critbatch.jobs.models.gpt:gpt", ("language_model",), GPTOptions,
+                  description="a decoder-only transformer (GPT-2 shape: pre-norm, GELU MLP, tied embeddings)")

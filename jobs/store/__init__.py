@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import DEFAULT_STORE
+from critbatch.jobs.cell.layout import DEFAULT_STORE, store_problem
 
 from .base import Store
 from .local import LocalStore
@@ -26,14 +26,12 @@ def open_store(url: str | None = None, *, retries: int = 8) -> Store:
     ``retries``: botocore's retries of each S3 call (see :class:`S3Store`).
     """
     url = url or os.environ.get("CRITBATCH_STORE") or DEFAULT_STORE
+    problem = store_problem(url)
+    if problem:
+        raise ConfigError(f"store: {problem}")
     if url.startswith("s3://"):
-        rest = url[len("s3://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ConfigError(f"store: {url!r} names no bucket; expected s3://BUCKET[/PREFIX]")
+        bucket, _, prefix = url[len("s3://"):].partition("/")
         return S3Store(bucket, prefix, retries=retries)
-    if "://" in url and not url.startswith("file://"):
-        raise ConfigError(f"store: unsupported scheme in {url!r}; allowed: s3://BUCKET/PREFIX, file://DIR or a path")
     if url.startswith("file://"):
         url = url[len("file://"):]
     return LocalStore(url)

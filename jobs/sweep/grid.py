@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
@@ -41,6 +41,8 @@ from .searchspec import SearchSpec
 from .sizing import CellPlan, Placement
 from critbatch.jobs.cell.analysis_args import parse_analyze_args
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.inputs import MAX_DEPTH, clip, read_text, shown
+from critbatch.jobs.cell.layout import store_problem
 from critbatch.jobs.cell.registry import third_party_line
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import sweep_document
@@ -76,7 +78,7 @@ def _quantity(value: Any) -> Any:
     else:
         ok = isinstance(value, str) and bool(_QUANTITY.match(value)) and float(re.sub(r"[a-zA-Z]+$", "", value)) > 0
     if not ok:
-        raise invalid(f"{value!r} is not a Kubernetes quantity (e.g. 8, 7500m, 32Gi)")
+        raise invalid(f"{shown(value)} is not a Kubernetes quantity (e.g. 8, 7500m, 32Gi)")
     return value
 
 
@@ -214,11 +216,10 @@ class GridSettings(Strict):
 
     @field_validator("store")
     @classmethod
-    def _known_scheme(cls, store: str) -> str:
-        if store.startswith("s3://") and not store[len("s3://"):].split("/")[0]:
-            raise invalid(f"{store!r} names no bucket; expected s3://BUCKET[/PREFIX]")
-        if "://" in store and not store.startswith(("s3://", "file://")):
-            raise invalid(f"unsupported scheme in {store!r}; allowed: s3://BUCKET/PREFIX, file://DIR or a path")
+    def _openable(cls, store: str) -> str:
+        problem = store_problem(store)
+        if problem:
+            raise invalid(problem)
         return store
 
     @property
@@ -344,22 +345,76 @@ def preset_names() -> list[str]:
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """The YAML document in ``text``; ConfigError if it is not valid YAML or repeats a key in a mapping."""
-    loader = _Loader(text)
+    """The YAML document in ``text``; ConfigError if it is not valid YAML, repeats a key in a mapping, or
+    nests or expands (through aliases) past what a grid spec needs."""
+    loader = None
     try:
+        loader = _Loader(text)  # reading starts here: a character YAML does not allow fails at once
         node = loader.get_single_node()
-        repeated = _repeated_keys(node, "", set())
-        if repeated:
-            raise ConfigError(repeated)
+        problems = _alias_problems(node, source) or _key_problems(node, "", set())
+        if problems:
+            raise ConfigError(problems)
         return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise ConfigError(f"{source}: not valid YAML ({clip(' '.join(str(err).split()))})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
-def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[str]:
-    """Every key that a mapping under ``node`` repeats (YAML would keep the last one silently), by its path."""
+#: Values a grid spec may hold once its aliases are expanded (a preset holds a few hundred).
+MAX_NODES = 100_000
+
+
+def _alias_problems(root: yaml.Node | None, source: str) -> list[str]:
+    """An alias that refers to a node containing itself, or aliases that expand the document past
+    MAX_NODES values or MAX_DEPTH levels (a billion laughs is a few lines of YAML)."""
+    sizes: dict[int, tuple[int, int]] = {}  # node id -> (values once expanded, depth)
+    open_nodes: set[int] = set()
+
+    def expand(node: yaml.Node) -> tuple[int, int]:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise _Recursive()
+        if isinstance(node, yaml.ScalarNode):
+            return 1, 0
+        open_nodes.add(id(node))
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        count, deep = 1, 0
+        for child in children:
+            n, d = expand(child)
+            count, deep = min(count + n, MAX_NODES + 1), max(deep, d + 1)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = count, deep
+        return count, deep
+
+    if root is None:
+        return []
+    try:
+        count, deep = expand(root)
+    except _Recursive:
+        return [f"{source}: an alias refers to a node that contains it (a recursive alias); a grid spec is a tree"]
+    if count > MAX_NODES:
+        return [f"{source}: expands (through its aliases) to more than {MAX_NODES} values"]
+    if deep > MAX_DEPTH:
+        return [f"{source}: nested deeper than {MAX_DEPTH} levels"]
+    return []
+
+
+class _Recursive(Exception):
+    pass
+
+
+#: Tags of the keys a grid may write: names, and YAML's merge key ``<<``.
+_NAME_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
+
+
+def _key_problems(node: yaml.Node | None, path: str, seen: set[int]) -> list[str]:
+    """Every key that a mapping under ``node`` repeats (YAML would keep the last one silently), or that is
+    not a string, by its path."""
     if node is None or id(node) in seen:  # an alias names a node already walked
         return []
     seen.add(id(node))
@@ -369,15 +424,18 @@ def _repeated_keys(node: yaml.Node | None, path: str, seen: set[int]) -> list[st
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else key.start_mark.line
             where = f"{path}.{name}" if path else str(name)
-            if name in first:
+            if key.tag not in _NAME_TAGS:  # 1, 0E0, yes, null or a mapping as a key: a grid's keys are names
+                out.append(f"{clip(where)}: the key {clip(str(name))} at {_position(key.start_mark)} is not a name; "
+                           "quote it to make it one")
+            elif name in first:
                 out.append(f"{where}: repeated at {_position(key.start_mark)} (first at {_position(first[name])}); "
                            "a key may appear once")
             else:
                 first[name] = key.start_mark
-            out.extend(_repeated_keys(value, where, seen))
+            out.extend(_key_problems(value, where, seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            out.extend(_repeated_keys(item, f"{path}[{i}]", seen))
+            out.extend(_key_problems(item, f"{path}[{i}]", seen))
     return out
 
 
@@ -397,16 +455,18 @@ def load_grid(spec: str | Path | dict) -> Grid:
 
 
 def _read_spec(spec: str) -> tuple[str, str]:
+    if not spec.strip() or "\0" in spec:
+        raise ConfigError(f"grid: {shown(spec)} is neither a file nor a preset name (`critbatch presets`)")
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path.read_text(), str(path)
     looks_like_path = spec.endswith((".yaml", ".yml")) or "/" in spec
+    if path.is_file() or (looks_like_path and path.exists()):
+        return read_text(path, "grid"), str(path)
     if not looks_like_path:
         preset = preset_dir() / f"{spec}.yaml"
         if preset.is_file():
             return preset.read_text(), f"preset {spec}"
     names = ", ".join(preset_names())
-    raise ConfigError(f"grid: no file {spec!r} and no preset of that name; presets: {names}")
+    raise ConfigError(f"grid: no file {shown(spec)} and no preset of that name; presets: {names}")
 
 
 def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
@@ -503,12 +563,40 @@ def _settings_problems(s: GridSettings) -> list[str]:
 
 def _is_spec(tp: Any) -> bool:
     """A nested spec model (dataset, optimizer, ...): its fields are axes too."""
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
+    return isinstance(tp, type) and issubclass(tp, BaseModel) or bool(_members(tp))
+
+
+def _members(tp: Any) -> dict[str, type[BaseModel]]:
+    """The models of a union chosen by name (the optimizer), by name; {} for any other type."""
+    if get_origin(tp) is not Union:
+        return {}
+    models = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(tp)]
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "name" in m.model_fields for m in models):
+        return {}
+    return {m.model_fields["name"].default: m for m in models}
+
+
+def _expand_named(data: dict, tp: Any, path: str, problems: list[str]) -> list[tuple[dict, dict[str, int]]]:
+    """A mapping whose ``name`` picks its model (the optimizer): each name's fields expand as that model's axes;
+    an unknown name is left whole for validation to report."""
+    members = _members(tp)
+    names = data.get("name", "sgd")
+    out = []
+    for name, choice in _expand_value(names, None, f"{path}.name", problems):
+        if name not in members:
+            out.append(({**data, "name": name}, choice))
+            continue
+        rest = {k: v for k, v in data.items() if k != "name"}
+        out.extend(({"name": name, **v} if "name" in data else v, {**choice, **ch})
+                   for v, ch in _expand_mapping(rest, members[name], path, problems))
+    return out
 
 
 def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[tuple[Any, dict[str, int]]]:
     """Every value an axis takes, each with the list indices chosen on the way (spec path -> index)."""
     nested = _is_spec(tp)
+    if _members(tp) and isinstance(value, dict):
+        return _expand_named(value, tp, path, problems)
     if isinstance(value, list):
         if not value:
             problems.append(f"{path}: an axis must list at least one value")
@@ -517,7 +605,8 @@ def _expand_value(value: Any, tp: Any, path: str, problems: list[str]) -> list[t
         out = []
         for i, item in enumerate(value):
             if nested and isinstance(item, dict):
-                out.extend((v, {path: i, **ch}) for v, ch in _expand_mapping(item, tp, f"{path}[{i}]", problems))
+                expand = _expand_named if _members(tp) else _expand_mapping
+                out.extend((v, {path: i, **ch}) for v, ch in expand(item, tp, f"{path}[{i}]", problems))
             else:
                 out.append((item, {path: i}))
         return out
@@ -547,7 +636,7 @@ def _duplicates(values: list, path: str, problems: list[str]) -> None:
     for i, v in enumerate(values):
         key = json.dumps(v, sort_keys=True, default=str)
         if key in seen:
-            problems.append(f"{path}[{i}]: {v!r} repeats {path}[{seen[key]}]")
+            problems.append(f"{path}[{i}]: {shown(v)} repeats {path}[{seen[key]}]")
         else:
             seen[key] = i
 
@@ -645,8 +734,11 @@ def _relocate(problem: str, choices: dict[str, int]) -> str:
 def _axes(tp: Any, cache: dict[type, type]) -> Any:
     """The type a grid writes for a cell field of type ``tp``: one value or a list of them (an axis).
 
-    A nested spec becomes a model of the same fields, each an axis itself.
+    A nested spec becomes a model of the same fields, each an axis itself; a union chosen by name, the union of
+    its members' axes.
     """
+    if _members(tp):
+        return Union[tuple(_axes(m, cache) for m in _members(tp).values())]
     if _is_spec(tp):
         if tp not in cache:
             cache[tp] = create_model(f"{tp.__name__}Axes", __config__=tp.model_config, __doc__=tp.__doc__,

@@ -30,6 +30,7 @@ from critbatch.jobs.backends import Backend, k8s
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import class_digest
 from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.inputs import output_dir, shown
 from .grid import Grid, load_grid
 from .sizing import Placement, scale_quantity
 from .space import sweep_space
@@ -499,7 +500,7 @@ def grid_for_command(args: argparse.Namespace, *, cluster_store: bool = False) -
     if any(v is not None for v in overrides.values()):
         grid = grid.with_overrides(**overrides)
     if cluster_store and not grid.store.startswith("s3://"):
-        raise ConfigError(f"store: {grid.store!r} is a local directory, which pods cannot reach; "
+        raise ConfigError(f"store: {shown(grid.store)} is a path on this machine, which pods cannot reach; "
                           "use s3://BUCKET/PREFIX (the grid's store, or --store)")
     return grid
 
@@ -510,9 +511,8 @@ def cli_render(args: argparse.Namespace) -> int:
     # as soon as it exists, so it is applied (`--analysis`) or created by submit once every cell has finished.
     docs = [render_analysis_document(grid)] if args.analysis else render_documents(grid, analysis=False)
     to_stdout = args.output in ("-", "")
-    out = Path(args.output)
-    if not to_stdout and any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
-        raise ConfigError(f"--output: {args.output} is at or under a file; give a directory")
+    if not to_stdout:
+        output_dir(args.output, "--output")
     if not args.analysis:
         print(grid.plan_text(), file=sys.stderr)  # the cells' plan, before anything is written
         print(sweep_space(grid.cells(), grid.max_active), file=sys.stderr)

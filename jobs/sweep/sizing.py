@@ -5,7 +5,8 @@
 One device of a cell holds, in bytes::
 
     estimate(micro) = fixed + micro x per_sample
-    fixed           = STATE_COPIES x the model's fp32 weights (weights, gradients, momentum, DDP's buckets)
+    fixed           = (STATE_COPIES + the optimizer's copies past one) x the model's fp32 weights
+                      (weights, gradients, DDP's buckets, the optimizer's state: SGD's momentum, Adam's two moments)
                       + the training data, resident on the device
                       + RESERVED_BYTES on a GPU (CUDA context, workspaces), RESERVED_CPU_BYTES in a CPU pod
     per_sample      = a training step's peak memory per example (memory.json), at least what autograd
@@ -46,7 +47,8 @@ from critbatch.jobs.cell.spec import DATASETS, Cell
 
 GiB = 2 ** 30
 
-#: Copies of the fp32 weights a training device holds: weights, gradients, SGD momentum, DDP's buckets.
+#: Copies of the fp32 weights a training device holds with one copy of optimizer state: weights, gradients,
+#: DDP's buckets and SGD's momentum. An optimizer with more (Adam: two moments) adds the rest (state_copies()).
 STATE_COPIES = 4
 #: Per-device memory no estimate sees: the CUDA context, cuDNN and cuBLAS workspaces.
 RESERVED_BYTES = GiB
@@ -266,13 +268,19 @@ def fit_of(cell: Cell) -> Fit | None:
     entry = load_table().get(memory_key(cell))
     if entry is None:
         return None
-    fixed = STATE_COPIES * entry["param_bytes"] + data_bytes(cell)
+    fixed = state_copies(cell) * entry["param_bytes"] + data_bytes(cell)
     return Fit(fixed, per_sample_bytes(entry, cell.precision), entry["batch_norm"])
+
+
+def state_copies(cell: Cell) -> int:
+    """fp32 copies of the weights one device holds for ``cell``: STATE_COPIES, plus the optimizer's past one."""
+    return STATE_COPIES + max(0, cell.optimizer.state_copies() - 1)
 
 
 def fit_key(cell: Cell) -> str:
     """What :func:`fit_of` depends on, as a string: a grid of 10,000 cells has a handful of them."""
-    return json.dumps([cell.model, cell.model_options, cell.dataset.model_dump(), cell.precision], sort_keys=True,
+    return json.dumps([cell.model, cell.model_options, cell.dataset.model_dump(), cell.precision,
+                       state_copies(cell)], sort_keys=True,
                       default=str)
 
 

@@ -5,7 +5,7 @@ once per model and input size) and its step count:
 
     kept      model.pt (the final fp32 weights), the step log (about STEP_ROW_BYTES a step, in parts of at
               most 500 steps) and a few small JSON files: what stays after ``_SUCCESS``
-    running   the newest two checkpoints (weights and SGD momentum each) and, while a third is written,
+    running   the newest two checkpoints (weights and the optimizer's state each) and, while a third is written,
               that one too: pruned once ``_SUCCESS`` is written (jobs/train/finish.py)
 
 The sweep needs every cell's kept bytes plus the running bytes of the cells that run at once (the
@@ -44,8 +44,8 @@ def cell_space(cell: Cell) -> CellSpace:
     weights = entry["param_bytes"] if entry else 0
     steps = _steps(cell)
     logs = steps * STEP_ROW_BYTES + (steps // STEPS_PER_PART + 1) * PART_BYTES
-    momentum = weights if cell.optimizer.momentum > 0 else 0
-    return CellSpace(kept=weights + logs + SMALL_FILES_BYTES, running=CHECKPOINTS_AT_ONCE * (weights + momentum),
+    state = weights * cell.optimizer.state_copies()  # SGD's momentum (none at 0), Adam's two moments
+    return CellSpace(kept=weights + logs + SMALL_FILES_BYTES, running=CHECKPOINTS_AT_ONCE * (weights + state),
                      known=entry is not None)
 
 

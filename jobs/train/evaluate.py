@@ -124,8 +124,9 @@ def mean_iou(confusion: Tensor) -> float:
 
 
 def gradient_sq_norm(params: Iterable[nn.Parameter]) -> Tensor:
-    """|g|^2 over every parameter's gradient, as a 0-dim device tensor (no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """|g|^2 over every parameter's gradient, as a 0-dim device tensor (no host sync); summed in fp32 at least
+    (``.float()`` is the tensor itself for fp32 gradients, so their figures are unchanged)."""
+    grads = [p.grad.float() for p in params if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads).double().pow(2)
 
 

@@ -47,12 +47,13 @@ import argparse
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, EXIT_PREEMPTED, ConfigError, DeviceMissing, LeaseHeld
-from critbatch.jobs.cell.layout import success_key
+from critbatch.jobs.cell.inputs import decode, read_text, shown
+from critbatch.jobs.cell.layout import cell_prefix, success_key, sweep_problem
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.cell.sweepfile import cell_in_class
 from critbatch.jobs.data.datasets import load_task_data, mix_seed
@@ -66,7 +67,8 @@ from .finish import DamagedLogs
 from .guard import CellGuard, default_lease_seconds
 from .launch import record_cause
 from .parent import arm_from_env
-from .trainer import Paused, Preempted, Trainer
+from .plan import Plan
+from .trainer import Paused, Preempted, Trainer, write_cell_record
 
 
 @record_cause
@@ -74,6 +76,10 @@ def main(args: argparse.Namespace) -> int:
     """Validate the cell, the store and the data, then train; the exit code (see the module docstring)."""
     arm_from_env()  # under `critbatch run`: die with the executor (or with torchrun, which dies with it)
     store = open_store(args.store)
+    stray = [f"--{name.replace('_', '-')}" for name in ("resource_class", "sweep_digest", "index")
+             if getattr(args, name) is not None]
+    if stray and not args.cell_from_sweep:
+        raise ConfigError(f"{', '.join(stray)}: only with --cell-from-sweep (an Indexed Job's pod), not with --cell")
     if args.cell_from_sweep:
         cell = cell_from_sweep(store, args.cell_from_sweep, args.resource_class, args.sweep_digest, args.index)
     else:
@@ -115,17 +121,19 @@ def main(args: argparse.Namespace) -> int:
 def read_cell(text: str) -> Cell:
     """The cell from inline JSON (starting with '{') or a JSON file (a cell.json from the store works too)."""
     if text.lstrip().startswith("{"):
-        return Cell.from_json(text)
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--cell: no such file {str(path)!r}; give a cell JSON file or inline JSON")
-    return Cell.from_json(path.read_text())
+        return Cell.from_json(text, "--cell")
+    if not text.strip() or "\0" in text:
+        raise ConfigError(f"--cell: {shown(text)} is neither a cell JSON file nor inline JSON starting with '{{'")
+    return Cell.from_json(read_text(Path(text).expanduser(), "--cell"), "--cell")
 
 
 def cell_from_sweep(store: Store, sweep: str, resource_class: str | None, digest: str | None,
                     index: int | None) -> Cell:
     """An Indexed Job pod's cell (backend indexed): the one at its JOB_COMPLETION_INDEX (or ``index``) among the
     cells of ``resource_class`` in ``<store>/<sweep>/sweep.yaml``, whose digest must be ``digest``."""
+    problem = sweep_problem(sweep)
+    if problem:
+        raise ConfigError(f"--cell-from-sweep: {problem}")
     if not resource_class or not digest:
         raise ConfigError("--cell-from-sweep: needs --resource-class and --sweep-digest (an Indexed Job's "
                           "command line has both)")
@@ -139,7 +147,8 @@ def cell_from_sweep(store: Store, sweep: str, resource_class: str | None, digest
     if not store.exists(key):
         raise ConfigError(f"--cell-from-sweep: no sweep.yaml at {store.join(key)}; `critbatch submit` writes it "
                           "before the Jobs (with kubectl apply, upload `critbatch cells GRID --sweep-yaml` there)")
-    entry = cell_in_class(store.get_text(key), store.join(key), resource_class, index, digest)
+    entry = cell_in_class(decode(store.get_bytes(key), store.join(key)), store.join(key), resource_class, index,
+                          digest)
     cell = Cell.from_dict(entry["cell"], path=f"{key} cell {entry['id']}")
     if cell.id != entry["id"]:
         raise ConfigError(f"--cell-from-sweep: {store.join(key)} lists cell {entry['id']}, whose fields hash to "
@@ -195,7 +204,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
         distributed.init(dist, dev)
         previous_handler = None
         try:
-            finished = _claim(guard, force) if guard is not None else None
+            finished = _claim(guard, force, lambda: Plan.of(cell, data, dist.world).derived) \
+                if guard is not None else None
             if dist.active:
                 finished = all_gather_object(finished, dist)[0]
             if finished is not None:
@@ -240,13 +250,20 @@ def _initial_model(cell: Cell, data) -> torch.nn.Module:
     return model
 
 
-def _claim(guard: CellGuard, force: bool) -> dict | None:
-    """Rank 0, holding the lease: the summary if the cell finished meanwhile (another trainer), else None
-    after clearing the way: ``--force`` wipes the cell, a damaged one loses its ``_SUCCESS``."""
-    state = cell_state(guard.store, guard.cell.sweep, guard.cell.id)
+def _claim(guard: CellGuard, force: bool, derived: Callable[[], dict]) -> dict | None:
+    """Rank 0, holding the lease: the summary if the cell finished meanwhile (another trainer) or is repaired
+    by writing its cell.json again (``derived``: the figures it records), else None after clearing the way:
+    ``--force`` wipes the cell, a damaged one loses its ``_SUCCESS``."""
+    cell = guard.cell
+    state = cell_state(guard.store, cell.sweep, cell.id)
     if force:
         guard.wipe()
     elif state.finished:
+        return state.summary
+    elif state.record_only(cell.id):
+        write_cell_record(guard.store, cell_prefix(cell.sweep, cell.id), cell, derived())
+        print(f"critbatch train: cell {cell.id}: {state.record}; wrote it again from the cell (its logs and "
+              "_SUCCESS are whole and this cell's)", flush=True)
         return state.summary
     elif state.state == DAMAGED:
         guard.withdraw_success("not finished: " + "; ".join(state.problems))

@@ -155,7 +155,8 @@ class QuarterPair(ExtraPass):
 
 
 def _sq_norm(grads: Sequence[Tensor]) -> Tensor:
-    return torch.nn.utils.get_total_norm(grads).double().pow(2)
+    """|g|^2 summed in fp32 at least (gradients of bf16 parameters would overflow or round in their own type)."""
+    return torch.nn.utils.get_total_norm([g.float() for g in grads]).double().pow(2)
 
 
 def noise_probe(every: int, *, m: int, accumulation: int, dist: Dist, model: nn.Module,

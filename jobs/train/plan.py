@@ -4,7 +4,7 @@
     rank's share     = m / world, split into ``accumulation`` micro-batches whose losses are scaled by
                        1 / accumulation, so one update applies the mean gradient over all m examples
     steps per epoch  = floor(n_train / m)                         (the last partial batch is dropped)
-    total steps      = E epochs of them (``longer``: E x m / m0), capped at ``max_steps``
+    total steps      = E epochs of them, or T tokens / (m x seq_len) (``longer``: x m / m0), capped at ``max_steps``
 
 In a batch-size study this is the number everything hangs on, so it is
 printed before the first step and stored in ``cell.json`` (``derived``).
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from critbatch.jobs.cell.optimizers import scaled_optimizer
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.data.datasets import TaskData
 
@@ -68,7 +69,12 @@ class Plan:
         """The start-up lines: the cell, the batch arithmetic, the budget, the schedule, evaluations, where."""
         c = self.cell
         evals = sorted(self.eval_at)
-        budget = (f"{c.epochs:g} epochs{', x m/m0 (longer)' if c.strategy == 'longer' else ''}"
+        peak = peak_lr(c, self.derived)
+        options = scaled_optimizer(c.optimizer, c.rules, self.m / c.base_batch, c.base_lr, peak)
+        rules = f" after rules {', '.join(c.rules)}" if c.rules else ""
+        seq = c.tokens_per_example()
+        amount = f"{c.tokens:g} tokens" if c.tokens is not None else f"{c.epochs:g} epochs"
+        budget = (f"{amount}{', x m/m0 (longer)' if c.strategy == 'longer' else ''}"
                   f"{f', capped at max_steps {c.max_steps}' if c.max_steps else ''}")
         return "\n".join([
             f"critbatch train: cell {c.id} (sweep {c.sweep}): {c.dataset.name}/{c.model}, strategy {c.strategy}, "
@@ -76,11 +82,11 @@ class Plan:
             f"  global batch {self.m} = micro-batch {self.micro} x accumulation {self.accumulation} x world size "
             f"{self.world}  (base batch m0 = {c.base_batch})",
             f"  train examples {self.n_train} -> {self.steps_per_epoch} steps/epoch; total steps {self.total} "
-            f"({budget}); base budget {self.base_total}",
-            f"  lr {self.lr(0):.6g} at step 0 -> peak {peak_lr(c, self.derived):.6g} (warm-up "
+            f"({budget}); base budget {self.base_total}"
+            + (f"; {self.m * seq} tokens per step (m x seq_len {seq})" if seq else ""),
+            f"  lr {self.lr(0):.6g} at step 0 -> peak {peak:.6g} (warm-up "
             f"{self.derived['warmup_steps']} steps) -> {self.lr(self.total - 1):.6g} at the last step; decay "
-            f"{c.decay}; SGD momentum {c.optimizer.momentum}, weight decay {c.optimizer.weight_decay}, "
-            f"nesterov {c.optimizer.nesterov}",
+            f"{c.decay}; {options.describe()}{rules}",
             f"  evaluations at {len(evals)} iterations ({_abbreviate(evals)}); noise statistics {noise}",
             f"  device {device}, precision {c.precision}, store {store}",
         ])

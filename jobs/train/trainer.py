@@ -1,6 +1,7 @@
 """The trainer of one cell: the parts it assembles, its resumable state, and the loop.
 
     Plan        the batch arithmetic and step budget (printed at start)       plan.py
+    optimizer   built by name from the cell's options and rules               optimizers.py
     NoiseProbe  the gradient-noise measurement, its mode fixed at start        noise.py
     StepSync    the steps' figures, copied to the host every few steps         sync.py
     Stopwatch   training time, evaluations and checkpoints excluded            sync.py
@@ -46,7 +47,7 @@ from critbatch.jobs.cell.version import code_version
 from critbatch.jobs.data.datasets import TaskData
 from critbatch.jobs.models.zoo import loss_fn, metric_name
 from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import KINDS, readable_parts
+from critbatch.jobs.store.cellstate import KINDS, RECORD, read_record, readable_parts
 from critbatch.jobs.store.logstream import LogStream, spool_dir
 
 from . import distributed
@@ -56,6 +57,7 @@ from .evaluate import Evaluator
 from .finish import final_linear_approx_error, summarize, write_results
 from .guard import CellGuard
 from .noise import NoiseSample, noise_probe
+from .optimizers import build_optimizer, probe_step, set_lr
 from .plan import Plan
 from .progress import Progress
 from .rng import rng_state, seed_rngs, set_rng_state
@@ -112,9 +114,9 @@ class Trainer:
         self.model: nn.Module = self.raw_model  # wrapped in DDP by run() when there are several ranks
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.loss_fn, self.metric = loss_fn(data.task), metric_name(data.task)
-        opt = cell.optimizer
-        self.optimizer = torch.optim.SGD(self.params, lr=cell.base_lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+        self.optimizer = build_optimizer(cell, self.raw_model, self.plan.derived)
+        if hasattr(self.optimizer, "split"):  # Muon: which parameters each part updates, for cell.json
+            self.plan.derived["optimizer_split"] = self.optimizer.split
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cell.precision == "bf16"
                          else nullcontext())
 
@@ -134,6 +136,7 @@ class Trainer:
         self.epoch = 0
         self.batch_index = 0  # batches of `epoch` already consumed
         self.last_eval: dict[str, Any] = {}
+        self.skipped_steps = 0  # bf16: steps whose gradient was not finite, not applied
 
         self.stop_requested = False
         self.pause_at = pause_at
@@ -156,11 +159,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "rng": rngs, "world_size": self.dist.world, "logs": log_parts,
             "data": self.data.state_dict(),  # a stream's position (rank 0's; the same on every rank), else {}
             "threshold": self.threshold.state_dict() if self.threshold is not None else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.stopwatch.total, self.last_eval = state["wall_time_s"], state.get("last_eval", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data.load_state_dict(state.get("data") or {})
@@ -228,7 +233,7 @@ class Trainer:
 
     def _open_logs(self, checkpoint: dict | None) -> None:
         """Rank 0: cell.json (on the first start), the log stream from the checkpoint's part indices, progress."""
-        _write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
+        write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
         guard = self.guard
         self.logs = LogStream(
             self.store, self.prefix, spool_dir=guard.spool if guard else spool_dir(self.store),
@@ -301,18 +306,27 @@ class Trainer:
         return x, y
 
     def _update(self, x: Tensor, y: Tensor, lr: float, measure: bool) -> tuple[Tensor, NoiseSample | None]:
-        """One SGD step on this rank's share (x, y) of the global batch; (mean loss, noise sample) on the device.
+        """One optimizer step on this rank's share (x, y) of the global batch; (mean loss, noise sample) on the device.
 
         The loss is this rank's (the mean over ranks is taken at the next sync).
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         if measure:
             loss, noise = self.noise.measure(self._backward, x, y)
         else:
             loss, noise = self._backward(x, y, self.plan.accumulation), None
-        if self.cell.clip_grad is not None:
+        if self.cell.precision == "bf16":
+            # Mixed precision (gpt-neox's habit): a step whose gradient is not finite is skipped and counted,
+            # not applied; the check costs a host sync per step, so fp32 cells do without it.
+            norm = nn.utils.get_total_norm([p.grad.float() for p in self.params if p.grad is not None])
+            if not torch.isfinite(norm):
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss, noise
+            if self.cell.clip_grad is not None:
+                nn.utils.clip_grads_with_norm_(self.params, self.cell.clip_grad, norm)
+        elif self.cell.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.params, self.cell.clip_grad)
         self.optimizer.step()
         return loss, noise
@@ -410,11 +424,13 @@ class Trainer:
                 self.raw_model, batch, parts=self.plan.accumulation, dist=self.dist,
                 loss_of=lambda x, y: self._loss(self.raw_model, x, y),
                 loss_at=lambda: self.evaluator.split("train")[0],
-                step_size=self.cell.base_lr * self.plan.m / self.cell.base_batch)
+                step_size=probe_step(self.cell, self.plan.derived))
         step, reason = self.diverged or (self.step, None)
         summary = summarize(self.cell, steps=step, wall_time_s=self.stopwatch.total, metric=self.metric,
                             last_eval=self.last_eval, diverged=reason, lin_approx=lin_approx,
                             stop=self.threshold.summary() if self.threshold is not None else None)
+        if self.cell.precision == "bf16":
+            summary["skipped_nonfinite_steps"] = self.skipped_steps
         if self.dist.is_main:
             if reason is not None:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
@@ -441,12 +457,16 @@ def _configure_backends(cuda: bool) -> None:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> None:
+def write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> bool:
     """``cell.json``: the cell, its id, the code version (and the versions of the plug-ins it uses) and the derived
-    figures; a resumed run keeps the first."""
-    key = f"{prefix}/cell.json"
-    if store.exists(key):
-        return
+    figures. A resumed run keeps the first; one that is not this cell's record (damaged, missing) is written
+    anew. True when written."""
+    key = f"{prefix}/{RECORD}"
+    try:
+        read_record(store.get_bytes(key), cell.id)
+        return False
+    except (KeyError, ValueError):
+        pass
     body = {
         **cell.to_dict(), "id": cell.id, "code_version": code_version(), "derived": derived,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -455,3 +475,4 @@ def _write_cell_record(store: Store, prefix: str, cell: Cell, derived: dict) -> 
     if plugins:  # models and datasets of other packages, with their versions (critbatch's are code_version's)
         body["plugins"] = plugins
     store.put_text(key, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return True
