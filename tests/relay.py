@@ -22,6 +22,9 @@ class Link:
         return f"http://127.0.0.1:{self.port}"
 
     def restore(self) -> None:
+        """Accept connections again (nothing to do when the link is up)."""
+        if self._server is not None:
+            return
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", self.port))

@@ -26,7 +26,7 @@ from kubernetes import client
 
 from critbatch.jobs import cli
 from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import failed_key, success_key
+from critbatch.jobs.cell.layout import cell_prefix, failed_key, success_key
 from critbatch.jobs.store import open_store
 from critbatch.jobs.store.local import LocalStore
 from critbatch.jobs.backends import k8s
@@ -134,6 +134,8 @@ class FakeApiServer:
                     items = [o for o in fake.objects.get(url.path, {}).values()
                              if all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
                              and all(field_of(o, k) == v for k, v in fields.items())]
+                    # As a real API server: a LIST's items carry no kind or apiVersion (the list says them once).
+                    items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in items]
                     self._send(200, {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
                     return
                 prefix, _, name = url.path.rpartition("/")
@@ -291,7 +293,10 @@ def mark(obj, state, reason=""):
 
 
 def finish_in_store(store, g, cell_id, status="done"):
-    """A finished cell as the trainer leaves it: a _SUCCESS summary with its status and step count."""
+    """A finished cell as the trainer leaves it: its cell.json, then a _SUCCESS summary with its status and
+    step count."""
+    (cell,) = [c for c in g.cells() if c.id == cell_id]
+    store.put_text(f"{cell_prefix(g.sweep, cell_id)}/cell.json", cell.to_json())
     store.put_text(success_key(g.sweep, cell_id), json.dumps({"status": status, "steps": 10}))
 
 

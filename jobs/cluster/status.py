@@ -98,13 +98,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def record_failures(grid: Grid, book: MarkerBook, marks: Markers, objects: dict[str, dict]) -> None:
-    """Write ``_FAILED`` for every Failed cell object the store does not know about yet."""
+    """Write ``_FAILED`` for every Failed cell object the store does not know about yet. (The kind is the
+    backend's: the API server leaves ``kind`` out of a LIST's items.)"""
     backend = backend_of(grid)
     for cell_id in grid.cell_ids():
         name = k8s.object_name(grid.sweep, cell_id)
         obj = objects.get(name)
         if obj and cell_id not in marks.failed and cell_id not in marks.done and backend.state(obj) == "failed":
-            marks.failed[cell_id] = book.record_failure(cell_id, kind=obj["kind"], name=name,
+            marks.failed[cell_id] = book.record_failure(cell_id, kind=backend.kind, name=name,
                                                         reason=backend.failure(obj), by="status")
 
 
