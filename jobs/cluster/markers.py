@@ -3,8 +3,8 @@
     <store>/<sweep>/cells/<cell-id>/_SUCCESS   written by the trainer, last: {"status": "done" | "diverged", ...}
     <store>/<sweep>/cells/<cell-id>/_FAILED    written here when a cell's object is seen Failed on the cluster
 
-A ``_SUCCESS`` counts only when it is readable and the log parts its manifest lists are there at their
-sizes (critbatch.jobs.store.cellstate.judge, from the same LIST): otherwise the cell is ``damaged`` (the
+A ``_SUCCESS`` counts only when it is readable, the log parts its manifest lists are there at their
+sizes, its cell's ``cell.json`` is that cell's record (critbatch.jobs.store.cellstate.judge, from the same LIST): otherwise the cell is ``damaged`` (the
 next trainer of it trains it again). Each marker is read the first time its key is listed, and again only
 when its size changes (a repaired cell's new ``_SUCCESS``; a retry removes ``_FAILED`` first).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from critbatch.jobs.cell.layout import cell_prefix, failed_key
 from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import judge
+from critbatch.jobs.store.cellstate import RECORD, judge, with_record
 
 SUCCESS = "_SUCCESS"
 FAILED = "_FAILED"
@@ -56,7 +56,11 @@ class MarkerBook:
         for key, size in listing.items():
             cell_id, _, name = key[len(prefix):].partition("/")
             if name == SUCCESS:
-                state = judge(self._success_bytes(key, size), by_cell[cell_id], cell_prefix(self.sweep, cell_id))
+                cell_dir = cell_prefix(self.sweep, cell_id)
+                state = judge(self._success_bytes(key, size), by_cell[cell_id], cell_dir)
+                record = f"{cell_dir}/{RECORD}"
+                if state.finished and record in by_cell[cell_id]:
+                    state = with_record(state, self._record_bytes(record, by_cell[cell_id][record]), cell_id)
                 if state.finished:
                     out.done[cell_id] = state.summary
                 else:
@@ -64,6 +68,15 @@ class MarkerBook:
             elif name == FAILED:
                 out.failed[cell_id] = self._load(key, {"reason": "failed (unreadable _FAILED marker)"})
         return out
+
+    def _record_bytes(self, key: str, size: int) -> bytes | None:
+        """A cell's ``cell.json``, read when first listed and again only when its size changes; None: gone."""
+        if self._bytes.get(key, (None,))[0] != size:
+            try:
+                self._bytes[key] = (size, self.store.get_bytes(key))
+            except KeyError:  # withdrawn since the listing
+                return None
+        return self._bytes[key][1]
 
     def _success_bytes(self, key: str, size: int) -> bytes:
         if self._bytes.get(key, (None,))[0] != size:

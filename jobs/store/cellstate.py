@@ -91,18 +91,30 @@ def sweep_states(store: Store, sweep: str, cell_ids: list[str]) -> dict[str, Cel
 
 
 def _with_record(state: CellState, store: Store, prefix: str, cell_id: str) -> CellState:
-    """``state`` once ``cell.json`` is read too: a judged cell whose record is not a valid cell of this id
-    is damaged."""
+    """``state`` once ``cell.json`` is read too (see :func:`with_record`)."""
     if state.state == ABSENT or state.record is not None:
         return state
     try:
-        read_record(store.get_bytes(f"{prefix}/{RECORD}"), cell_id)
+        data = store.get_bytes(f"{prefix}/{RECORD}")
     except KeyError:
-        problem = f"{RECORD} is missing"
-    except ValueError as err:
-        problem = f"{RECORD} is not this cell's record: {err}"
-    else:
+        data = None
+    return with_record(state, data, cell_id)
+
+
+def with_record(state: CellState, record: bytes | None, cell_id: str) -> CellState:
+    """``state`` once ``cell.json`` (its bytes; None: missing) is read too: a judged cell whose record is not a
+    valid cell of this id is damaged. Every command that calls a cell finished goes through here."""
+    if state.state == ABSENT or state.record is not None:
         return state
+    if record is None:
+        problem = f"{RECORD} is missing"
+    else:
+        try:
+            read_record(record, cell_id)
+        except ValueError as err:
+            problem = f"{RECORD} is not this cell's record: {err}"
+        else:
+            return state
     return CellState(DAMAGED, state.summary, [*state.problems, problem], problem)
 
 
