@@ -5,8 +5,8 @@
     code = run.wait(timeout=300)
     assert outcome(obj, code, runtime=RUNTIME).verdict == "failed"
 
-No API server or kubelet can run here, so this file stands in for the parts between the manifest and
-the process, and nothing else:
+Without an API server (tests/kube runs one, with a kubelet that starts its pods through Pod.start), this
+file stands in for the parts between the manifest and the process, and nothing else:
 
 - what the operator adds to the pod: the Training Operator's MASTER_* / PET_* / WORLD_SIZE / RANK
   variables (kubeflow/training-operator v1.9, pytorch/envvar.go), Kubeflow Trainer's PET_* variables

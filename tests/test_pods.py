@@ -20,8 +20,8 @@ machine's filesystem.
 ``job-2-processes`` is the Job's pod of a two-GPU cell with its two processes on the CPU (gloo): the one
 case where the launcher goes through torch.distributed.run, run where that path differs (a worker's code
 passed on, SIGTERM forwarded to the workers). A retry after the outage starts as a fresh pod (nothing of
-the cell was written), which the good cell shows. No API server runs here: what the operators and
-controllers do is modelled in podrun.py from their sources, and the objects are checked against their
+the cell was written), which the good cell shows. No operator runs in the tests (tests/test_cluster.py
+runs Jobs on a real control plane): what the operators and controllers do is modelled in podrun.py from their sources, and the objects are checked against their
 schemas in test_render.py.
 """
 

@@ -42,7 +42,7 @@ class MarkerBook:
         self.store = store
         self.sweep = sweep
         self._json: dict[str, dict] = {}  # key -> parsed marker
-        self._bytes: dict[str, tuple[int, bytes]] = {}  # _SUCCESS key -> (size when read, its bytes)
+        self._bytes: dict[str, tuple[int, bytes]] = {}  # _SUCCESS or cell.json key -> (size when read, bytes)
 
     def read(self) -> Markers:
         out = Markers()
@@ -57,10 +57,11 @@ class MarkerBook:
             cell_id, _, name = key[len(prefix):].partition("/")
             if name == SUCCESS:
                 cell_dir = cell_prefix(self.sweep, cell_id)
-                state = judge(self._success_bytes(key, size), by_cell[cell_id], cell_dir)
+                # A _SUCCESS withdrawn since the listing (a repair started) is unreadable for now.
+                state = judge(self._bytes_at(key, size) or b"", by_cell[cell_id], cell_dir)
                 record = f"{cell_dir}/{RECORD}"
                 if state.finished and record in by_cell[cell_id]:
-                    state = with_record(state, self._record_bytes(record, by_cell[cell_id][record]), cell_id)
+                    state = with_record(state, self._bytes_at(record, by_cell[cell_id][record]), cell_id)
                 if state.finished:
                     out.done[cell_id] = state.summary
                 else:
@@ -69,21 +70,14 @@ class MarkerBook:
                 out.failed[cell_id] = self._load(key, {"reason": "failed (unreadable _FAILED marker)"})
         return out
 
-    def _record_bytes(self, key: str, size: int) -> bytes | None:
-        """A cell's ``cell.json``, read when first listed and again only when its size changes; None: gone."""
+    def _bytes_at(self, key: str, size: int) -> bytes | None:
+        """A listed key's bytes (a cell's ``_SUCCESS`` or ``cell.json``), read when first listed and again only
+        when its size changes (a repaired cell's new one); None: withdrawn since the listing (a repair started)."""
         if self._bytes.get(key, (None,))[0] != size:
             try:
                 self._bytes[key] = (size, self.store.get_bytes(key))
-            except KeyError:  # withdrawn since the listing
+            except KeyError:
                 return None
-        return self._bytes[key][1]
-
-    def _success_bytes(self, key: str, size: int) -> bytes:
-        if self._bytes.get(key, (None,))[0] != size:
-            try:
-                self._bytes[key] = (size, self.store.get_bytes(key))
-            except KeyError:  # withdrawn since the listing (a repair started): unreadable for now
-                return b""
         return self._bytes[key][1]
 
     def _load(self, key: str, fallback: dict) -> dict:

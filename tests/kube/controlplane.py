@@ -45,9 +45,9 @@ class ControlPlaneUnavailable(RuntimeError):
     """The binaries are missing and cannot be built here, or the control plane did not come up."""
 
 
-def build(*, allow_build: bool = True) -> Path:
+def build() -> Path:
     """The folder holding the control plane's binaries: CRITBATCH_K8S_BIN, else the build script's cache
-    (building it first when ``allow_build``)."""
+    (building it first when it is not there)."""
     if os.environ.get(BIN_ENV):
         folder = Path(os.environ[BIN_ENV])
         missing = [b for b in BINARIES if not (folder / b).is_file()]
@@ -56,8 +56,7 @@ def build(*, allow_build: bool = True) -> Path:
         return folder
     if shutil.which("go") is None:
         raise ControlPlaneUnavailable(f"no `go` on PATH; {HOW_TO_GET}")
-    env = dict(os.environ, CRITBATCH_K8S_ONLY_LOOKUP="" if allow_build else "1")
-    done = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, env=env)
+    done = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
     if done.returncode != 0:
         raise ControlPlaneUnavailable(f"{BUILD_SCRIPT} failed ({done.returncode}): {done.stderr.strip()[-2000:]}; "
                                       f"{HOW_TO_GET}")
