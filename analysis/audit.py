@@ -5,7 +5,7 @@ its ``_SUCCESS`` says, a part skipped as damaged: each moves the threshold and
 the fitted critical batch size, and none of them stops the analysis. This
 step names every one, for the first section of the report (beside the
 answer) and for ``critbatch analyze --strict``, which exits with
-EXIT_INCOMPLETE (3) when anything is missing, after writing the report.
+ExitCode.INCOMPLETE (3) when anything is missing, after writing the report.
 
 What counts as missing (:attr:`Audit.complete` is False):
 

@@ -12,8 +12,9 @@ Definitions, stated once (the report repeats them):
   has no curve ("no data").
 - k(m; eps): the first step at which the curve is <= eps, interpolated
   between the two logged points that bracket the crossing, linearly in
-  log(loss). A cell whose curve never gets there is *censored*: k > the last
-  step it logged. A cell still running (no ``_SUCCESS``) counts only once it
+  log(loss) (critbatch.jobs.cell.science.crossing, the rule the trainer's
+  stop at the threshold applies too). A cell whose curve never gets there
+  is *censored*: k > the last step it logged. A cell still running (no ``_SUCCESS``) counts only once it
   has crossed eps (a crossing is final; not having crossed yet is not). A
   cell that stopped at its own threshold (status ``reached``, a batch-size
   search's) counts like a finished one for every eps its curve crossed, and
@@ -61,9 +62,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED
+from critbatch.jobs.cell.science import crossing
 from critbatch.jobs.cell.spec import Cell
 
-from .fit import Fit, censored_log_mean, fit_mccandlish
+from .fit import SEED_SCATTER_FLOOR, Fit, censored_log_mean, fit_mccandlish
 from .load import INCOMPLETE, CellSummary, Curve
 from .noise import NoiseWindow, b_simple_at
 
@@ -93,27 +95,6 @@ BOOTSTRAP_SEED = 0
 
 
 # ---- curves and thresholds ------------------------------------------------------
-
-def crossing(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
-    """First step where the curve is <= eps, interpolated in log(value) from the point before; NaN if never."""
-    v = np.asarray(values, dtype=float)
-    s = np.asarray(steps, dtype=float)
-    hit = np.flatnonzero(v <= eps)
-    if not len(hit):
-        return math.nan
-    i = int(hit[0])
-    j = i - 1
-    while j >= 0 and not np.isfinite(v[j]):
-        j -= 1
-    if j < 0:
-        return float(s[i])
-    lo, hi = float(v[j]), float(v[i])
-    if hi > 0 and eps > 0:
-        frac = (math.log(lo) - math.log(eps)) / (math.log(lo) - math.log(hi))
-    else:
-        frac = (lo - eps) / (lo - hi)
-    return float(s[j] + frac * (s[i] - s[j]))
-
 
 def last_finite_step(curve: Curve) -> float:
     ok = np.flatnonzero(np.isfinite(curve.values))
@@ -169,9 +150,11 @@ def curve_key(cell: dict[str, Any]) -> str:
 
 
 def group_cells(cells: list[CellSummary]) -> list[Group]:
-    """Partition cells into speedup curves: equal in every field but those that vary along one."""
+    """Partition cells into speedup curves: equal in every field but those that vary along one. A ramp cell (its
+    batch changes over the run) and a branch cell (it starts from another cell's checkpoint) are no points of a
+    curve: analysis.ramp and analysis.branches read them."""
     by_key: dict[str, Group] = {}
-    for cell in cells:
+    for cell in (c for c in cells if c.cell.get("ramp") is None and not c.cell.get("branch")):
         fields = curve_fields(cell.cell)
         key = curve_key(cell.cell)
         if key not in by_key:
@@ -197,6 +180,11 @@ def group_cells(cells: list[CellSummary]) -> list[Group]:
         g.source = "train_eval" if usable and 2 * len(with_evals) >= len(usable) else "running_mean"
     groups.sort(key=lambda g: g.label)
     return groups
+
+
+def round_to_act(v: float) -> str:
+    """Two significant digits: a batch size to act on, not a measurement."""
+    return f"{float(f'{v:.2g}'):g}"
 
 
 def _fmt(value: Any) -> str:
@@ -437,7 +425,8 @@ class CurveResult:
 
 
 def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, level: float = 0.5,
-                  bootstrap: int = 1000, rng: np.random.Generator | None = None) -> CurveResult:
+                  bootstrap: int = 1000, rng: np.random.Generator | None = None,
+                  seed_noise: float = SEED_SCATTER_FLOOR) -> CurveResult:
     """Speedup, efficiency, regimes, the McCandlish fit with its interval, the figures derived from it."""
     mine = [r for r in rows if r["group"] == group.label and r["threshold"] == threshold]
     best = best_trials(mine)
@@ -445,7 +434,7 @@ def speedup_curve(group: Group, threshold: str, eps: float, rows: Table, *, leve
     ms = np.array([b.batch_size for b in best], dtype=float)
     fit = fit_mccandlish(np.concatenate([np.full(len(b.k), b.batch_size) for b in best]) if best else [],
                          np.concatenate([b.k for b in best]) if best else [],
-                         np.concatenate([b.bound for b in best]) if best else [])
+                         np.concatenate([b.bound for b in best]) if best else [], seed_noise=seed_noise)
     k_geo = np.array([_k_of(b, fit.sigma) for b in best])  # NaN: no seed reached eps
     censored = ~np.isfinite(k_geo)
     reached = np.flatnonzero(~censored)

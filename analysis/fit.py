@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, special, stats
 
+from critbatch.jobs.cell.analysis_args import SEED_NOISE
+
 #: Grid of the profile: B from this fraction of the smallest batch size to this multiple of the largest.
 GRID_BELOW, GRID_ABOVE, GRID_POINTS = 1e-3, 1e3, 240
 CONFIDENCE = 0.95
@@ -39,7 +41,13 @@ CONFIDENCE = 0.95
 #: sweeps per seed count (analysis.synthetic.censored_sweep: 13 batch sizes 4..16384, 15 % lognormal seed
 #: noise, the largest batch sizes censored by the budget); the report's methods section quotes it. The
 #: chi-square cutoff 3.84 gave 0.87 with one seed and 0.92 with two or three.
-MEASURED_COVERAGE = {1: 0.934, 2: 0.942, 3: 0.946, 5: 0.944}
+MEASURED_COVERAGE = {1: 0.947, 2: 0.942, 3: 0.946, 5: 0.944}
+#: Leave-one-seed-out coverage on real training (tests/data/seed_noise.json, analysis.seednoise.coverage; checked
+#: by tests/test_seed_noise.py): per number of seeds, intervals holding the all-seed estimate / intervals fitted.
+MEASURED_REAL_COVERAGE = {1: (52, 52), 3: (327, 340)}
+#: The seed-to-seed scatter of log k measured on real training (benchmarks/bench_seed_noise.py, docs/seed-noise.md):
+#: the floor of sigma when one seed per batch size cannot measure it (``critbatch analyze --seed-noise``).
+SEED_SCATTER_FLOOR = SEED_NOISE
 #: The fewest batch sizes with an uncensored observation for a fit (three parameters).
 MIN_BATCH_SIZES = 3
 _NEWTON_STEPS = 40
@@ -62,12 +70,19 @@ class Fit:
     censored: int = 0
     batch_sizes: int = 0
     seeds_per_batch: float = 0.0
+    one_seed: bool = False  # one seed per batch size: the interval is indicative (the report says so)
+    floor: float = 0.0  # the floor of sigma the fit used (0: none)
     method: str = ""
     problem: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.problem is None
+
+    @property
+    def floored(self) -> bool:
+        """Whether the scatter sits at its floor (the data alone would have given a smaller one)."""
+        return self.floor > 0 and math.isfinite(self.sigma) and self.sigma <= self.floor * (1 + 1e-6)
 
     def k(self, m) -> np.ndarray:
         return self.s_min * (1.0 + self.b_crit / np.asarray(m, dtype=float))
@@ -76,11 +91,18 @@ class Fit:
         return self.s_min * self.b_crit
 
 
-def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE) -> Fit:
+def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE, seed_noise: float = 0.0) -> Fit:
     """Fit k(m) = S_min (1 + B/m) to per-seed observations.
 
     ``m``, ``k``, ``bound``: one entry per seed; ``k`` finite where the seed
     reached eps, else the seed is censored with ``k > bound``.
+
+    ``seed_noise``: the seed-to-seed scatter of log k to assume when the data
+    cannot measure it, with one seed per batch size: the fit's scatter is then
+    not allowed below it (the profile is taken over sigma >= seed_noise). With
+    one seed, a few uncensored batch sizes fix S_min and B_crit almost exactly
+    and leave no room for the scatter, which then comes out near 0 and
+    collapses the interval (measured on real training: docs/seed-noise.md).
     """
     m = np.asarray(m, dtype=float)
     k = np.asarray(k, dtype=float)
@@ -99,9 +121,14 @@ def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE) -> Fit:
     y_c, m_c = np.log(bound[cens]), m[cens]
     n = len(y_u) + len(y_c)
     one_seed = fit.seeds_per_batch <= 1.0
-    fit.method = ("profile likelihood; the scatter from the spread across batch sizes about the fit "
-                  "(one seed per batch size)" if one_seed else
+    floor = seed_noise if one_seed else 0.0
+    fit.one_seed, fit.floor = one_seed, floor
+    fit.method = ("profile likelihood; one seed per batch size, so the scatter comes from the spread across "
+                  "batch sizes about the fit" if one_seed else
                   "profile likelihood; the scatter from seeds and batch sizes about the fit")
+    if floor > 0:
+        fit.method += (f", not below {floor:g} in log k (the seed-to-seed scatter measured on real training: "
+                       "one seed cannot measure its own)")
 
     slope = np.polyfit(np.log(m_u), y_u, 1)[0]
     if slope > 0 and _steps_rise(m_u, y_u):
@@ -110,9 +137,11 @@ def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE) -> Fit:
         return fit
 
     grid = np.concatenate([[0.0], np.geomspace(GRID_BELOW * m.min(), GRID_ABOVE * m.max(), GRID_POINTS)])
-    prof = _profile(grid, y_u, m_u, y_c, m_c)[0]
+    gamma_max = 1.0 / floor if floor > 0 else _GAMMA_MAX
+    data = (y_u, m_u, y_c, m_c, gamma_max)
+    prof = _profile(grid, *data)[0]
     i = int(np.nanargmax(prof))
-    b_hat, a_hat, s_hat, l_max = _refine(grid, prof, i, y_u, m_u, y_c, m_c)
+    b_hat, a_hat, s_hat, l_max = _refine(grid, prof, i, *data)
     if s_hat <= 0 or not math.isfinite(l_max):
         fit.problem = "no fit: the observations lie exactly on the curve, or the likelihood has no maximum"
         return fit
@@ -122,11 +151,11 @@ def fit_mccandlish(m, k, bound, *, confidence: float = CONFIDENCE) -> Fit:
         fit.b_crit = math.inf
         fit.problem = (f"no finite fit: the steps fall as 1/m over every batch size measured (perfect scaling), "
                        f"so B_crit lies above the largest batch size, {m.max():g}")
-    fit.b_lo, fit.b_hi = _interval(grid, prof, l_max - q / 2, b_hat, y_u, m_u, y_c, m_c)
+    fit.b_lo, fit.b_hi = _interval(grid, prof, l_max - q / 2, b_hat, *data)
     if math.isfinite(fit.b_crit):
-        fit.s_lo = math.exp(_profile(np.array([fit.b_hi]), y_u, m_u, y_c, m_c)[1][0]) \
+        fit.s_lo = math.exp(_profile(np.array([fit.b_hi]), *data)[1][0]) \
             if math.isfinite(fit.b_hi) else 0.0
-        fit.s_hi = math.exp(_profile(np.array([fit.b_lo]), y_u, m_u, y_c, m_c)[1][0])
+        fit.s_hi = math.exp(_profile(np.array([fit.b_lo]), *data)[1][0])
     return fit
 
 
@@ -151,8 +180,10 @@ def _cutoff(n: int, confidence: float) -> float:
     return n * math.log1p(stats.f.ppf(confidence, 1, dof) / dof)
 
 
-def _profile(grid: np.ndarray, y_u, m_u, y_c, m_c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(l_p(B), log S_min(B), sigma(B)) at every B of ``grid``: Newton's method in (gamma, delta), all B at once."""
+def _profile(grid: np.ndarray, y_u, m_u, y_c, m_c, gamma_max: float = _GAMMA_MAX
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(l_p(B), log S_min(B), sigma(B)) at every B of ``grid``: Newton's method in (gamma, delta), all B at once,
+    with gamma = 1 / sigma at most ``gamma_max``."""
     x_u = np.log1p(grid[:, None] / m_u[None, :])  # (G, n_u)
     x_c = np.log1p(grid[:, None] / m_c[None, :])
     u = y_u[None, :] - x_u  # log k minus the offset
@@ -161,13 +192,14 @@ def _profile(grid: np.ndarray, y_u, m_u, y_c, m_c) -> tuple[np.ndarray, np.ndarr
     # Start: least squares on the uncensored points.
     a0 = u.mean(1)
     s0 = np.maximum(u.std(1), 1e-3)
-    gamma, delta = 1.0 / s0, a0 / s0
+    gamma = np.minimum(1.0 / s0, gamma_max)
+    delta = a0 * gamma
     ll = _loglik(gamma, delta, u, c, n_u)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _newton(gamma, delta, ll, u, c, n_u)
+        return _newton(gamma, delta, ll, u, c, n_u, gamma_max)
 
 
-def _newton(gamma, delta, ll, u, c, n_u):
+def _newton(gamma, delta, ll, u, c, n_u, gamma_max):
     for _ in range(_NEWTON_STEPS):
         r = gamma[:, None] * u - delta[:, None]
         sc = delta[:, None] - gamma[:, None] * c
@@ -181,9 +213,13 @@ def _newton(gamma, delta, ll, u, c, n_u):
         det = h_gg * h_dd - h_gd ** 2
         step_g = -(h_dd * g_g - h_gd * g_d) / det
         step_d = -(-h_gd * g_g + h_gg * g_d) / det
+        # At the floor of the scatter with the likelihood still rising in gamma: Newton in delta alone.
+        capped = (gamma >= gamma_max * (1 - 1e-12)) & (g_g > 0)
+        step_g = np.where(capped, 0.0, step_g)
+        step_d = np.where(capped, -g_d / h_dd, step_d)
         t = np.ones_like(gamma)
         for _ in range(30):  # halve the step until the likelihood does not fall and gamma stays positive
-            ng, nd = np.minimum(gamma + t * step_g, _GAMMA_MAX), delta + t * step_d
+            ng, nd = np.minimum(gamma + t * step_g, gamma_max), delta + t * step_d
             good = (ng > 0) & np.isfinite(nd)
             nll = np.where(good, _loglik(np.where(good, ng, 1.0), np.where(good, nd, 0.0), u, c, n_u), -np.inf)
             bad = ~(nll >= ll - 1e-12 * np.maximum(1.0, np.abs(ll)))
@@ -205,33 +241,33 @@ def _loglik(gamma, delta, u, c, n_u) -> np.ndarray:
     return n_u * np.log(gamma) - 0.5 * (r * r).sum(1) + cens
 
 
-def _at(b: float, y_u, m_u, y_c, m_c) -> float:
-    return float(_profile(np.array([b]), y_u, m_u, y_c, m_c)[0][0])
+def _at(b: float, *data) -> float:
+    return float(_profile(np.array([b]), *data)[0][0])
 
 
-def _refine(grid, prof, i, y_u, m_u, y_c, m_c) -> tuple[float, float, float, float]:
+def _refine(grid, prof, i, *data) -> tuple[float, float, float, float]:
     """The maximum of the profile near grid point i (bounded scalar search in log B)."""
     if 0 < i < len(grid) - 1:
         lo, hi = grid[i - 1], grid[i + 1]
         lo = lo if lo > 0 else grid[1] / 10
-        res = optimize.minimize_scalar(lambda t: -_at(math.exp(t), y_u, m_u, y_c, m_c),
+        res = optimize.minimize_scalar(lambda t: -_at(math.exp(t), *data),
                                        bounds=(math.log(lo), math.log(hi)), method="bounded",
                                        options={"xatol": 1e-6})
         b = math.exp(res.x) if -res.fun > prof[i] else grid[i]
     else:
         b = grid[i]
-    ll, a, s = _profile(np.array([b]), y_u, m_u, y_c, m_c)
+    ll, a, s = _profile(np.array([b]), *data)
     return b, float(a[0]), float(s[0]), float(ll[0])
 
 
-def _interval(grid, prof, level, b_hat, y_u, m_u, y_c, m_c) -> tuple[float, float]:
+def _interval(grid, prof, level, b_hat, *data) -> tuple[float, float]:
     """Where the profile crosses ``level`` below and above B_hat (0 and inf where it never does)."""
     outside = prof < level
     below = np.flatnonzero(outside & (grid < b_hat))
     above = np.flatnonzero(outside & (grid > b_hat))
 
     def root(a: float, b: float) -> float:
-        return float(optimize.brentq(lambda x: _at(x, y_u, m_u, y_c, m_c) - level, a, b, xtol=1e-9, rtol=1e-7))
+        return float(optimize.brentq(lambda x: _at(x, *data) - level, a, b, xtol=1e-9, rtol=1e-7))
 
     lo = 0.0 if not len(below) else root(grid[below[-1]], min(grid[below[-1] + 1], b_hat))
     hi = math.inf if not len(above) else root(max(grid[above[0] - 1], b_hat), grid[above[0]])

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import NullFormatter
 from matplotlib.figure import Figure
 
 from .compute import CurveResult, Group, Table, contour_grid, families
@@ -616,5 +617,85 @@ def time_figure(results: list[CurveResult]) -> Artifact:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    art.png = _png(fig)
+    return art
+
+
+# ---- the critical batch size over training (branch cells) ------------------------------------------------
+
+BRANCH_COLUMNS = ["sweep", "base", "problem", "at", "fraction", "start_step", "start_examples", "start_tokens",
+                  "base_batch", "rule", "length_examples", "multipliers", "seeds", "source", "target_loss",
+                  "b_crit", "b_crit_lo", "b_crit_hi", "s_min", "one_seed", "censored", "fit_problem", "tolerance",
+                  "cbs_tolerance", "cbs_tolerance_lo", "cbs_tolerance_hi", "b_simple", "b_simple_bound",
+                  "b_crit_analytic", "b_crit_global"]
+
+
+def branches_figure(points: list) -> Artifact:
+    """Local B_crit(t) and the tolerance CBS(t) against the branch point, with B_simple(t) and any known or
+    global critical batch size (analysis.branches)."""
+    tol = points[0].tolerance if points else 0.01
+    art = Artifact(
+        "cbs_over_training", "The critical batch size over training (branches)",
+        "Per base run, against the branch point t (examples the base had trained on): the local B_crit(t) "
+        "(McCandlish's, the grid's headline quantity: steps of each branch to the loss its smallest multiplier "
+        "reaches at half the branch length, fitted with k(m) = S_min (1 + B_crit/m) over m = k B, 95 % "
+        "profile-likelihood interval over seeds and multipliers); Merrill et al.'s tolerance CBS(t), the largest "
+        f"k B whose loss after the branch length is within {100 * tol:g} % of the best smaller one's (geometric "
+        "mean over seeds, which may lie outside the seeds' own range; bars: the range over seeds; its resolution is the multiplier grid, and it depends on "
+        "the tolerance and the branch length); the base's gradient noise scale B_simple(t) over the window "
+        "ending at t; the analytic critical batch size where the problem has one (linreg, oracle step: "
+        "beta/lambda_1 - 1) and a grid's B_crit on the same problem when the analysis has one.",
+        columns=BRANCH_COLUMNS)
+    if not points:
+        art.missing = "no branch cells"
+        return art
+    art.rows = [p.summary() for p in points]
+    art.markdown = markdown_table(
+        [{**r, "_t": f"{fmt(r['at'] if r['at'] is not None else r['fraction'])} (step {r['start_step']})",
+          "_b": f"{fmt(r['b_crit'])} [{fmt(r['b_crit_lo'])}, {fmt(r['b_crit_hi'])}]" if math.isfinite(r["b_crit"])
+          else r["fit_problem"] or "–",
+          "_cbs": f"{fmt(r['cbs_tolerance'])} [{fmt(r['cbs_tolerance_lo'])}, {fmt(r['cbs_tolerance_hi'])}]",
+          "_bs": ("> " if r["b_simple_bound"] else "") + fmt(r["b_simple"])} for r in art.rows],
+        [("problem", "problem"), ("_t", "t (fraction of the base's steps)"), ("start_examples", "t (examples)"),
+         ("multipliers", "k"), ("seeds", "seeds"), ("target_loss", "target loss"), ("_b", "local B_crit(t) [95 %]"),
+         ("_cbs", f"tolerance CBS(t) [seeds], eps {tol:g}"), ("_bs", "B_simple(t)"),
+         ("b_crit_analytic", "analytic"), ("b_crit_global", "grid's B_crit")])
+    bases: dict[tuple, list] = {}
+    for p in points:
+        bases.setdefault((p.sweep, p.base), []).append(p)
+    fig, axes = _panels(min(len(bases), MAX_PANELS))
+    for ax, pts in zip(axes, list(bases.values())[:MAX_PANELS]):
+        pts = sorted(pts, key=lambda p: p.start_step)
+        t = np.array([p.start_examples for p in pts], dtype=float)
+        b = np.array([p.fit.b_crit if p.fit.ok else math.nan for p in pts])
+        ok = np.isfinite(b)
+        if ok.any():
+            lo = np.array([p.fit.b_lo for p in pts])[ok]
+            hi = np.minimum(np.array([p.fit.b_hi for p in pts])[ok], 1e12)
+            ax.errorbar(t[ok], b[ok], yerr=np.clip([b[ok] - lo, hi - b[ok]], 0, None), fmt="o-", ms=4, capsize=2,
+                        label="local B_crit(t), fit")
+        c = np.array([p.cbs for p in pts])
+        rng = np.array([p.cbs_range for p in pts])
+        fin = np.isfinite(c)
+        if fin.any():
+            # The value is the pooled seeds' (their geometric mean loss), which may fall outside the seeds' range.
+            ax.errorbar(t[fin] * 1.03, c[fin], yerr=np.clip([c[fin] - rng[fin, 0], rng[fin, 1] - c[fin]], 0, None),
+                        fmt="D--", ms=4,
+                        capsize=2, color="C2", label=f"tolerance CBS(t), eps {pts[0].tolerance:g}")
+        bs = np.array([p.b_simple.value if p.b_simple and p.b_simple.cells else math.nan for p in pts])
+        if np.isfinite(bs).any():
+            ax.plot(t, bs, "s:", color="C3", ms=4, label="B_simple(t) of the base")
+        for value, color, ls, label in ((pts[0].analytic, "k", "--", "analytic B_crit"),
+                                        (pts[0].global_b, "C1", "-.", "the grid's B_crit")):
+            if value is not None and math.isfinite(value):
+                ax.axhline(value, color=color, ls=ls, lw=1, label=f"{label} = {fmt(value)}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("branch point t (examples the base trained on)")
+        ax.set_ylabel("batch size")
+        ax.set_title(f"{pts[0].label}\nbase {pts[0].base}, rule {pts[0].rule}", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
     art.png = _png(fig)
     return art

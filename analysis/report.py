@@ -29,14 +29,14 @@ from typing import Callable
 import jinja2
 import yaml
 
-from . import compute, plots, searched
+from . import branches, compute, plots, ramp, searched
 from .compute import CurveResult, Group
 from .audit import audit as audit_sweep
-from .fit import MEASURED_COVERAGE
+from .fit import MEASURED_COVERAGE, MEASURED_REAL_COVERAGE, SEED_SCATTER_FLOOR
 from .load import INCOMPLETE, Loaded, load_sweeps
 from .plots import Artifact, fmt
 from critbatch.jobs.cell.version import code_version
-from critbatch.jobs.cell.errors import EXIT_INCOMPLETE, ConfigError
+from critbatch.jobs.cell.errors import ConfigError, ExitCode
 from critbatch.jobs.cell.inputs import output_dir
 from critbatch.jobs.store import S3Store, Store, open_store
 from critbatch.jobs.cell.layout import report_prefix, sweep_problem
@@ -56,13 +56,15 @@ class Analysis:
     artifacts: list[Artifact] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     searches: dict[str, dict] = field(default_factory=dict)  # sweep -> its search.json, for a searched sweep
+    branches: list[branches.BranchPoint] = field(default_factory=list)  # the branch cells, per base and point
 
     def primary_results(self) -> list[CurveResult]:
         return [r for r in self.results if r.threshold == self.primary]
 
 
 def validate_options(thresholds: list[float] | None, efficiency: float, bootstrap: int, window: int,
-                     sweeps: list[str] = ()) -> None:
+                     sweeps: list[str] = (), seed_noise: float = SEED_SCATTER_FLOOR,
+                     tolerance: float = branches.DEFAULT_TOLERANCE) -> None:
     problems = []
     problems.extend(f"--sweep: {problem}" for problem in map(sweep_problem, sweeps) if problem)
     for eps in thresholds or []:
@@ -74,13 +76,19 @@ def validate_options(thresholds: list[float] | None, efficiency: float, bootstra
         problems.append(f"--bootstrap: must be >= 0 (0: no intervals), got {bootstrap}")
     if window < 1:
         problems.append(f"--window: must be a positive number of steps, got {window}")
+    if not (0 <= seed_noise <= 2):
+        problems.append(f"--seed-noise: must be a scatter of log k in [0, 2] (0: none assumed), got {seed_noise}")
+    if not (0 < tolerance < 1):
+        problems.append(f"--tolerance: must be a relative loss difference in (0, 1), got {tolerance}")
     if problems:
         raise ConfigError(problems)
 
 
 def compute_all(loaded: Loaded, *, thresholds: list[float] | None = None, efficiency: float = 0.5,
-                bootstrap: int = 1000) -> Analysis:
-    """Compute step: groups, thresholds, speedup curves, critical batch sizes, final metrics."""
+                bootstrap: int = 1000, seed_noise: float = SEED_SCATTER_FLOOR,
+                tolerance: float = branches.DEFAULT_TOLERANCE) -> Analysis:
+    """Compute step: groups, thresholds, speedup curves, critical batch sizes, final metrics; the branch
+    cells apart (the critical batch size over training, analysis.branches)."""
     explicit = list(thresholds or [])
     groups = compute.group_cells(loaded.cells)
     thr, crossings = compute.steps_to_threshold(groups, explicit)
@@ -90,13 +98,18 @@ def compute_all(loaded: Loaded, *, thresholds: list[float] | None = None, effici
         if not math.isfinite(t["eps"]):
             continue
         g = next(g for g in groups if g.label == t["group"])
-        r = compute.speedup_curve(g, t["threshold"], t["eps"], crossings, level=efficiency, bootstrap=bootstrap)
+        r = compute.speedup_curve(g, t["threshold"], t["eps"], crossings, level=efficiency, bootstrap=bootstrap,
+                                  seed_noise=seed_noise)
         if r.per_m:
             results.append(r)
     final = compute.final_metrics(groups)
-    settings = {"efficiency": efficiency, "bootstrap": bootstrap, "window": loaded.window,
-                "thresholds": explicit, "bootstrap_seed": compute.BOOTSTRAP_SEED}
-    return Analysis(loaded, groups, thr, crossings, results, primary, final, settings=settings)
+    points = branches.branch_points(loaded.cells, tolerance=tolerance, seed_noise=seed_noise)
+    for p in points:  # a grid on the same problem: its headline B_crit beside the local ones
+        p.global_b = next((r.fit.b_crit for r in results if r.threshold == primary and r.fit.ok and
+                           branches.same_problem(r.group.cells[0].cell, p.cell)), None)
+    settings = {"efficiency": efficiency, "bootstrap": bootstrap, "window": loaded.window, "seed_noise": seed_noise,
+                "thresholds": explicit, "bootstrap_seed": compute.BOOTSTRAP_SEED, "tolerance": tolerance}
+    return Analysis(loaded, groups, thr, crossings, results, primary, final, settings=settings, branches=points)
 
 
 def make_artifacts(a: Analysis) -> list[Artifact]:
@@ -132,6 +145,8 @@ def make_artifacts(a: Analysis) -> list[Artifact]:
         lambda: plots.noise_scale_figure(a.results),
         lambda: plots.tradeoff_figure(a.primary_results()),
         lambda: plots.time_figure(a.primary_results()),
+        lambda: plots.branches_figure(a.branches),
+        lambda: ramp.ramp_table(a.loaded.cells, a.settings["thresholds"]),
     ]
     # One after the other: matplotlib does not promise thread safety, and the GIL would serialise it anyway.
     return [job() for job in jobs]
@@ -139,15 +154,17 @@ def make_artifacts(a: Analysis) -> list[Artifact]:
 
 def analyze(store: Store, sweeps: list[str], *, thresholds: list[float] | None = None, efficiency: float = 0.5,
             bootstrap: int = 1000, window: int = 50, workers: int | None = None,
-            warn: Callable[[str], None] | None = None) -> Analysis:
+            warn: Callable[[str], None] | None = None, seed_noise: float = SEED_SCATTER_FLOOR,
+            tolerance: float = branches.DEFAULT_TOLERANCE) -> Analysis:
     """Load, compute and plot; returns the analysis with its artifacts (nothing is written)."""
     sweeps = list(dict.fromkeys(sweeps))  # a sweep named twice is analysed once
-    validate_options(thresholds, efficiency, bootstrap, window, sweeps)
+    validate_options(thresholds, efficiency, bootstrap, window, sweeps, seed_noise, tolerance)
     loaded = load_sweeps(store, sweeps, window=window, workers=workers, warn=warn)
     searches = {s: doc for s in sweeps if (doc := searched.read_search(store, s)) is not None}
     if not thresholds:  # a searched sweep's headline is at the eps its search stopped its cells at
         thresholds = [eps for doc in searches.values() if (eps := searched.explicit_eps(doc)) is not None][:1] or None
-    a = compute_all(loaded, thresholds=thresholds, efficiency=efficiency, bootstrap=bootstrap)
+    a = compute_all(loaded, thresholds=thresholds, efficiency=efficiency, bootstrap=bootstrap, seed_noise=seed_noise,
+                    tolerance=tolerance)
     a.searches = searches
     a.artifacts = make_artifacts(a)
     return a
@@ -221,7 +238,8 @@ def cli_analyze(args: argparse.Namespace) -> int:
         print(f"critbatch analyze: warning: {line}", file=sys.stderr)
 
     a = analyze(store, list(args.sweep), thresholds=args.threshold, efficiency=args.efficiency,
-                bootstrap=args.bootstrap, window=args.window, warn=warn)
+                bootstrap=args.bootstrap, window=args.window, warn=warn, seed_noise=args.seed_noise,
+                tolerance=args.tolerance)
     for c in a.loaded.incomplete:
         warn(f"cell {c.sweep}/{c.id} (m={c.batch_size}, seed={c.seed}) has no _SUCCESS: incomplete, "
              f"{c.last_step} steps logged")
@@ -232,8 +250,8 @@ def cli_analyze(args: argparse.Namespace) -> int:
     print(f"critbatch analyze: {checked.headline()}", file=sys.stderr)
     write_report(store, a, output=args.output)
     if args.strict and not checked.complete:
-        print(f"critbatch analyze: --strict: exit {EXIT_INCOMPLETE}, the sweep is incomplete", file=sys.stderr)
-        return EXIT_INCOMPLETE
+        print(f"critbatch analyze: --strict: exit {ExitCode.INCOMPLETE}, the sweep is incomplete", file=sys.stderr)
+        return ExitCode.INCOMPLETE
     return 0
 
 
@@ -297,8 +315,12 @@ def _context(a: Analysis, store_url: str, files: list[str]) -> dict:
         "notes": [(c, n) for c in cells for n in c.notes],
         "files": files,
         "definitions": _DEFINITIONS.format(window=a.loaded.window, level=a.settings["efficiency"],
-                                           bootstrap=a.settings["bootstrap"], coverage=_coverage_text()),
+                                           bootstrap=a.settings["bootstrap"], coverage=_coverage_text(),
+                                           seed_noise=a.settings["seed_noise"],
+                                           real_coverage=_real_coverage_text()),
         "answers": answers(a),
+        "over_training": over_training(a),
+        "ramps": ramps(a),
         "search": [searched.section(s, doc, _grid_cells(a.loaded.sweep_yaml.get(s))) for s, doc in a.searches.items()],
         "audit": _audit_context(a),
     }
@@ -354,9 +376,13 @@ _DEFINITIONS = (
     "diminishing returns between. Critical batch size B_crit: McCandlish et al.'s k(m) = S_min (1 + B_crit/m), "
     "B_crit >= 0, fitted in log space by maximum likelihood with every seed one observation and seeds that never "
     "reached eps as censored (Tobit) terms; E_min = S_min B_crit samples. Its 95 % interval: profile likelihood, "
-    "cut at n log(1 + F(1, n-2)/(n-2)) (the small-sample calibration of a Gaussian regression); with one seed "
-    "the scatter comes from the spread across batch sizes. Measured coverage of that interval on synthetic "
-    "sweeps (15 % lognormal seed noise, the largest batch sizes censored by the budget): {coverage}. "
+    "cut at n log(1 + F(1, n-2)/(n-2)) (the small-sample calibration of a Gaussian regression). With several "
+    "seeds per batch size the scatter is measured from them; with one seed it cannot be (a few uncensored batch "
+    "sizes fix S_min and B_crit and leave the scatter near 0), so the fit assumes at least the seed-to-seed "
+    "scatter of log k measured on real training, {seed_noise:g} (--seed-noise; docs/seed-noise.md), and calls "
+    "the interval indicative. Measured coverage of that interval on synthetic "
+    "sweeps (15 % lognormal seed noise, the largest batch sizes censored by the budget): {coverage}; "
+    "leave-one-seed-out on eight seeds of real training: {real_coverage}. "
     "'m at e = {level:g}, from m0': the batch size where the efficiency falls to {level:g}, interpolated in log m; "
     "under the model it is (m0 + B_crit)/{level:g} - B_crit, so it depends on m0, and the B_crit it implies is "
     "shown beside it. Zhang et al.'s batch size: 20 % more steps than perfect scaling from m0, 1.2 m0 + "
@@ -372,9 +398,9 @@ def _coverage_text() -> str:
     return "; ".join(f"{p:.0%} with {s} seed{'s' if s > 1 else ''}" for s, p in MEASURED_COVERAGE.items())
 
 
-def _round(v: float) -> str:
-    """Two significant digits: a batch size to act on, not a measurement."""
-    return f"{float(f'{v:.2g}'):g}"
+def _real_coverage_text() -> str:
+    return "; ".join(f"{c}/{n} = {c / n:.0%} with {s} seed{'s' if s > 1 else ''}"
+                     for s, (c, n) in MEASURED_REAL_COVERAGE.items() if n)
 
 
 def answers(a: "Analysis") -> list[dict]:
@@ -393,10 +419,16 @@ def answers(a: "Analysis") -> list[dict]:
             b = r.fit.b_crit
             top = max(x["batch_size"] for x in r.per_m)
             beyond = " (beyond the batch sizes measured)" if 4 * b > top else ""
-            action = (f"Up to m ≈ {_round(b / 4)}, doubling the batch size nearly halves the steps (saves >= 40 %); "
-                      f"past m ≈ {_round(4 * b)}{beyond}, doubling it saves under 10 % of the steps at 1.8x the "
+            act = compute.round_to_act
+            action = (f"Up to m ≈ {act(b / 4)}, doubling the batch size nearly halves the steps (saves >= 40 %); "
+                      f"past m ≈ {act(4 * b)}{beyond}, doubling it saves under 10 % of the steps at 1.8x the "
                       f"compute (examples) or more.")
             headline = f"B_crit = {fmt(b)}, 95 % interval [{fmt(r.fit.b_lo)}, {fmt(r.fit.b_hi)}]"
+            if r.fit.one_seed:
+                headline += (" (indicative: one seed per batch size, so the interval assumes the seed-to-seed "
+                             f"scatter measured on real training, {r.fit.floor:g} in log k; run 3 seeds for an "
+                             "interval a rerun reproduces)" if r.fit.floor > 0 else
+                             " (one seed per batch size, no seed noise assumed: a rerun may land outside it)")
         else:
             action = (f"No critical batch size from these cells: {s['fit_problem']}. Measured directly: "
                       f"{regimes[0]}, {regimes[1]}.")
@@ -407,6 +439,24 @@ def answers(a: "Analysis") -> list[dict]:
                                   f"(implies B_crit = {fmt(s['m_eff_implied_b'])})",
                     "b_simple": f"B_simple(eps) = {s['b_simple_text']}"})
     return out
+
+
+def _bases(a: "Analysis") -> list[list[branches.BranchPoint]]:
+    bases: dict[tuple, list[branches.BranchPoint]] = {}
+    for p in a.branches:
+        bases.setdefault((p.sweep, p.base), []).append(p)
+    return list(bases.values())
+
+
+def over_training(a: "Analysis") -> list[str]:
+    """The answer box's lines on the critical batch size over training, one per base run with branches."""
+    return [line for pts in _bases(a) if (line := branches.trend(pts))]
+
+
+def ramps(a: "Analysis") -> list[str]:
+    """Per base run with branches, the batch-size ramp its critical batch size over training implies (a grid
+    snippet)."""
+    return [snippet for pts in _bases(a) if (snippet := branches.ramp_snippet(pts))]
 
 
 def _md_to_html(md: str) -> str:
@@ -434,6 +484,13 @@ def _summary_md(a: Analysis, ctx: dict) -> str:
         out += [f"### {box['group']}", "", f"**{box['headline']}**", "", f"- measured: {box['measured']}",
                 f"- regimes: {box['regimes']}", f"- {box['efficiency']}", f"- {box['b_simple']}", "",
                 box["action"], ""]
+    if ctx["over_training"]:
+        out += ["## The critical batch size over training", ""] + [f"- {line}" for line in ctx["over_training"]]
+        table = next((x for x in a.artifacts if x.name == "cbs_over_training" and not x.missing), None)
+        out += ["", table.markdown, ""] if table is not None else [""]
+        for snippet in ctx["ramps"]:
+            out += ["The batch-size ramp it implies, as a grid snippet (docs/ramp.md):", "", "```yaml", snippet, "```",
+                    ""]
     for s in ctx["search"]:
         out += searched.markdown(s)
     for f in ctx["figures"]:

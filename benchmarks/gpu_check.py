@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from datafiles import write_cifar10  # noqa: E402
 from podrun import outcome, secrets_from, worker_pod  # noqa: E402
 
-from critbatch.jobs.cell.errors import EXIT_NO_DEVICE, EXIT_PREEMPTED  # noqa: E402
+from critbatch.jobs.cell.errors import ExitCode  # noqa: E402
 from critbatch.jobs.cell.layout import cell_prefix, success_key  # noqa: E402
 from critbatch.jobs.cell.logschema import ipc_to_table  # noqa: E402
 from critbatch.jobs.cli import main as cli  # noqa: E402
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(15)
             code = first.terminate()
             verdict = outcome(obj, code, disrupted=True)
-            check(f"{label}: SIGTERM mid-run exits {EXIT_PREEMPTED}, retried without using a retry",
-                  code == EXIT_PREEMPTED and verdict.verdict == "retried" and not verdict.counted,
+            check(f"{label}: SIGTERM mid-run exits {ExitCode.PREEMPTED}, retried without using a retry",
+                  code == ExitCode.PREEMPTED and verdict.verdict == "retried" and not verdict.counted,
                   f"exit {code}; {verdict.why}")
             second = run_pod(obj, f"sigterm-{tag}-second")
             code = second.wait(timeout=1800)
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         obj = render.render_cell(grid, grid.cells()[0])
         run = run_pod(obj, "no-device", {"CUDA_VISIBLE_DEVICES": ""})
         code = run.wait(timeout=600)
-        check(f"a GPU pod without a visible device exits {EXIT_NO_DEVICE}, failed at once",
-              code == EXIT_NO_DEVICE and outcome(obj, code).verdict == "failed", f"exit {code}")
+        check(f"a GPU pod without a visible device exits {ExitCode.NO_DEVICE}, failed at once",
+              code == ExitCode.NO_DEVICE and outcome(obj, code).verdict == "failed", f"exit {code}")
     finally:
         server.stop()
         if not args.work:

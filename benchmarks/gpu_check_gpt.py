@@ -14,16 +14,18 @@ size for ``--steps`` updates through ``critbatch train --device cuda`` on synthe
                attention's FLOPs left out, as in the PaLM paper's simple form): --peak-tflops, else from
                the device name (H100/H200 989, A100 312, L40S 362 TFLOP/s)
     memory     torch.cuda.max_memory_allocated over the run, beside the sizing's estimate for one device
-               (jobs/sweep/sizing.py: its fixed part, the state copies of the weights, when memory.json
-               has no per-example figure for the GPT)
+               without the CUDA context (jobs/sweep/sizing.py: the state copies of the weights, plus m x the
+               per-sequence figure of memory.json, counted on fake tensors on a CPU); and per sequence: the
+               slope of the measured peaks between the two batch sizes against memory.json's figure (bf16)
 
-It prints a table, writes JSON (``--out``; default $OUT/gpu_check_gpt.json when OUT is set) and exits 1
-when a cell did not finish.
+It prints a table and the per-sequence comparison, writes JSON (``--out``; default $OUT/gpu_check_gpt.json
+when OUT is set) and exits 1 when a cell did not finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -82,6 +84,8 @@ def main() -> int:
                 "batch_size": m, "base_batch": m, "max_steps": args.steps, "sweep": "gpu-check",
                 "eval": {"points": 2, "train_subset": 8}, "noise": {"every": 0}, "warmup": {"steps": 5}})
             url = str(Path(tmp) / f"store-{m}")
+            gc.collect()  # the previous batch's model and optimizer gone, so each peak is its own run's
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             code = cli(["train", "--cell", cell.to_json(), "--store", url, "--data-root", str(data),
                         "--device", "cuda", "--progress", "none"])
@@ -91,12 +95,15 @@ def main() -> int:
             tokens_s = done["steps"] * m * 1024 / done["wall_time_s"] if done else float("nan")
             fit = sizing.fit_of(cell)
             estimate = (fit.fixed + m * fit.per_sample) if fit else sizing.state_copies(cell) * n * 4
+            entry = sizing.load_table().get(sizing.memory_key(cell), {})
             rows.append({
                 "device": device, "batch": m, "exit": code, "steps": done.get("steps"), "tokens_per_s": tokens_s,
                 "mfu": 6 * n * tokens_s / (peak * 1e12) if peak else None, "peak_tflops": peak,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "sizing_estimate_gib": estimate / 2**30,
-                "estimate_kind": "fixed + per example" if fit else "fixed part only (no memory.json entry)",
+                "estimate_kind": ("fixed + per example, " + ("counted" if "method" in entry else "measured"))
+                if fit else "fixed part only (no memory.json entry)",
+                "sizing_per_sequence_mib": fit.per_sample / 2**20 if fit else None,
                 "skipped_nonfinite_steps": done.get("skipped_nonfinite_steps"),
             })
     print(f"{'device':<28} {'batch':>5} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'estimate GiB':>13}")
@@ -104,10 +111,27 @@ def main() -> int:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
         print(f"{r['device']:<28} {r['batch']:>5} {r['tokens_per_s']:>10.0f} {mfu:>6} {r['peak_memory_gib']:>9.2f} "
               f"{r['sizing_estimate_gib']:>13.2f}  ({r['estimate_kind']})")
+    per_sequence = per_sequence_check(rows)
+    if per_sequence:
+        print(f"per sequence (bf16, batches {per_sequence['batches'][0]} to {per_sequence['batches'][1]}): GPU "
+              f"{per_sequence['gpu_mib']:.1f} MiB, memory.json {per_sequence['sizing_mib']:.1f} MiB, "
+              f"ratio {per_sequence['ratio']:.2f}")
     out = args.out or (str(Path(os.environ["OUT"]) / "gpu_check_gpt.json") if os.environ.get("OUT") else None)
     if out:
-        Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(out).write_text(json.dumps({"cells": rows, "per_sequence": per_sequence}, indent=2) + "\n")
     return 0 if ok else 1
+
+
+def per_sequence_check(rows: list[dict]) -> dict | None:
+    """The GPU's bytes per sequence (the slope of the peaks between the smallest and largest batch that
+    finished) against the sizing's figure; None without two finished batches or an entry."""
+    done = sorted((r for r in rows if r["exit"] == 0), key=lambda r: r["batch"])
+    if len(done) < 2 or done[0]["sizing_per_sequence_mib"] is None:
+        return None
+    low, high = done[0], done[-1]
+    gpu = (high["peak_memory_gib"] - low["peak_memory_gib"]) * 1024 / (high["batch"] - low["batch"])
+    return {"batches": [low["batch"], high["batch"]], "gpu_mib": gpu, "sizing_mib": low["sizing_per_sequence_mib"],
+            "ratio": gpu / low["sizing_per_sequence_mib"]}
 
 
 if __name__ == "__main__":

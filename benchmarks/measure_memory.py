@@ -25,7 +25,19 @@ its non-default options, and the input's shape, e.g. ``resnet34/3x32x32``, ``lst
 The sizing (jobs/sweep/sizing.py, torch-free) takes the larger of the two per-sample figures. ``--check``
 measures one step at a given batch and prints it against the sizing's estimate.
 
-Measured with torch 2.14.1 on a 2-core x86 VM, one thread (about 3 minutes).
+A language model whose example costs more than COUNT_ABOVE multiply-adds (GPT-2 small at 1024 tokens;
+bf16 products run unvectorised on CPUs without bf16 instructions, minutes per example) is counted, not
+run: the same step on fake tensors (torch's FakeTensorMode: shapes and dtypes, no data, no arithmetic) at
+its full shape. Its saved tensors are counted as above (on a GPT small enough to run, to the byte the real
+count); its peak is the slope of the peak of live tensor bytes (torch.distributed._tools.mem_tracker), what
+a GPU's caching allocator counts, not a resident set (the 2-layer GPT of gpt-pycorpus: 5 % above and 8 %
+below the resident set's slope in fp32 in two runs, 16 and 18 % below in bf16; GPT-2 small with 128-token
+examples in fp32, batches 8 and 16: 6 % below). The entry says so in ``method``;
+benchmarks/gpu_check_gpt.py compares it with a GPU's own peak.
+
+    .venv/bin/python benchmarks/measure_memory.py --only gpt       # the GPT entries (about 8 minutes here)
+
+Measured with torch 2.14.1 on a 2-core x86 VM, one thread (about 3 minutes, and the GPTs 8).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -96,7 +109,7 @@ def saved_bytes(model: nn.Module, cell: Cell, batch: int, precision: str) -> int
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        storages[storage._cdata] = storage.nbytes()  # the storage itself (a fake tensor's has no data pointer)
         return t
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -109,7 +122,9 @@ def saved_bytes(model: nn.Module, cell: Cell, batch: int, precision: str) -> int
 
 
 def measure(cell: Cell) -> dict:
-    """The table entry of ``cell``'s model and input."""
+    """The table entry of ``cell``'s model and input: counted on fake tensors when a real step is too costly here."""
+    if is_counted(cell):
+        return counted(cell)
     gen = torch.Generator().manual_seed(0)
     data, _, _ = synthetic(cell, 2, gen)
     torch.manual_seed(0)
@@ -132,6 +147,78 @@ def measure(cell: Cell) -> dict:
 
 #: Batch sizes of the saved-tensor count.
 SAVED_AT = (2, 4)
+
+
+# ---- counted on fake tensors: models whose step is too costly for a CPU -------------------------------
+
+
+#: A language model whose forward of one example costs more multiply-adds than this (parameters x tokens) is
+#: counted, not run: bf16 products run unvectorised on CPUs without bf16 instructions (GPT-2 small: four
+#: minutes for one 128-token example's step, against seven seconds in fp32, on one core of the VM here).
+COUNT_ABOVE = 10 ** 9
+COUNTED_METHOD = (
+    "counted, not run: one training step (forward, backward, SGD update) on fake tensors (torch FakeTensorMode: "
+    "shapes and dtypes, no data) at the full shape; saved_bytes_per_sample as for every entry, "
+    "peak_bytes_per_sample the slope of the peak of live tensor bytes between two batches whose saved tensors "
+    "are at least 4x the weights (torch.distributed._tools.mem_tracker."
+    "MemTracker, blocks of 512 bytes as the CUDA allocator's), not of a resident set")
+
+
+def is_counted(cell: Cell) -> bool:
+    """Whether ``cell``'s entry is counted on fake tensors: a language model over COUNT_ABOVE (tokens x parameters)."""
+    if cell.task != "language_model":
+        return False
+    tokens = sizing.input_shape(cell)[0]
+    data, _, _ = synthetic(cell, 1, torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(cell, data).parameters())
+    return params * tokens > COUNT_ABOVE
+
+
+def counted(cell: Cell) -> dict:
+    """The table entry of ``cell`` counted on fake tensors (COUNTED_METHOD)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        data, _, _ = synthetic(cell, 2, torch.Generator().manual_seed(0))
+        model = build_model(cell, data)
+        saved, peak = {}, {}
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for precision in ("fp32", "bf16"):
+            s1, s2 = (saved_bytes(model, cell, b, precision) for b in SAVED_AT)
+            saved[precision] = round((s2 - s1) / (SAVED_AT[1] - SAVED_AT[0]))
+            # Peaks at batches whose saved tensors are at least 4x the weights, so that the backward's peak, not
+            # the gradients' or the update's, is the step's (fake tensors take no memory at any batch).
+            low = max(SAVED_AT[0], math.ceil(4 * param_bytes / max(saved[precision], 1)))
+            p1, p2 = (live_peak(cell, b, precision) for b in (low, 2 * low))
+            peak[precision] = round((p2 - p1) / low)
+    return {
+        "param_bytes": param_bytes,
+        "batch_norm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        "saved_bytes_per_sample": saved,
+        "peak_bytes_per_sample": peak,
+        "method": COUNTED_METHOD,
+    }
+
+
+def live_peak(cell: Cell, batch: int, precision: str) -> int:
+    """Peak live tensor bytes of one SGD step of ``batch`` examples after a first step on one (under fake mode)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    data, x, y = synthetic(cell, batch, torch.Generator().manual_seed(0))
+    model = build_model(cell, data)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    tracker = MemTracker()
+    tracker.track_external(model, opt, x, y)
+    with tracker:
+        for rows in (1, batch):  # the first step allocates the gradients and the momentum, as step_peak_here's
+            with autocast:
+                loss = loss_fn(data.task)(model(x[:rows]), y[:rows])
+            loss.backward()
+            opt.step()
+            tracker.reset_mod_stats()  # per-module figures only (it refuses a module's second forward otherwise)
+    return sum(device["Total"] for device in tracker.get_tracker_snapshot("peak").values())
 
 
 # ---- one real step's peak, in a fresh process ---------------------------------------------------------
@@ -225,7 +312,8 @@ def write_table(entries: dict[str, dict]) -> None:
     """memory.json, rewritten after each entry (a long run that stops keeps what it measured)."""
     table = {
         "about": "Per-sample training memory of each model and input size, measured on the CPU by "
-                 "benchmarks/measure_memory.py; read by jobs/sweep/sizing.py.",
+                 "benchmarks/measure_memory.py (an entry with a method: counted on fake tensors, as it says); "
+                 "read by jobs/sweep/sizing.py.",
         "torch": torch.__version__.split("+")[0],
         "entries": dict(sorted(entries.items())),
     }

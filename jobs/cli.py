@@ -12,8 +12,10 @@
 
 Every subcommand's options are defined here, so ``--help`` is fast (nothing
 heavy is imported until a command runs). Bad input, a missing file or an
-unreachable store prints one line and exits with code 2 (``train``: 202 for the
-store, which a retry can cure; ``critbatch train --help`` lists its codes).
+unreachable store prints one line and exits with ``ExitCode.CONFIG`` (``train``:
+``ExitCode.STORE_UNAVAILABLE`` for the store, which a retry can cure). The codes
+are one enum, critbatch.jobs.cell.errors.ExitCode; ``critbatch train --help``
+prints the trainer's from it.
 """
 
 from __future__ import annotations
@@ -25,26 +27,16 @@ import sys
 from typing import Callable
 
 from . import __version__
-from critbatch.jobs.cell.analysis_args import add_analyze_options
-from critbatch.jobs import backends
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-    ConfigError,
-    DeviceMissing,
-    StoreUnavailable,
-)
+from .cell.analysis_args import add_analyze_options
+from . import backends
+from .cell.errors import ConfigError, DeviceMissing, ExitCode, StoreUnavailable, exit_code_table
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
+        raise SystemExit(ExitCode.CONFIG)
 
 
 class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,17 +49,9 @@ class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         return super()._get_help_string(action)
 
 
-_TRAIN_EXIT_CODES = f"""exit codes:
-  0    done, reached its stop threshold, diverged (a result, not a crash), already finished, or paused
-       at --pause-at
-  1    a crash: a bug, with its traceback
-  {EXIT_CONFIG:<4} bad input: the cell, the data, the options or the store settings (nothing written;
-       retrying cannot help)
-  {EXIT_NO_DEVICE:<4} --device cuda, and torch sees no CUDA device (an old driver, a pod without its GPU)
-  {EXIT_STORE_UNAVAILABLE:<4} the store stayed unreachable past the retries (retryable: the next attempt resumes)
-  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
-  {EXIT_PREEMPTED:<4} stopped by SIGTERM after a checkpoint (the next attempt resumes)
-  {EXIT_LEASE_HELD:<4} another trainer holds the cell's lease (retryable; nothing of the cell was touched)"""
+#: ``critbatch train --help``'s table, made from the one definition of the codes.
+_TRAIN_EXIT_CODES = "exit codes (critbatch.jobs.cell.errors.ExitCode; retry: whether a retry can cure it):\n" \
+    + exit_code_table("train")
 
 
 def _store_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -134,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "json", "none"],
                    help="progress display: a bar on a terminal, periodic lines otherwise; json: one JSON "
                    "object per line, for programs")
+    p.add_argument("--base-wait", type=float, default=None,
+                   help=f"a branch: seconds to wait for its base's kept checkpoint before exiting "
+                   f"{ExitCode.BASE_PENDING}, a retry waits again (default: env CRITBATCH_BASE_WAIT, else 600)")
 
     # ---- data: staging datasets into the store ------------------------------
     p = _command(sub, "data", "critbatch.jobs.data.datasets:cli_main", "stage datasets into the store for clusters without internet")
@@ -274,24 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         for problem in err.problems:
             print(f"critbatch {args.command}: error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except StoreUnavailable as err:
         print(f"critbatch {args.command}: error: store unreachable: {err}", file=sys.stderr)
         # In a pod, a store outage is worth a retry (which resumes); exit code 2 would fail the Job for good.
-        return EXIT_STORE_UNAVAILABLE if args.command == "train" else EXIT_CONFIG
+        return ExitCode.STORE_UNAVAILABLE if args.command == "train" else ExitCode.CONFIG
     except DeviceMissing as err:
         print(f"critbatch {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_NO_DEVICE
+        return ExitCode.NO_DEVICE
     except FileNotFoundError as err:
         print(f"critbatch {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except BrokenPipeError:
         # The reader went away (`critbatch presets | head`): stop quietly, as the Python docs advise.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print(f"critbatch {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

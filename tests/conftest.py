@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SeaweedFS S3 server on loopback, stores, environment."""
+"""Shared fixtures: a real SeaweedFS S3 server on loopback, stores, environment, the loopback API server
+(tests/fakeapi.py) and a real Kubernetes control plane (tests/kube)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 import pytest
 
 from critbatch.jobs.local.s3server import S3Server
-from critbatch.jobs.store import LocalStore, S3Store
+from critbatch.jobs.store import LocalStore, S3Store, open_store
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +67,43 @@ def cpu_env(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     return os.environ
+
+
+# ---- the loopback API server of tests/fakeapi.py, through the real kubernetes client -------------------------
+
+
+@pytest.fixture
+def api_server():
+    """A FakeApiServer on a free loopback port for one test; stopped afterwards."""
+    from fakeapi import FakeApiServer
+
+    server = FakeApiServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sleeps():
+    """The backoff's sleeps, recorded instead of slept."""
+    return []
+
+
+@pytest.fixture
+def cluster(api_server, sleeps):
+    """critbatch's cluster client (jobs/cluster/client.py) on ``api_server``, namespace critbatch, its backoff
+    sleeping into ``sleeps``."""
+    from kubernetes import client
+
+    from critbatch.jobs.cluster import client as api
+
+    configuration = client.Configuration(host=api_server.host)
+    return api.Cluster(client.ApiClient(configuration), "critbatch", sleep=sleeps.append)
+
+
+@pytest.fixture
+def store(s3_url):
+    """A store on the loopback S3 server (a fresh bucket), as submit and status read it."""
+    return open_store(s3_url)
 
 
 # ---- a real Kubernetes control plane (tests/kube/) -------------------------------------------------------

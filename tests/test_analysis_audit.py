@@ -60,6 +60,7 @@ def test_each_way_of_missing_is_named(sweep, damage):
     assert checked.headline().startswith("INCOMPLETE: the answer rests on 4 of the 5 cells sweep.yaml lists")
 
 
+@pytest.mark.slow
 def test_strict_analysis_exits_3_and_the_report_names_what_is_missing_first(sweep, tmp_path, capsys):
     store, cells = sweep
     argv = ["analyze", "--store", str(tmp_path / "store"), "--sweep", "au", "--bootstrap", "0", "--strict"]

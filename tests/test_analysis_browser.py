@@ -48,6 +48,7 @@ def _probe(html: str, page: Path, profile: Path) -> tuple[int, str]:
     return int(found.group(1)), found.group(2)
 
 
+@pytest.mark.slow
 def test_report_opens_in_chromium_without_broken_images_or_links(tmp_path, capsys):
     root = tmp_path / "store"
     store = LocalStore(root)

@@ -12,33 +12,6 @@ from critbatch.analysis.load import dense_grid, running_mean
 
 
 @pytest.mark.parametrize(
-    "steps, values, eps, expected",
-    [
-        ([0, 10, 20], [2.0, 1.0, 0.5], 1.0, 10.0),  # exactly on a point
-        ([0, 10, 20], [2.0, 1.0, 0.5], 2 ** -0.5, 15.0),  # halfway in log(loss)
-        ([0, 10, 20], [2.0, 1.0, 0.5], 0.4, math.nan),  # never reached
-        ([0, 10, 20], [2.0, 1.0, 0.5], 3.0, 0.0),  # reached at the start
-        ([0, 10, 20, 30], [2.0, math.nan, 1.0, 0.5], 2 ** -0.5, 25.0),  # NaN points are skipped
-        ([0, 4], [1.0, 0.0], 0.25, 3.0),  # zero loss: linear interpolation
-    ],
-)
-def test_crossing(steps, values, eps, expected):
-    got = compute.crossing(np.array(steps, float), np.array(values, float), eps)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
-
-
-def test_crossing_is_exact_for_exponential_decay():
-    tau, a = 37.3, 2.0
-    steps = np.unique(np.round(np.geomspace(1, 1000, 30)))
-    values = a * np.exp(-steps / tau)
-    for eps in (1.5, 0.3, 1e-3):
-        assert compute.crossing(steps, values, eps) == pytest.approx(tau * math.log(a / eps), rel=1e-10)
-
-
-@pytest.mark.parametrize(
     "speedup, expected",
     [
         # e: 1, .95, .85 (linear), .71, .53, .35 (diminishing; gains 1.67, 1.5, 1.33), then gain 1.05 -> stagnation

@@ -61,6 +61,7 @@ def tree(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_import_then_fit_recovers_the_critical_batch_size(tree, tmp_path, capsys):
     store_dir = tmp_path / "store"
     assert main(["import", "shallue", str(tree), "--store", str(store_dir), "--sweep", "shallue"]) == 0

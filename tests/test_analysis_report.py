@@ -27,6 +27,7 @@ def _links(html: str) -> list[str]:
     return re.findall(r'href="([^"]+)"', html)
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_provenance(tmp_path, capsys):
     store = LocalStore(tmp_path / "store")
     truth = write_sweep(store, "sw", batch_sizes=MS, seeds=[0, 1], groups=[GroupSpec(b_noise=50.0)],
@@ -65,6 +66,7 @@ def test_report_is_self_contained_with_provenance(tmp_path, capsys):
     assert "summary.md" in links
 
 
+@pytest.mark.slow
 def test_damaged_logs_are_skipped_and_named(tmp_path, capsys):
     root = tmp_path / "store"
     store = LocalStore(root)
@@ -127,6 +129,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
     assert not (root / "sw" / "report").exists()
 
 
+@pytest.mark.slow
 def test_several_sweeps_write_a_combined_report(tmp_path, capsys):
     root = tmp_path / "store"
     store = LocalStore(root)
@@ -145,6 +148,7 @@ def test_several_sweeps_write_a_combined_report(tmp_path, capsys):
     assert not (root / "b" / "report").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_store_end_to_end(s3_url, tmp_path, capsys):
     store = open_store(s3_url)

@@ -14,7 +14,7 @@ from podrun import outcome
 
 from critbatch.jobs import backends
 from critbatch.jobs.backends import k8s
-from critbatch.jobs.cell.errors import ConfigError
+from critbatch.jobs.cell.errors import ConfigError, ExitCode
 from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid
 
@@ -107,6 +107,21 @@ def test_the_readme_exit_code_table_is_the_backends_tables():
             reaction = backend.failure_policy[code]
             assert _read_cell(row[column]) == (reaction.verdict, reaction.counted, reaction.counted_if_disrupted), \
                 (name, code, row[column])
+
+
+def test_the_readme_exit_code_table_is_the_enum():
+    """Each row of the README's table is one ExitCode a pod can end with, with its meaning (Markdown's backticks
+    aside); the Job fails at once exactly on the permanent ones, retries every other failure."""
+    header, table = _readme_exit_table()
+    meaning, job = header.index("meaning"), next(i for i, h in enumerate(header) if h.startswith("Job"))
+    assert list(table) == [c for c in ExitCode if c.in_pod]
+    for value, row in table.items():
+        code = ExitCode(value)
+        assert row[meaning].replace("`", "") == code.meaning, code.name
+        verdict = _read_cell(row[job])[0]
+        assert verdict == ("succeeded" if code.retryable is None else "failed" if code.permanent else "retried")
+    # Why the numbers: every retryable code of the trainer's own is >= 128, which the PyTorchJob retries.
+    assert all(c >= 128 for c in ExitCode if c.retryable and c not in (ExitCode.CRASH,))
 
 
 @pytest.mark.parametrize("name", backends.NAMES)

@@ -6,14 +6,7 @@ import re
 
 import pytest
 
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-)
+from critbatch.jobs.cell.errors import ExitCode
 from critbatch.jobs.cli import main
 
 COMMANDS = ["train", "run", "render", "submit", "status", "presets", "cells", "analyze", "demo", "data"]
@@ -26,12 +19,15 @@ def help_of(command: str, capsys) -> str:
 
 
 def test_train_help_lists_the_exit_codes(capsys):
-    text = help_of("train", capsys).split("exit codes:", 1)[1]
-    codes = [int(m.group(1)) for m in re.finditer(r"^  (\d+) ", text, re.M)]
-    assert codes == [0, 1, EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_STORE_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_PREEMPTED,
-                     EXIT_LEASE_HELD]
-    assert codes == [0, 1, 2, 4, 202, 130, 143, 203]
-    assert re.search(r"^  202 +the store stayed unreachable", text, re.M)
+    """The table is ExitCode's: every code ``critbatch train`` ends with, in order, its retry column and meaning."""
+    text = help_of("train", capsys).split("exit codes", 1)[1]
+    rows = re.findall(r"^  (\d+) +(yes|no|-) +(.*(?:\n {13}\S.*)*)", text, re.M)
+    expected = [c for c in ExitCode if c.source == "train"]
+    assert [int(code) for code, _, _ in rows] == expected == [0, 1, 2, 4, 130, 143, 197, 202, 203]
+    for (_, retry, meaning), code in zip(rows, expected):
+        assert retry == {True: "yes", False: "no", None: "-"}[code.retryable]
+        assert re.sub(r"\s+", " ", meaning) == code.meaning
+    assert re.search(r"^  202  yes +the store stayed unreachable", text, re.M)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -27,7 +27,7 @@ import yaml
 from datafiles import write_cifar10
 from relay import Link
 
-from critbatch.jobs.cell.errors import EXIT_CONFIG, ConfigError, EXIT_PREEMPTED, EXIT_STORE_UNAVAILABLE
+from critbatch.jobs.cell.errors import ConfigError, ExitCode
 from critbatch.jobs.cell.layout import cell_prefix
 from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.local.s3server import S3Server
@@ -351,14 +351,15 @@ def test_a_bad_cell_fails_at_once_through_the_pod_failure_policy(ns, kube_api, k
     grid = write_grid(tmp_path, "e2e-bad", ns, staged, s3["link"], **CIFAR, batch_size=[128])
     with Watch(kube_api, ns) as watch:
         done = critbatch("submit", str(grid), "--wait", "--poll-seconds", "1", "--timeout", "240")
+        (cell,) = load_grid(yaml.safe_load(grid.read_text())).cell_ids()
+        name = k8s.object_name("e2e-bad", cell)
+        finished(kube_api, ns, name, timeout=120)  # --wait goes by the store, a moment ahead of the controller
     record("bad cell (exit 2)", watch)
     assert done.returncode == 1, done.stderr
-    (cell,) = load_grid(yaml.safe_load(grid.read_text())).cell_ids()
-    name = k8s.object_name("e2e-bad", cell)
     assert watch.conditions[name][-2:] == [("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy")]
     pods = pods_of(kube_api, ns, name)
     assert len(pods) == 1, "FailJob: no retry"
-    assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == EXIT_CONFIG
+    assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == ExitCode.CONFIG
     row = status_rows(grid)[cell]
     assert row["state"] == "failed" and "PodFailurePolicy" in row["why"], row
 
@@ -433,7 +434,7 @@ def test_an_evicted_pod_is_retried_without_counting(ns, kube_api, kube_node, sto
     pods = pods_of(kube_api, ns, name)
     evicted = next(p for p in pods if p["metadata"]["name"] == pod["metadata"]["name"])
     assert {c["type"] for c in evicted["status"]["conditions"] if c["status"] == "True"} >= {"DisruptionTarget"}
-    assert evicted["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == EXIT_PREEMPTED
+    assert evicted["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == ExitCode.PREEMPTED
     assert len(pods) == 2
     assert job_of(kube_api, ns, name)["status"].get("failed", 0) == 0, "podFailurePolicy Ignore: not counted"
 
@@ -451,7 +452,7 @@ def test_a_store_outage_is_retried(ns, kube_api, kube_node, store_url, s3, tmp_p
         s3["link"].restore()
     record("store unreachable (exit 202)", watch)
     terminated = first[0]["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == EXIT_STORE_UNAVAILABLE, terminated
+    assert terminated["exitCode"] == ExitCode.STORE_UNAVAILABLE, terminated
     assert "Complete" in conditions
     assert job_of(kube_api, ns, name)["status"]["failed"] >= 1
 
@@ -462,12 +463,14 @@ def test_the_indexed_backend_reads_completed_and_failed_indexes(ns, kube_api, ku
                       backend="indexed")
     with Watch(kube_api, ns) as watch:
         done = critbatch("submit", str(grid), "--wait", "--poll-seconds", "1", "--timeout", "300")
+        (job,) = [j for n, j in watch.jobs.items()]
+        # --wait reads the store: the good cell's _SUCCESS can land before the Job controller counts its pod.
+        conditions = finished(kube_api, ns, job["metadata"]["name"], timeout=120)
     record("indexed: one good index, one bad", watch)
     assert done.returncode == 1, done.stderr
-    (job,) = [j for n, j in watch.jobs.items()]
     status = job_of(kube_api, ns, job["metadata"]["name"])["status"]
-    assert status["completedIndexes"] == "0" and status["failedIndexes"] == "1", status
-    assert true_conditions(job_of(kube_api, ns, job["metadata"]["name"])).get("Failed") == "FailedIndexes"
+    assert status.get("completedIndexes") == "0" and status.get("failedIndexes") == "1", status
+    assert conditions.get("Failed") == "FailedIndexes", conditions
     g = load_grid(yaml.safe_load(grid.read_text()))
     rows = status_rows(grid)
     states = {c.batch_size: rows[c.id]["state"] for c in g.cells()}
@@ -476,7 +479,7 @@ def test_the_indexed_backend_reads_completed_and_failed_indexes(ns, kube_api, ku
 
 def test_a_failed_job_deleted_by_its_ttl_stays_failed(ns, kube_api, kube_node, staged, s3, tmp_path):
     grid = write_grid(tmp_path, "e2e-ttl", ns, staged, s3["link"], **CIFAR, batch_size=[128],
-                      resources={**SPEC["resources"], "ttl_seconds": 20})
+                      resources={**SPEC["resources"], "ttl_seconds": 60})  # status must see the Job before
     g = load_grid(yaml.safe_load(grid.read_text()))
     (cell,) = g.cell_ids()
     name = k8s.object_name("e2e-ttl", cell)
@@ -492,7 +495,7 @@ def test_a_failed_job_deleted_by_its_ttl_stays_failed(ns, kube_api, kube_node, s
         except ApiException as err:
             return err.status == 404
         return False
-    wait_until(gone, 120, "the TTL controller deleted the Job")
+    wait_until(gone, 240, "the TTL controller deleted the Job")
     row = status_rows(grid)[cell]
     assert (row["cluster"], row["state"]) == ("absent", "failed"), row
     again = critbatch("submit", str(grid))

@@ -22,6 +22,7 @@ def linreg_cell(batch_size: int = 8, **opts) -> Cell:
     return make_cell("linreg", "linear", batch_size, options=options)
 
 
+@pytest.mark.slow
 def test_digits_split_and_shapes():
     data = load_task_data(make_cell("digits", "digits_cnn"), "/nonexistent")
     assert (data.n_train, len(data.test_x)) == (1437, 360)
@@ -61,6 +62,7 @@ def test_train_batches_deterministic_and_epoch_dependent():
     assert not torch.equal(torch.cat(a), torch.cat(c)) and not torch.equal(torch.cat(a), torch.cat(d))
 
 
+@pytest.mark.slow
 def test_epoch_is_a_permutation():
     data = load_task_data(make_cell("linreg", "linear", 8), "/x")
     xs = torch.cat([x for x, _ in data.train_batches(3, 8, seed=0)])
@@ -69,7 +71,7 @@ def test_epoch_is_a_permutation():
     assert torch.equal(xs[torch.argsort(xs[:, 0])], data.train_x[torch.argsort(data.train_x[:, 0])])
 
 
-@pytest.mark.parametrize("dataset,model", [("digits", "digits_cnn"), ("linreg", "linear")])
+@pytest.mark.parametrize("dataset,model", [("digits", "digits_cnn"), pytest.param("linreg", "linear", marks=pytest.mark.slow)])
 def test_rank_slices_concatenate_to_world_one(dataset, model):
     data = load_task_data(make_cell(dataset, model, 8), "/x")
     whole = list(data.train_batches(0, 32, seed=5))
@@ -122,6 +124,7 @@ def test_linreg_beta_lambda_against_numpy():
     assert np.abs(x @ w - data.train_y.numpy()).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_linreg_default_calibration():
     """The design's setting (512 x 1024, four spikes of 60): m* near 33.7."""
     data = load_task_data(make_cell("linreg", "linear", 8), "/x")
@@ -361,6 +364,7 @@ def test_missing_svhn_extra(disk_root, tmp_path):
         load_task_data(disk_cell("svhn", extra=True), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_shared_torchvision_root_is_found(tmp_path):
     write_dataset("cifar100", tmp_path)  # tmp_path/cifar-100-python, no per-dataset folder
     assert load_task_data(disk_cell("cifar100"), str(tmp_path)).n_train == 100

@@ -18,7 +18,7 @@ import pytest
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.store import open_store
 from critbatch.jobs.cell.layout import cell_prefix
-from test_train import read_rows, read_success, train
+from factories import read_rows, read_success, train
 
 STEPS = 40
 BASE = {
@@ -51,6 +51,7 @@ def single(tmp_path_factory):
     return read_rows(store, prefix, "steps"), read_rows(store, prefix, "evals"), read_success(store, prefix)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation, b_small", [(1, 16), (2, 8)])
 def test_two_ranks_match_one_process(tmp_path, cpu_env, single, accumulation, b_small):
     ref_steps, ref_evals, ref_done = single

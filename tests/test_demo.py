@@ -25,13 +25,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--quick", "--store", store_url]) == 0
     out = capsys.readouterr().out
     store = open_store(store_url)
-    for sweep in ("fig2-table2-mnist1d-cnn-quick", "linreg-quick"):
+    for sweep in ("mnist1d-cnn-blr-quick", "linreg-quick"):
         index = store.get_text(f"{sweep}/report/index.html")
         assert sweep in index
         assert store.exists(f"{sweep}/report/critical_batch_size.csv")
         assert f"report: {store_url}/{sweep}/report/index.html" in out
     lines = [line for line in out.splitlines() if "critical batch size" in line]
-    assert [line.split(":")[0] for line in lines] == ["fig2-table2-mnist1d-cnn-quick", "linreg-quick"]
+    assert [line.split(":")[0] for line in lines] == ["mnist1d-cnn-blr-quick", "linreg-quick"]
     # one critical batch size per problem, with its interval, or in words why there is none
     assert all(line.count("B_crit = ") + line.count("no fit") == 1 for line in lines)
     assert "B_crit = " in lines[1] and "analytic beta/lambda_1 - 1 =" in lines[1]

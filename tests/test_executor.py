@@ -8,30 +8,14 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
 import pytest
 import yaml
 
 from critbatch.jobs.cli import main
 from critbatch.jobs.sweep.grid import load_grid
-from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.store import open_store
 from critbatch.jobs.cell.layout import success_key
-
-TINY = {
-    "sweep": "tiny",
-    "dataset": {"name": "linreg", "options": {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0}},
-    "model": "linear",
-    "strategy": "oracle",
-    "base_lr": 1.0,
-    "base_batch": 4,
-    "epochs": 20,
-    "batch_size": [4, 8, 16],
-    "seed": 0,
-    "optimizer": {"momentum": 0.0, "weight_decay": 0.0},
-    "eval": {"points": 10},
-    "resources": {"gpus": 0, "cpu": 1, "memory": "1Gi"},
-}
+from factories import TINY, steps_of
 
 
 def _grid_file(tmp_path, **changes):
@@ -40,18 +24,17 @@ def _grid_file(tmp_path, **changes):
     return path
 
 
-def _steps_of(store, prefix):
-    tables = [ipc_to_table(store.get_bytes(k)) for k in store.list(f"{prefix}/steps/")]
-    return pa.concat_tables(tables).column("step").to_pylist()
-
-
+@pytest.mark.slow
 def test_interrupt_then_rerun_trains_every_cell_once(tmp_path, any_store_url):
     grid_path = _grid_file(tmp_path)
     cells = load_grid(str(grid_path)).cells()
     store = open_store(any_store_url)
     cmd = [sys.executable, "-m", "critbatch.jobs.cli", "run", str(grid_path), "--store", any_store_url,
            "--parallel", "1", "--log-dir", str(tmp_path / "logs")]
-    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A terminal's Ctrl-C reaches a foreground process: SIGINT handled as Python does by default, even when this
+    # suite itself was started in the background (where the shell has it ignored, and children inherit that).
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not any(store.exists(success_key("tiny", c.id)) for c in cells):
         assert first.poll() is None, first.stderr.read()
@@ -72,12 +55,13 @@ def test_interrupt_then_rerun_trains_every_cell_once(tmp_path, any_store_url):
         if cell.id in done_first:  # not trained again: the very same _SUCCESS
             assert summary == done_first[cell.id]
         assert json.loads(summary)["status"] == "done"
-        steps = _steps_of(store, f"tiny/cells/{cell.id}")
+        steps = steps_of(store, f"tiny/cells/{cell.id}")
         total = json.loads(summary)["steps"]
         assert sorted(steps) == list(range(1, total + 1)), "every step exactly once"
     assert store.exists("tiny/sweep.yaml")
 
 
+@pytest.mark.slow
 def test_failed_cell_is_reported_and_others_go_on(tmp_path, capsys):
     # A cifar10 cell with no data staged fails at start-up (exit 2); the linreg cells still train.
     grid_path = tmp_path / "mixed.yaml"
@@ -109,9 +93,10 @@ def test_bad_input_exits_2(argv, message, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "critbatch-out").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_progress_comes_from_the_trainers_json_lines(tmp_path, cpu_env, capsys):
     """The executor's reader on a real `critbatch train --progress json` log, with other output around it."""
-    from test_train import cell_json, read_rows, train
+    from factories import cell_json, read_rows, train
 
     from critbatch.jobs.cell.spec import Cell
     from critbatch.jobs.cell.layout import cell_prefix
@@ -133,6 +118,7 @@ def test_progress_comes_from_the_trainers_json_lines(tmp_path, cpu_env, capsys):
     assert run.progress == (12, 12) and run.loss == pytest.approx(last_loss)
 
 
+@pytest.mark.slow
 def test_run_takes_the_grids_local_store_and_checkpoint_seconds(tmp_path, monkeypatch):
     from critbatch.jobs.train.checkpoint import Checkpointer
 

@@ -19,7 +19,7 @@ from critbatch.jobs.store import open_store
 from critbatch.jobs.store.cellstate import cell_state
 from critbatch.jobs.store.lease import current_holder
 from critbatch.jobs.train.checkpoint import Checkpointer
-from test_train import final_weights, read_rows, read_success, train
+from factories import final_weights, read_rows, read_success, train
 
 CELL = json.dumps({
     "sweep": "f", "dataset": {"name": "linreg", "options": {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0}},
@@ -125,6 +125,7 @@ def _truncate(store, key: str) -> None:
     store.put_bytes(key, data[: len(data) // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["unreadable _SUCCESS", "a part cut", "a part lost"])
 def test_a_damaged_finished_cell_is_trained_again_into_the_same_result(tmp_path, cpu_env, capsys, reference, damage):
     url = str(tmp_path / "store")

@@ -56,10 +56,10 @@ def test_gpt_options_are_checked():
         Cell.from_dict({**LM, "model_options": {"seq_len": 8}})
 
 
-def _request(tmp_path, batch=4, rank=0, world=1, seed=0) -> DataRequest:
-    return DataRequest(name="tokens", root=tmp_path, data_root=str(tmp_path.parent), seed=seed, fraction=1.0,
-                       max_train=None, extra=False, eval_train_subset=5, batch_size=batch, rank=rank, world=world,
-                       download=False)
+def _request(tmp_path, batch=4, rank=0, world=1, seed=0, fraction=1.0, max_train=None) -> DataRequest:
+    return DataRequest(name="tokens", root=tmp_path, data_root=str(tmp_path.parent), seed=seed, fraction=fraction,
+                       max_train=max_train, extra=False, eval_train_subset=5, batch_size=batch, rank=rank,
+                       world=world, download=False)
 
 
 class Opts:
@@ -103,6 +103,29 @@ def test_windows_resume_bit_exactly_and_split_over_ranks(tmp_path):
     assert torch.equal(torch.cat(rows), batches[0])  # the global batch does not depend on the world size
     other_seed = next(iter(load_tokens(_request(tmp_path, seed=1), Opts("nanogpt")).train))[0]
     assert not torch.equal(other_seed, batches[0])
+
+
+@pytest.mark.parametrize("fraction, max_train, windows", [
+    (1.0, None, 625),   # 5003 tokens, windows of 8: nothing is cut, the 3 left over included
+    (0.5, None, 312),   # int(625 x 0.5)
+    (1.0, 100, 100),
+    (0.5, 100, 50),     # the cap first, then the fraction (as the in-memory sets)
+    (0.001, None, 1),   # at least one window
+])
+def test_fraction_and_max_train_keep_a_prefix_of_the_training_tokens(tmp_path, fraction, max_train, windows):
+    np.arange(5003, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(500, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    out = load_tokens(_request(tmp_path, batch=16, fraction=fraction, max_train=max_train), Opts("nanogpt"))
+    kept = 5003 if windows == 625 else windows * 8 + 1  # the last window's targets included
+    assert out.n_train == windows
+    assert (out.info["train_tokens"], out.info["train_tokens_full"], out.info["val_tokens"]) == (kept, 5003, 500)
+    starts = torch.cat([next(iter(out.train))[0][:, 0] for _ in range(20)])
+    assert int(starts.max()) + 9 <= kept  # every window (x and its shifted y) inside the kept prefix
+    if windows > 1:
+        assert int(starts.max()) + 9 > kept * 0.9  # ... drawn from all of it
+    evals = torch.cat([x[:, 0] for x, _ in out.eval_batches("train", 4)])
+    assert int(evals.max()) + 9 <= kept
+    assert len(list(out.eval_batches("test", 4))) == 2  # the validation split is whole: 5 windows of 8
 
 
 def test_bad_fineweb_header_names_the_file(tmp_path):
@@ -150,6 +173,21 @@ def test_gpt_cell_trains_on_pycorpus(tmp_path, cpu_env):
     done = json.loads(store.get_text(f"{prefix}/_SUCCESS"))
     assert done["status"] == "done" and done["steps"] == 10 and done["final"]["metric"] == "perplexity"
     assert done["final"]["train_loss"] < np.log(256)  # below the uniform byte model
+
+
+def test_a_pycorpus_cell_trains_on_the_windows_fraction_and_max_train_keep(tmp_path, cpu_env):
+    """max_train 80 windows of 16 bytes, half of them kept: 40 windows, an epoch of 5 steps at batch 8."""
+    url = str(tmp_path / "store")
+    data = {k: v for k, v in LM.items() if k != "tokens"}
+    cell = Cell.from_dict({**data, "dataset": {**LM["dataset"], "fraction": 0.5, "max_train": 80}, "epochs": 2.0})
+    assert cell.train_size() == 40
+    assert cli_main(["train", "--cell", cell.to_json(), "--store", url, "--progress", "none", "--threads", "1"]) == 0
+    store = open_store(url)
+    prefix = cell_prefix("t", cell.id)
+    derived = json.loads(store.get_text(f"{prefix}/cell.json"))["derived"]
+    assert (derived["n_train"], derived["train_tokens"]) == (40, 40 * 16 + 1)
+    assert derived["train_tokens_full"] == int(len(pycorpus_bytes()) * 0.9)
+    assert json.loads(store.get_text(f"{prefix}/_SUCCESS"))["steps"] == 10  # 2 epochs x 40 // 8
 
 
 def test_tokens_staged_into_a_store_are_read_from_it(tmp_path, capsys):

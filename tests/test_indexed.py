@@ -2,7 +2,7 @@
 sweep.yaml, and every cell's state from the Jobs' completedIndexes/failedIndexes.
 
 The Jobs are validated with kubernetes-validate --strict (the oldest supported version and the newest
-shipped); submit and status talk to the loopback API server of test_submit.py through the real
+shipped); submit and status talk to the loopback API server of tests/fakeapi.py through the real
 kubernetes client (no Kubernetes API server can run on these machines); the trainer reads its cell from
 a real store.
 """
@@ -27,8 +27,8 @@ from critbatch.jobs.cluster import indexed, status, submit
 from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import MAX_CELLS, load_grid, max_sweep_length, preset_names
 from critbatch.jobs.cluster.markers import MarkerBook
-from test_render import KUBE_VERSION
-from test_submit import JOBS, PODS, api_server, cluster, sleeps, store  # noqa: F401 - fixtures
+from factories import KUBE_VERSION
+from fakeapi import JOBS, PODS
 
 SPEC = {
     "sweep": "idx",
@@ -96,6 +96,7 @@ def test_indexed_jobs_validate_strictly(version):
         kubernetes_validate.validate(job, version, strict=True)
 
 
+@pytest.mark.slow
 def test_every_one_node_preset_renders_as_indexed_jobs():
     for name in preset_names():
         g = load_grid(name).with_overrides(store="s3://critbatch/runs")

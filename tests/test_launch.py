@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_NO_DEVICE
+from critbatch.jobs.cell.errors import ExitCode
 from critbatch.jobs.cli import main as cli
 from critbatch.jobs.train import launch
 
@@ -32,11 +32,12 @@ def test_one_process_runs_the_trainer_in_the_launcher(tmp_path, monkeypatch, cap
     cell = json.dumps({**DIGITS, "batch_size": 5000})
     argv = ["--standalone", "--nproc-per-node=1", "-m", "critbatch.jobs.cli", "train", "--cell", cell,
             "--store", str(tmp_path / "store")]
-    assert launch.main(argv) == EXIT_CONFIG
+    assert launch.main(argv) == ExitCode.CONFIG
     assert "cell.batch_size: 5000 is larger than the training set (1437 examples)" in capsys.readouterr().err
     assert sys.argv[0] == "critbatch.jobs.cli"  # the module saw the command line torchrun would have given it
 
 
+@pytest.mark.slow
 def test_one_process_program_replaces_the_launcher():
     """``--no-python PROGRAM``: exec'd, so its exit code is the process's."""
     result = subprocess.run([sys.executable, "-m", "critbatch.jobs.train.launch", "--nproc-per-node=1", "--no-python",
@@ -47,7 +48,7 @@ def test_one_process_program_replaces_the_launcher():
 def test_cuda_asked_for_and_none_seen_exits_with_its_own_code(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     store = tmp_path / "store"
-    assert cli(["train", "--cell", json.dumps(DIGITS), "--store", str(store), "--device", "cuda"]) == EXIT_NO_DEVICE
+    assert cli(["train", "--cell", json.dumps(DIGITS), "--store", str(store), "--device", "cuda"]) == ExitCode.NO_DEVICE
     err = capsys.readouterr().err
     assert "--device cuda: torch" in err and "sees no CUDA device" in err and "not training on the CPU" in err
     assert not any(store.rglob("*.json")), "nothing is written before the device is checked"

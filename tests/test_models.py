@@ -116,7 +116,8 @@ SMOKE = [  # model, dataset, batch, dataset options, expected output shape after
 ]
 
 
-@pytest.mark.parametrize("model,dataset,batch,options,out_shape", SMOKE, ids=[s[0] for s in SMOKE])
+@pytest.mark.parametrize("model,dataset,batch,options,out_shape", [
+    pytest.param(*s, id=s[0], marks=pytest.mark.slow if s[0] in ("resnet34", "vgg16") else ()) for s in SMOKE])
 def test_every_model_trains_on_its_dataset(disk_root, model, dataset, batch, options, out_shape):
     cell = make_cell(dataset, model, batch, lr=0.01 if model != "linear" else 0.001, options=options)
     torch.manual_seed(0)
@@ -141,7 +142,7 @@ def test_every_model_trains_on_its_dataset(disk_root, model, dataset, batch, opt
         assert torch.isfinite(loss_of(net(x), y))
 
 
-@pytest.mark.parametrize("model", ["resnet34", "vgg16", "alexnet", "mobilenetv2"])
+@pytest.mark.parametrize("model", ["resnet34", pytest.param("vgg16", marks=pytest.mark.slow), "alexnet", "mobilenetv2"])
 @pytest.mark.parametrize("dataset,channels", [("mnist", 1), ("cifar10", 3)])
 def test_image_models_take_channels_from_data(disk_root, model, dataset, channels):
     cell = make_cell(dataset, model, 4)
@@ -154,7 +155,7 @@ def test_image_models_take_channels_from_data(disk_root, model, dataset, channel
 
 
 @pytest.mark.parametrize("model,dataset,shape", [
-    ("resnet34", "cifar10", (2, 3, 32, 32)), ("vgg16", "cifar10", (2, 3, 32, 32)),
+    ("resnet34", "cifar10", (2, 3, 32, 32)), pytest.param("vgg16", "cifar10", (2, 3, 32, 32), marks=pytest.mark.slow),
     ("alexnet", "cifar10", (2, 3, 32, 32)), ("mobilenetv2", "cifar10", (2, 3, 32, 32)),
     ("drn_d_22", "cityscapes", (1, 3, 48, 64)), ("digits_cnn", "digits", (2, 1, 8, 8)),
 ])

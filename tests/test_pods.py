@@ -43,7 +43,7 @@ from podrun import CreateContainerConfigError, outcome, secrets_from, worker_pod
 from relay import Link
 
 from critbatch.jobs.local.s3server import S3Server
-from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_PREEMPTED, EXIT_STORE_UNAVAILABLE
+from critbatch.jobs.cell.errors import ExitCode
 from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.cli import main as cli
@@ -178,7 +178,7 @@ def test_bad_cell_fails_at_once(cluster, store, backend, tmp_path):
     obj, cell = rendered(grid_for(cluster, backend, "bad", batch_size=128), backend, store)  # the staged set has 100
     run = start(obj, tmp_path, "pod")
     code = run.wait()
-    assert code == EXIT_CONFIG, run.output[-3000:]
+    assert code == ExitCode.CONFIG, run.output[-3000:]
     assert "cell.batch_size: 128 is larger than the training set (100 examples)" in run.output
     result = outcome(obj, code, runtime=RUNTIME)
     assert (result.verdict, result.counted) == ("failed", False), result.why
@@ -191,7 +191,7 @@ def test_gpu_pod_without_a_usable_gpu_fails_at_once(cluster, store, backend, tmp
     obj, _ = rendered(grid, backend, store)
     run = start(obj, tmp_path, "pod")
     code = run.wait()
-    assert code == EXIT_NO_DEVICE, run.output[-3000:]
+    assert code == ExitCode.NO_DEVICE, run.output[-3000:]
     assert "--device cuda: torch" in run.output and "sees no CUDA device" in run.output
     assert outcome(obj, code, runtime=RUNTIME).verdict == "failed"
 
@@ -203,7 +203,7 @@ def test_sigterm_is_retried_and_the_retry_resumes(cluster, store, backend, tmp_p
     first.wait_for("device cpu, precision")  # the trainer's banner: training starts
     time.sleep(0.3)  # every rank past its SIGTERM handler (rank 0 prints the banner after a barrier)
     code = first.terminate()
-    assert code == EXIT_PREEMPTED, first.output[-3000:]
+    assert code == ExitCode.PREEMPTED, first.output[-3000:]
     stopped = int(first.output.split("stopped at step ")[1].split()[0])
     assert 0 < stopped < TOTAL
     evicted, deleted = outcome(obj, code, disrupted=True, runtime=RUNTIME), outcome(obj, code, runtime=RUNTIME)
@@ -227,7 +227,7 @@ def test_store_outage_is_retried(cluster, store, backend, tmp_path):
         code = run.wait()
     finally:
         cluster["link"].restore()
-    assert code == EXIT_STORE_UNAVAILABLE, run.output[-3000:]
+    assert code == ExitCode.STORE_UNAVAILABLE, run.output[-3000:]
     assert "store unreachable" in run.output
     result = outcome(obj, code, runtime=RUNTIME)
     assert (result.verdict, result.counted) == ("retried", True), result.why

@@ -28,9 +28,8 @@ from critbatch.jobs import backends
 from critbatch.jobs.backends import k8s
 from critbatch.jobs.sweep import render
 from critbatch.jobs.sweep.grid import load_grid, max_sweep_length, preset_names
+from factories import KUBE_VERSION
 
-#: The Kubernetes version the batch/v1 objects are validated for (the oldest one supported).
-KUBE_VERSION = "1.31"
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO.parent / "shared" / "schemas"
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -126,7 +125,7 @@ def test_jobs_also_validate_for_the_newest_version_shipped():
 
 
 @needs_schemas
-@pytest.mark.parametrize("kind", sorted(CRDS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow if k == "PyTorchJob" else ()) for k in sorted(CRDS)])
 def test_strict_crd_schema_rejects_an_unknown_field(kind):
     grid = small(backend=kind.lower())
     obj = render.render_cell(grid, grid.cells()[0])
@@ -153,7 +152,14 @@ def _backends(grid):
     return ["pytorchjob", "trainjob"] + (["job"] if grid.resources.nodes == 1 else [])
 
 
-@pytest.mark.parametrize("name", preset_names())
+#: The presets whose rendering and validation took over 10 s.
+SLOW_PRESETS = ("fig2-table2-mnist1d-cnn", "fig3-datasets-resnet34", "fig3-models-cifar10", "fig3-models-mnist1d",
+                "fig4-fractions-cifar10", "fig4-fractions-mnist1d", "fig4-fractions-svhn", "linreg", "linreg-lr-grid",
+                "table1-cifar100-resnet34")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow if n in SLOW_PRESETS else ())
+                                  for n in preset_names()])
 def test_every_preset_renders_and_validates(name):
     grid = load_grid(name)
     if not grid.store.startswith("s3://"):

@@ -21,7 +21,7 @@ from critbatch.jobs.train.checkpoint import Checkpointer
 from critbatch.jobs.cell.spec import Cell
 from critbatch.jobs.store import open_store
 from critbatch.jobs.cell.layout import cell_prefix
-from test_train import final_weights, read_rows, read_success, train
+from factories import final_weights, read_rows, read_success, train
 
 CELL = json.dumps({
     "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 32,
@@ -94,6 +94,7 @@ def interrupt(url: str, sig: signal.Signals, after: int, cell: str = CELL, total
     return resume_from
 
 
+@pytest.mark.slow  # a minute with its reference run
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference):
     """SIGTERM at a random step, resume, SIGKILL at a later random step, resume again, finish."""
     ref_weights, ref_steps, ref_evals = reference
@@ -124,6 +125,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference):
     assert {key(r): r["loss"] for r in evals} == {key(r): r["loss"] for r in ref_evals}
 
 
+@pytest.mark.slow
 def test_store_outage_mid_run_loses_no_row(tmp_path, cpu_env, s3_server, s3_url):
     """The S3 server goes down after the first checkpoint and comes back: the run finishes, every step logged once."""
     import threading

@@ -20,7 +20,7 @@ from critbatch.jobs.store import open_store
 from critbatch.jobs.store.cellstate import cell_state
 from critbatch.jobs.sweep.grid import load_grid
 from critbatch.jobs.train.checkpoint import Checkpointer
-from test_executor import TINY, _steps_of
+from factories import TINY, steps_of
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def _check_contract(store, cells) -> None:
     for cell in cells:
         summary = json.loads(store.get_text(success_key(cell.sweep, cell.id)))
-        assert sorted(_steps_of(store, cell_prefix(cell.sweep, cell.id))) == list(range(1, summary["steps"] + 1))
+        assert sorted(steps_of(store, cell_prefix(cell.sweep, cell.id))) == list(range(1, summary["steps"] + 1))
         assert cell_state(store, cell.sweep, cell.id).state == "done"
 
 

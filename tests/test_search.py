@@ -65,6 +65,7 @@ def search(store, **kwargs):
     return Search(grid, store, backend, grid.search, log=lambda line: None), backend
 
 
+@pytest.mark.slow
 def test_search_end_to_end(cpu_env, any_store_url):
     store = open_store(any_store_url)
     store.check()
@@ -108,6 +109,7 @@ def test_search_end_to_end(cpu_env, any_store_url):
                                                                for r in state.races.values()) for cid in again)
 
 
+@pytest.mark.slow
 def test_an_interrupted_search_resumes_without_rerunning_a_finished_cell(cpu_env, tmp_path):
     straight_store = open_store(str(tmp_path / "straight"))
     straight = search(straight_store)[0].run()
@@ -133,6 +135,7 @@ def test_an_interrupted_search_resumes_without_rerunning_a_finished_cell(cpu_env
     assert idle.run().status == state.status and backend.trained == []
 
 
+@pytest.mark.slow
 def test_local_backend_runs_and_pauses_cells_through_the_executor(cpu_env, tmp_path):
     store = open_store(str(tmp_path / "store"))
     grid = load_grid(TINY)

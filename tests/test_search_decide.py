@@ -79,12 +79,29 @@ def test_the_search_stops_once_the_interval_meets_its_target():
 def test_a_batch_size_that_would_run_out_of_budget_is_not_worth_its_samples():
     obs = [decide.Observation(m, measured(m, 0, noise=0.05)) for m in (2, 8, 32, 128)]
     f = decide.fit(obs)
-    # k(4096) ~ S_min: with a budget of 50 steps it would end censored, costing its whole budget for a bound
-    seen, cost = decide.predict(f, decide.Candidate(4096, 0, 50), confirm=0.25)
-    assert math.isinf(seen.k) and seen.bound == 50 and cost == 50 * 4096
-    assert decide.choose(obs, [decide.Candidate(4096, 0, 50)], count=1, confirm=0.25, budget=math.inf) == []
+    # k(4096) ~ S_min ~ 100: with a budget of 10 steps it would end censored, costing its whole budget for a
+    # bound far below anything the interval allows
+    seen, cost = decide.predict(f, decide.Candidate(4096, 0, 10), confirm=0.25)
+    assert math.isinf(seen.k) and seen.bound == 10 and cost == 10 * 4096
+    assert decide.choose(obs, [decide.Candidate(4096, 0, 10)], count=1, confirm=0.25, budget=math.inf) == []
     # and nothing is chosen past the budget left
     assert decide.choose(obs, [decide.Candidate(64, 0, BUDGET)], count=1, confirm=0.25, budget=100.0) == []
+
+
+def test_with_one_seed_the_search_judges_the_interval_the_report_prints():
+    # k(m) within 1 % of the hyperbola, one seed per batch size: the scatter about the fit alone is under 0.01
+    # and its interval a few percent wide, where the report assumes the measured seed scatter (0.1) instead.
+    obs = [decide.Observation(m, measured(m, 0, noise=0.01)) for m in (2, 8, 32, 128, 512, 2048)]
+    run = {o.batch_size for o in obs}
+    candidates = ([decide.Candidate(m, 0, BUDGET) for m in GRID if m not in run]
+                  + [decide.Candidate(m, 1, BUDGET, "seed") for m in sorted(run)])
+    bare = decide.interval(decide.fit(obs, seed_noise=0.0))
+    report = decide.interval(decide.fit(obs))
+    assert bare.rel_width < 0.1 and report.rel_width > 0.4 and report.contains(B_TRUE)
+    # judged on the collapsed interval, nothing is worth running; on the report's, a second seed at the knee is
+    assert decide.choose(obs, candidates, count=1, confirm=0.25, budget=math.inf, seed_noise=0.0) == []
+    (chosen,) = decide.choose(obs, candidates, count=1, confirm=0.25, budget=math.inf)
+    assert chosen.candidate.kind == "seed" and B_TRUE / 8 <= chosen.candidate.batch_size <= 4 * B_TRUE
 
 
 def test_no_choice_without_a_fit():

@@ -38,6 +38,7 @@ class MeteredStore(LocalStore):
             del self.sizes[key]
 
 
+@pytest.mark.slow
 def test_a_cell_writes_what_the_estimate_says(tmp_path, cpu_env):
     """A digits cell checkpointing every 20 steps: its peak and what it keeps, next to the estimate."""
     cell = Cell.from_json(json.dumps({"dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "blr",

@@ -11,7 +11,7 @@ from critbatch.jobs.store import LocalStore
 from critbatch.jobs.sweep.grid import load_grid
 from critbatch.jobs.cluster.markers import MarkerBook
 from critbatch.jobs.cluster.status import cell_states, format_table
-from test_executor import TINY
+from factories import TINY
 
 
 def test_status_shows_damaged_cells(tmp_path):

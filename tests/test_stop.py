@@ -15,7 +15,7 @@ from critbatch.jobs.cell.layout import cell_prefix, success_key
 from critbatch.jobs.cell.spec import Cell, StopSpec
 from critbatch.jobs.store import LocalStore
 from critbatch.jobs.train.main import train_cell
-from critbatch.jobs.train.stop import ThresholdStop, dense_steps, log_crossing
+from critbatch.jobs.train.stop import ThresholdStop, dense_steps
 from critbatch.jobs.train.trainer import Paused
 
 # ---- the rule, on loss sequences -----------------------------------------------------------------------
@@ -54,13 +54,6 @@ def test_window_evaluations_are_requested():
     again = ThresholdStop(StopSpec(threshold=1.0, confirm=0.5, confirm_evals=2))
     again.load_state_dict(json.loads(json.dumps(state)))  # through a checkpoint's JSON-like state
     assert again.observe(50, 0.4) is False and again.observe(60, 0.3) is True and again.k == stop.k
-
-
-@pytest.mark.parametrize("s0, v0, s1, v1, eps", [(10, 2.0, 20, 0.5, 1.0), (3, 1.0001, 4, 0.2, 1.0),
-                                                 (0, 8.0, 7, 1.0, 1.0)])
-def test_crossing_matches_the_analysis(s0, v0, s1, v1, eps):
-    assert log_crossing(s0, v0, s1, v1, eps) == pytest.approx(crossing(np.array([s0, s1], float), np.array([v0, v1]),
-                                                                       eps))
 
 
 def test_dense_evaluations_around_the_expected_crossing():

@@ -114,6 +114,7 @@ def test_wait_out_outage_ends(failures, error, deadline_s, stopped, match, calls
         assert len(calls) == calls_made
 
 
+@pytest.mark.slow
 def test_s3_server_outage_and_recovery(s3_server, s3_url):
     store = open_store(s3_url)
     store.put_bytes("before", b"1")
@@ -121,6 +122,7 @@ def test_s3_server_outage_and_recovery(s3_server, s3_url):
     assert store.get_bytes("before") == b"1"
 
 
+@pytest.mark.slow  # the botocore retries run out: about 10 s
 @pytest.mark.parametrize("argv, code", [
     (["analyze", "--store", "s3://bucket/p", "--sweep", "x"], 2),  # a user at a terminal: one line, exit 2
     (["train", "--cell", '{"dataset": {"name": "linreg"}, "model": "linear", "strategy": "oracle", "batch_size": 4,'

@@ -29,7 +29,7 @@ def count(model: nn.Module, kind: type) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
 
 
-@pytest.mark.parametrize("world, sync_bn, synced", [("2", True, True), ("1", True, False), ("2", False, False)])
+@pytest.mark.parametrize("world, sync_bn, synced", [pytest.param("2", True, True, marks=pytest.mark.slow), ("1", True, False), ("2", False, False)])
 def test_sync_bn_converts_every_batchnorm_under_several_ranks(monkeypatch, world, sync_bn, synced):
     monkeypatch.setenv("WORLD_SIZE", world)
     model = main._initial_model(Cell.from_dict({**CELL, "sync_bn": sync_bn}), data())

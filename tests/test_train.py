@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from critbatch.jobs.cli import main as cli_main
 from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.logschema import ipc_to_table
 from critbatch.jobs.cell.errors import StoreUnavailable
-from critbatch.jobs.store import LocalStore, Store, open_store
+from critbatch.jobs.store import LocalStore, open_store
 from critbatch.jobs.cell.layout import cell_prefix
 from critbatch.jobs.train.strategies import base_total_steps, eval_steps, lr_at, total_steps
-
-DIGITS = {
-    "dataset": {"name": "digits"}, "model": "digits_cnn", "strategy": "lsr", "batch_size": 64,
-    "base_lr": 0.05, "base_batch": 32, "epochs": 2, "warmup_epochs": 0.25, "sweep": "t",
-    "eval": {"points": 8, "train_subset": 300}, "noise": {"every": 4}, "max_steps": 30,
-}
+from factories import cell_json, final_weights, read_rows, read_success, train
 
 
-def cell_json(**over) -> str:
-    data = json.loads(json.dumps(DIGITS))
-    for key, value in over.items():
-        data[key] = value
-    return json.dumps(data)
-
-
-def train(cell: str, store: str, *extra: str) -> int:
-    return cli_main(["train", "--cell", cell, "--store", store, "--progress", "none", "--threads", "1", *extra])
-
-
-def read_rows(store: Store, prefix: str, kind: str) -> list[dict]:
-    rows: list[dict] = []
-    for key in store.list(f"{prefix}/{kind}/"):
-        rows.extend(ipc_to_table(store.get_bytes(key)).to_pylist())
-    return rows
-
-
-def read_success(store: Store, prefix: str) -> dict:
-    return json.loads(store.get_text(f"{prefix}/_SUCCESS"))
-
-
-def final_weights(store: Store, prefix: str) -> dict[str, torch.Tensor]:
-    return torch.load(io.BytesIO(store.get_bytes(f"{prefix}/model.pt")), weights_only=True)
-
-
+@pytest.mark.slow
 def test_digits_cell_writes_the_log_contract(tmp_path, cpu_env, capsys):
     url = str(tmp_path / "store")
     assert train(cell_json(), url) == 0
@@ -168,6 +135,7 @@ def test_noise_statistics_are_the_gradients_at_the_same_weights(tmp_path, cpu_en
         assert int(model[1].num_batches_tracked) == 1
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_full_batch_update(tmp_path, cpu_env):
     """Two micro-batches of 32 with the loss scaled by 1/2 make the same steps as one batch of 64."""
     url = str(tmp_path / "store")
@@ -271,6 +239,7 @@ def test_finished_cell_is_not_trained_again(tmp_path, cpu_env, capsys):
     assert [r["step"] for r in read_rows(store, prefix, "steps")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_cell_file_and_s3_store(tmp_path, cpu_env, s3_url):
     """The same contract on the S3 server; the cell read from a file, as a manifest mounts it."""
     path = Path(tmp_path / "cell.json")
@@ -312,10 +281,12 @@ def test_linreg_oracle_cell(tmp_path, cpu_env):
     [
         ("wikitext2", {}, "lstm", 8, "perplexity", (4, 8)),  # (N, 35) tokens, clipping 0.25; noise on halves
         # (N, 19, H, W) logits, 255 = ignore; BatchNorm: noise on two quarter passes (here halves of 2)
-        ("cityscapes", {"size": [64, 128]}, "drn_d_22", 2, "miou", (1, 2)),
-        ("cifar10", {}, "resnet34", 8, "accuracy", (2, 4)),  # BatchNorm: two quarter passes, b = 2 vs B = 4
+        pytest.param("cityscapes", {"size": [64, 128]}, "drn_d_22", 2, "miou", (1, 2), marks=pytest.mark.slow),
+        # BatchNorm: two quarter passes, b = 2 vs B = 4 (MobileNetV2 at a quarter width: the image classifiers'
+        # loop in seconds; ResNet-34's forward alone takes most of a second a batch here)
+        ("cifar10", {}, "mobilenetv2", 8, "accuracy", (2, 4)),
     ],
-    ids=["wikitext2-lstm", "cityscapes-drn", "cifar10-resnet34"],
+    ids=["wikitext2-lstm", "cityscapes-drn", "cifar10-mobilenetv2"],
 )
 def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, model, batch, metric, noise_sizes):
     """A few steps of each task on tiny files in the dataset's real format: logs, evaluations, metric, _SUCCESS."""
@@ -327,6 +298,7 @@ def test_every_task_runs_through_the_loop(tmp_path, cpu_env, dataset, options, m
         "dataset": {"name": dataset, "options": options}, "model": model, "strategy": "blr", "batch_size": batch, "base_lr": 0.01,
         "base_batch": batch, "epochs": 1, "max_steps": 3, "sweep": "t", "eval": {"points": 2, "train_subset": 8},
         "noise": {"every": 2}, "clip_grad": 0.25 if model == "lstm" else None,
+        **({"model_options": {"width_mult": 0.25}} if model == "mobilenetv2" else {}),
     })
     url = str(tmp_path / "store")
     assert train(cell, url, "--data-root", str(tmp_path / "data")) == 0

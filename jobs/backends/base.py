@@ -18,21 +18,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping
 
 from . import k8s
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-)
+from ..cell.errors import ExitCode
 
-#: Exit codes of a process killed by SIGKILL (an OOM kill, a grace period exceeded): 128 + 9.
-EXIT_KILLED = 137
-#: The exit codes every failure-policy table answers for: the trainer's own (jobs/cell/errors.py), a crash
-#: (1) and the signal deaths a kubelet reports.
-EXIT_CODES = (0, 1, EXIT_CONFIG, EXIT_NO_DEVICE, EXIT_INTERRUPTED, EXIT_KILLED, EXIT_PREEMPTED,
-              EXIT_STORE_UNAVAILABLE, EXIT_LEASE_HELD)
+#: The exit codes every failure-policy table answers for: those a cell's pod can end with (ExitCode.in_pod):
+#: the trainer's own, a crash (1) and the signal deaths a kubelet reports.
+EXIT_CODES = tuple(code for code in ExitCode if code.in_pod)
 
 #: What ``Backend.state`` calls an object.
 STATES = ("succeeded", "failed", "deleting", "suspended", "running", "created")

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import EXIT_KILLED, FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-)
+from .base import FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
+from ..cell.errors import ExitCode
 
 
 class JobBackend(Backend):
@@ -36,15 +29,16 @@ class JobBackend(Backend):
     succeeded_conditions = ("Complete", "SuccessCriteriaMet")
     failed_conditions = ("Failed", "FailureTarget")
     failure_policy = {
-        0: SUCCEEDED,
-        1: RETRIED,
-        EXIT_CONFIG: FAILED,  # FailJob
-        EXIT_NO_DEVICE: FAILED,  # FailJob
-        EXIT_INTERRUPTED: RETRIED,
-        EXIT_KILLED: RETRIED,
-        EXIT_PREEMPTED: RETRIED_UNLESS_DISRUPTED,  # Ignore on DisruptionTarget
-        EXIT_STORE_UNAVAILABLE: RETRIED,
-        EXIT_LEASE_HELD: RETRIED,
+        ExitCode.OK: SUCCEEDED,
+        ExitCode.CRASH: RETRIED,
+        ExitCode.CONFIG: FAILED,  # FailJob
+        ExitCode.NO_DEVICE: FAILED,  # FailJob
+        ExitCode.INTERRUPTED: RETRIED,
+        ExitCode.KILLED: RETRIED,
+        ExitCode.PREEMPTED: RETRIED_UNLESS_DISRUPTED,  # Ignore on DisruptionTarget
+        ExitCode.STORE_UNAVAILABLE: RETRIED,
+        ExitCode.LEASE_HELD: RETRIED,
+        ExitCode.BASE_PENDING: RETRIED,
     }
 
     def torchrun_args(self, placement: Any) -> list[str]:

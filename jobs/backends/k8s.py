@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from critbatch.jobs.cell.errors import EXIT_CONFIG, EXIT_NO_DEVICE
+from ..cell.errors import ExitCode
 
 # ---- names -------------------------------------------------------------------
 APP_NAME = "critbatch"
@@ -57,12 +57,11 @@ CONDITION_FAILED = "Failed"
 CONDITION_SUSPENDED = "Suspended"
 
 # ---- the container -----------------------------------------------------------------
-#: Exit code a cell uses for bad configuration: the Job fails at once (podFailurePolicy FailJob).
-EXIT_CODE_CONFIG = EXIT_CONFIG
-#: The exit codes of a cell that retrying cannot help (bad configuration, no CUDA device where one was asked
-#: for): the cell Job fails at once on them, as the TrainJob runtime does (k8s/trainer); both are below 128,
-#: which the PyTorchJob's ExitCode restart policy treats as permanent.
-EXIT_CODES_PERMANENT = (EXIT_CONFIG, EXIT_NO_DEVICE)
+#: The exit codes of a cell that retrying cannot help (ExitCode.permanent: bad configuration, no CUDA device
+#: where one was asked for), as plain numbers for the templates: the cell Job fails at once on them, as the
+#: TrainJob runtime does (k8s/trainer); all are below 128, which the PyTorchJob's ExitCode restart policy
+#: treats as permanent.
+EXIT_CODES_PERMANENT = tuple(int(code) for code in ExitCode if code.in_pod and code.permanent)
 #: Every cell pod's command: the launcher (jobs/train/launch.py), which takes torchrun's arguments but exits
 #: with the trainer's code (torchrun itself exits 1 whatever its worker returned).
 LAUNCH_COMMAND = ("python", "-m", "critbatch.jobs.train.launch")

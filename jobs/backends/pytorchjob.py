@@ -15,15 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import EXIT_KILLED, FAILED, RETRIED, SUCCEEDED, Backend, true_conditions
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-)
+from .base import FAILED, RETRIED, SUCCEEDED, Backend, true_conditions
+from ..cell.errors import ExitCode
 
 
 class PyTorchJobBackend(Backend):
@@ -42,15 +35,16 @@ class PyTorchJobBackend(Backend):
     succeeded_conditions = ("Succeeded",)
     running_conditions = ("Running", "Restarting")
     failure_policy = {
-        0: SUCCEEDED,
-        1: FAILED,  # 1-127 are permanent
-        EXIT_CONFIG: FAILED,
-        EXIT_NO_DEVICE: FAILED,
-        EXIT_INTERRUPTED: RETRIED,
-        EXIT_KILLED: RETRIED,
-        EXIT_PREEMPTED: RETRIED,  # the ExitCode policy does not look at DisruptionTarget
-        EXIT_STORE_UNAVAILABLE: RETRIED,
-        EXIT_LEASE_HELD: RETRIED,
+        ExitCode.OK: SUCCEEDED,
+        ExitCode.CRASH: FAILED,  # 1-127 are permanent
+        ExitCode.CONFIG: FAILED,
+        ExitCode.NO_DEVICE: FAILED,
+        ExitCode.INTERRUPTED: RETRIED,
+        ExitCode.KILLED: RETRIED,
+        ExitCode.PREEMPTED: RETRIED,  # the ExitCode policy does not look at DisruptionTarget
+        ExitCode.STORE_UNAVAILABLE: RETRIED,
+        ExitCode.LEASE_HELD: RETRIED,
+        ExitCode.BASE_PENDING: RETRIED,
     }
 
     def name_suffixes(self, nodes: int, max_cells: int) -> tuple[str, ...]:

@@ -15,15 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import EXIT_KILLED, FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
-from critbatch.jobs.cell.errors import (
-    EXIT_CONFIG,
-    EXIT_INTERRUPTED,
-    EXIT_LEASE_HELD,
-    EXIT_NO_DEVICE,
-    EXIT_PREEMPTED,
-    EXIT_STORE_UNAVAILABLE,
-)
+from .base import FAILED, RETRIED, RETRIED_UNLESS_DISRUPTED, SUCCEEDED, Backend
+from ..cell.errors import ExitCode
 
 
 class TrainJobBackend(Backend):
@@ -49,15 +42,16 @@ class TrainJobBackend(Backend):
     pod_priority_class = False
     succeeded_conditions = ("Complete",)
     failure_policy = {
-        0: SUCCEEDED,
-        1: RETRIED,  # the node Job fails, the JobSet restarts
-        EXIT_CONFIG: FAILED,  # FailJob, then FailJobSet
-        EXIT_NO_DEVICE: FAILED,
-        EXIT_INTERRUPTED: RETRIED,
-        EXIT_KILLED: RETRIED,
-        EXIT_PREEMPTED: RETRIED_UNLESS_DISRUPTED,
-        EXIT_STORE_UNAVAILABLE: RETRIED,
-        EXIT_LEASE_HELD: RETRIED,
+        ExitCode.OK: SUCCEEDED,
+        ExitCode.CRASH: RETRIED,  # the node Job fails, the JobSet restarts
+        ExitCode.CONFIG: FAILED,  # FailJob, then FailJobSet
+        ExitCode.NO_DEVICE: FAILED,
+        ExitCode.INTERRUPTED: RETRIED,
+        ExitCode.KILLED: RETRIED,
+        ExitCode.PREEMPTED: RETRIED_UNLESS_DISRUPTED,
+        ExitCode.STORE_UNAVAILABLE: RETRIED,
+        ExitCode.LEASE_HELD: RETRIED,
+        ExitCode.BASE_PENDING: RETRIED,
     }
 
     def name_suffixes(self, nodes: int, max_cells: int) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
     <store>/<sweep>/sweep.yaml
     <store>/<sweep>/cells/<cell-id>/{cell.json, steps/, evals/, checkpoint/, _SUCCESS, _FAILED}
+    <store>/<sweep>/cells/<cell-id>/checkpoint/step-NNNNNNNNNN/{state.pt, COMPLETE}
     <store>/<sweep>/report/...
 """
 
@@ -27,6 +28,18 @@ def failed_key(sweep: str, cell_id: str) -> str:
     """``_FAILED``: the cell's object failed on the cluster (JSON: reason, object, when). Written by
     ``critbatch submit``/``status``, so a failure outlives the Job's TTL; ``submit --retry-failed`` removes it."""
     return f"{cell_prefix(sweep, cell_id)}/_FAILED"
+
+
+#: A checkpoint counts only once this file is in its folder (written after ``state.pt``).
+CHECKPOINT_COMPLETE = "COMPLETE"
+#: The trainer's state dict (torch.save) in a checkpoint's folder.
+CHECKPOINT_STATE = "state.pt"
+
+
+def checkpoint_dir(prefix: str, step: int) -> str:
+    """The folder of the checkpoint after ``step`` updates under a cell's ``prefix`` (a kept one outlives
+    ``_SUCCESS``: branches start from it)."""
+    return f"{prefix}/checkpoint/step-{step:010d}"
 
 
 def report_prefix(sweep: str) -> str:

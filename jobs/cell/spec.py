@@ -22,10 +22,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .inputs import json_object
@@ -115,6 +116,107 @@ class StopSpec(Strict):
         None, description="the step the crossing is expected at: evaluations 4x denser from expect/2 to 2 expect")
 
 
+Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+
+
+class KeepSpec(Strict):
+    """Checkpoints that outlive the run, for branches to start from (docs/branches.md): at fractions of the
+    cell's total steps (``at``: step = round(at x total), at least 1) and at steps (``steps``). Each must fall
+    before the last step and on a step of its own; ``_SUCCESS`` lists those the run reached (``kept``)."""
+
+    at: list[Fraction] = Field(default_factory=list, description="fractions of the cell's total steps, in (0, 1)")
+    steps: list[PositiveInt] = Field(default_factory=list, description="steps (updates made), before the last")
+
+    @field_validator("at", "steps")
+    @classmethod
+    def _once_each(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise invalid(f"a point is listed twice ({', '.join(f'{v:g}' for v in values)})")
+        return sorted(values)  # one id for one set of points
+
+    @model_validator(mode="after")
+    def _points(self) -> "KeepSpec":
+        if not self.at and not self.steps:
+            raise invalid("give at least one point: at (fractions of the run) or steps")
+        return self
+
+
+class BranchLength(Strict):
+    """How long a branch trains: ``examples`` (or ``tokens``), the same for every multiplier of one point, so
+    their losses compare; a multiple of each branch's batch (its steps are length / (k x B))."""
+
+    examples: PositiveInt | None = Field(None, description="training examples after the branch point")
+    tokens: PositiveFloat | None = Field(None, description="training tokens after the branch point (token datasets)")
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "BranchLength":
+        given = [n for n in ("examples", "tokens") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise invalid(f"give exactly one of examples, tokens; got {', '.join(given) or 'none'}")
+        return self
+
+
+#: The LR rule of a branch at k = multiplier, as the strategy that computes it (train.strategies.peak_lr):
+#: linear eta_t x k (SGD), sqrt eta_t x sqrt(k) (Adam), oracle Ma et al.'s eta*(k B) (linreg).
+BRANCH_RULES = {"linear": "lsr", "sqrt": "srsr", "oracle": "oracle"}
+
+
+class BranchSpec(Strict):
+    """This cell continues its base from one of the base's kept checkpoints (Merrill et al. 2025, "Critical
+    Batch Size Revisited", arXiv 2505.23971): the weights, the optimizer state and the data position of the
+    base at step t, then ``length`` more examples at ``multiplier`` x the base's batch, at a constant LR: the
+    base's rate at t scaled by ``rule``. The base is this cell with batch_size / multiplier and without branch
+    (its id is ``base``); both live in the same sweep."""
+
+    base: Annotated[str, Matches(r"^[0-9a-f]{10}$", "a cell id (10 hex digits)")] = Field(
+        description="the base cell's id")
+    at: Fraction | None = Field(None, description="the branch point: one of the base's keep.at fractions")
+    step: PositiveInt | None = Field(None, description="the branch point: one of the base's keep.steps")
+    multiplier: PositiveInt = Field(description="k: this cell's batch is k x the base's")
+    rule: Literal["linear", "sqrt", "oracle"] = Field(
+        description="the LR at k: linear eta_t x k, sqrt eta_t x sqrt(k), oracle m / (beta + (m - 1) lambda_1)")
+    length: BranchLength
+    seed: int = Field(description="the data order after t: the base's seed continues the base's order exactly; "
+                      "another reshuffles the examples the base has not seen in its epoch, then seeds the epochs")
+    base_accumulation: PositiveInt = Field(1, description="the base's accumulation (its id records it; the "
+                                           "branch's own may differ); part of the id only when not 1")
+    base_micro_batch: PositiveInt | None = Field(None, description="the base's micro_batch, where its id records "
+                                                 "it; part of the id only when set")
+
+    @model_validator(mode="after")
+    def _one_point(self) -> "BranchSpec":
+        if (self.at is None) == (self.step is None):
+            raise invalid(f"give the branch point as exactly one of at, step; got "
+                          f"{'both' if self.at is not None else 'neither'}")
+        return self
+
+    @property
+    def point(self) -> str:
+        """The branch point as written: ``at 0.2`` or ``step 120``."""
+        return f"at {self.at:g}" if self.at is not None else f"step {self.step}"
+
+
+class RampPhase(Strict):
+    """From ``epoch`` on (0-based, until the next phase), every update takes ``batch`` examples."""
+
+    epoch: NonNegativeInt = Field(description="the first epoch at this batch (the first phase's: 0)")
+    batch: PositiveInt = Field(description="the global batch from that epoch on: a multiple of the cell's "
+                               "batch_size B (the first phase's: B)")
+
+
+class RampSpec(Strict):
+    """A batch-size schedule (Merrill et al. 2025, arXiv 2505.23971: a warm-up of the batch following the critical
+    batch size over training; docs/ramp.md): the batch changes at epoch boundaries, each epoch whole batches of
+    its size, grown by accumulating micro-batches of B's size. An update at batch k x B runs at the cell's rate at
+    the same point of the data (its step at B) scaled by ``rule`` (``BRANCH_RULES``, as a branch's)."""
+
+    rule: Literal["linear", "sqrt", "oracle"] = Field(
+        description="the LR at k x B: linear eta x k, sqrt eta x sqrt(k), oracle eta x eta*(k B) / eta*(B) "
+        "(linreg)")
+    phases: list[RampPhase] = Field(min_length=1, description="the batches from epochs on, in order: the first "
+                                    "from epoch 0 at batch_size, batches nondecreasing multiples of it")
+
+
 class Cell(Strict):
     """One training run. Every field here changes the result (``sweep`` excepted: it names, it is not hashed).
 
@@ -161,16 +263,31 @@ class Cell(Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     stop: StopSpec | None = Field(None, description="stop once the training loss has crossed a threshold; "
                                   "part of the id only when set")
+    keep: KeepSpec | None = Field(None, description="checkpoints kept after the run, for branches; part of the id "
+                                  "only when set")
+    branch: BranchSpec | None = Field(None, description="continue a base cell from one of its kept checkpoints at "
+                                      "a multiple of its batch; part of the id only when set (a grid writes it "
+                                      "through its branch block)")
+    ramp: RampSpec | None = Field(None, description="a batch-size schedule: the batch grows at epoch boundaries "
+                                  "(docs/ramp.md); part of the id only when set")
 
     # ---- identity -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data; the optional ones (``stop``, ``micro_batch``, ``sync_bn``, ``tokens``,
-        ``rules``, ``warmup``, ``wsd``) only when set, so a cell without them keeps the id it always had."""
+        ``rules``, ``warmup``, ``wsd``, ``keep``, ``branch``, ``ramp``) only when set, so a cell without them keeps
+        the id it always had."""
         data = self.model_dump()
         for name, unset in (("stop", None), ("micro_batch", None), ("sync_bn", False), ("tokens", None),
-                            ("epochs", None), ("rules", []), ("warmup", None), ("wsd", None)):
+                            ("epochs", None), ("rules", []), ("warmup", None), ("wsd", None), ("keep", None),
+                            ("branch", None), ("ramp", None)):
             if data[name] is None if unset is None else data[name] == unset:
                 del data[name]
+        if "branch" in data:
+            for name, unset in (("base_accumulation", 1), ("base_micro_batch", None)):
+                if data["branch"][name] == unset:
+                    del data["branch"][name]
+            data["branch"]["length"] = {k: v for k, v in data["branch"]["length"].items() if v is not None}
+            data["branch"] = {k: v for k, v in data["branch"].items() if v is not None or k not in ("at", "step")}
         return data
 
     @cached_property
@@ -220,6 +337,21 @@ class Cell(Strict):
         if self.dataset.max_train is not None:
             size = min(size, self.dataset.max_train)
         return max(1, int(size * self.dataset.fraction))
+
+    def base_cell(self) -> "Cell":
+        """A branch's base: this cell at batch_size / multiplier, without branch (its id is ``branch.base``)."""
+        if self.branch is None:
+            raise ValueError(f"cell {self.id} is not a branch")
+        b = self.branch
+        return self.model_copy(update={"batch_size": self.batch_size // b.multiplier, "branch": None,
+                                       "accumulation": b.base_accumulation, "micro_batch": b.base_micro_batch})
+
+    def keep_points(self, total: int) -> list[tuple[float | None, int]]:
+        """The kept checkpoints as (fraction or None, step) in ``keep`` order, for a run of ``total`` steps. A
+        branch keeps none: its ``keep`` is its base's (a branch holds its base's fields)."""
+        if self.keep is None or self.branch is not None:
+            return []
+        return [(f, keep_step(f, total)) for f in self.keep.at] + [(None, s) for s in self.keep.steps]
 
     def plugins(self) -> dict[str, dict[str, Any]]:
         """The models and datasets of other packages this cell uses, by kind, with their package and version:
@@ -300,6 +432,10 @@ class Cell(Strict):
                        f"({self.tokens_per_example()} tokens); allowed: {self.tokens_per_example()} or more")
         out.extend(rule_problems(self.optimizer, self.rules, self.strategy, self.batch_size / self.base_batch,
                                  f"{path}.rules"))
+        if self.branch is not None:
+            out.extend(self._branch_problems(path))
+        if self.ramp is not None:
+            out.extend(self._ramp_problems(path))
         if out:
             return out
         size = self.train_size()
@@ -308,7 +444,8 @@ class Cell(Strict):
             return out
         if size is not None and self.batch_size > size:
             out.append(f"{path}.batch_size: {self.batch_size} is larger than the training set ({size} examples)")
-        elif size is not None:
+        elif size is not None and self.branch is None:
+            out.extend(self._keep_problems(path, total_steps(self, max(1, size // self.batch_size))))
             # The evaluation grid spans the base batch's budget and each cell keeps its own part of it
             # (train.strategies.eval_steps): more points than either run has steps merge into the same
             # iterations, and a huge count only spins the grid's loop. The default fits every run.
@@ -318,6 +455,114 @@ class Cell(Strict):
             if self.eval.points > limit:
                 out.append(f"{path}.eval.points: {self.eval.points} evaluations for a run of {steps} steps; "
                            f"allowed: 2 to {limit}")
+        return out
+
+    def _keep_problems(self, path: str, total: int) -> list[str]:
+        """Kept checkpoints that do not fall before the last of ``total`` steps, or two on one step."""
+        out: list[str] = []
+        first: dict[int, str] = {}
+        names = [f"keep.at[{i}]" for i in range(len(self.keep.at))] if self.keep else []
+        names += [f"keep.steps[{i}]" for i in range(len(self.keep.steps))] if self.keep else []
+        for name, (fraction, step) in zip(names, self.keep_points(total)):
+            point = f"{fraction:g} of {total} steps is step {step}" if fraction is not None else f"step {step}"
+            if step >= total:
+                out.append(f"{path}.{name}: {point}, not before the run's last step ({total}); allowed: points "
+                           f"before it")
+            elif step in first:
+                out.append(f"{path}.{name}: {point}, as {first[step]} is; allowed: one point per step")
+            else:
+                first[step] = name
+        return out
+
+    def _branch_problems(self, path: str) -> list[str]:
+        """A branch that does not fit its base: the multiplier, the base's id and keep points, the rule, the
+        length (a multiple of the batch, so every multiplier trains on the same examples)."""
+        b, m = self.branch, self.batch_size
+        out: list[str] = []
+        if self.stop is not None:
+            out.append(f"{path}.stop: a branch trains for its length; it takes no stop threshold")
+        if b.rule == "oracle" and self.dataset.name != "linreg":
+            out.append(f"{path}.branch.rule: 'oracle' needs dataset 'linreg' (Ma et al.'s step for least squares); "
+                       "allowed: linear, sqrt")
+        if b.length.examples is not None and b.length.examples % m:
+            out.append(f"{path}.branch.length.examples: {b.length.examples} is not a multiple of the batch {m} "
+                       f"({b.multiplier} x {m // b.multiplier if m % b.multiplier == 0 else '?'}); allowed: "
+                       f"multiples of {m}, e.g. {max(1, round(b.length.examples / m)) * m}")
+        if b.length.tokens is not None:
+            seq = self.tokens_per_example()
+            if seq is None:
+                out.append(f"{path}.branch.length.tokens: {self.dataset.name!r} counts examples; give examples")
+            elif b.length.tokens % (m * seq):
+                out.append(f"{path}.branch.length.tokens: {b.length.tokens:g} is not a multiple of the batch's "
+                           f"{m * seq} tokens ({m} x seq_len {seq}); allowed: multiples of {m * seq}")
+        if m % b.multiplier:
+            out.append(f"{path}.batch_size: {m} is not branch.multiplier {b.multiplier} x a base batch")
+            return out
+        base = self.base_cell()
+        if base.id != b.base:
+            out.append(f"{path}.branch.base: {b.base} is not the id of this cell's base (the cell at batch_size "
+                       f"{base.batch_size} without branch), which is {base.id}")
+        elif base.keep is None:
+            out.append(f"{path}.branch: the base cell {base.id} keeps no checkpoints; give it keep: {{at: [...]}}")
+        elif b.at is not None and b.at not in base.keep.at:
+            out.append(f"{path}.branch.at: {b.at:g} is not a kept point of the base cell {base.id}; allowed: "
+                       f"{', '.join(f'{f:g}' for f in base.keep.at) or 'none (it keeps steps)'}")
+        elif b.step is not None and b.step not in base.keep.steps:
+            out.append(f"{path}.branch.step: {b.step} is not a kept step of the base cell {base.id}; allowed: "
+                       f"{', '.join(map(str, base.keep.steps)) or 'none (it keeps fractions)'}")
+        return out
+
+    def _ramp_problems(self, path: str) -> list[str]:
+        """A ramp that does not fit the cell: phases from epoch 0 at batch_size, later ones at nondecreasing
+        multiples of it, each starting inside the budget; and what a changing batch does not go with."""
+        r, m, where = self.ramp, self.batch_size, f"{path}.ramp"
+        out: list[str] = []
+        for name, why in (("branch", "a branch trains at one batch"), ("keep", "kept checkpoints are for branches, "
+                          "which start from a run at one batch"), ("tokens", "the batch changes at epoch "
+                          "boundaries; give epochs"), ("rules", "the rules scale other hyperparameters for "
+                          "batch_size alone")):
+            if getattr(self, name):
+                out.append(f"{where}: a ramp does not go with {name} ({why}); allowed: ramp or {name}")
+        if self.tokens_per_example() is not None:
+            out.append(f"{where}: {self.dataset.name!r} is a token stream, which has no epochs to change the batch "
+                       "at; allowed: datasets held in memory")
+        if self.noise.every > 0:
+            out.append(f"{path}.noise.every: {self.noise.every}, but the noise probe measures at one batch; allowed "
+                       "with a ramp: 0")
+        if self.strategy == "longer":
+            out.append(f"{path}.strategy: 'longer' holds the budget in iterations at one batch; allowed with a "
+                       "ramp: blr, lsr, srsr, oracle")
+        if r.rule == "oracle" and self.dataset.name != "linreg":
+            out.append(f"{where}.rule: 'oracle' needs dataset 'linreg' (Ma et al.'s step for least squares); "
+                       "allowed: linear, sqrt")
+        first = r.phases[0]
+        if first.epoch != 0:
+            out.append(f"{where}.phases[0].epoch: {first.epoch}; allowed: 0 (the first phase starts the run)")
+        if first.batch != m:
+            out.append(f"{where}.phases[0].batch: {first.batch}; allowed: the cell's batch_size {m} (the anchor "
+                       "of the LR and of the micro-batch)")
+        for i, (before, phase) in enumerate(zip(r.phases, r.phases[1:]), start=1):
+            name = f"{where}.phases[{i}]"
+            if phase.epoch <= before.epoch:
+                out.append(f"{name}.epoch: {phase.epoch} does not follow phases[{i - 1}].epoch {before.epoch}; "
+                           f"allowed: epochs in increasing order, above {before.epoch}")
+            if phase.batch % m:
+                out.append(f"{name}.batch: {phase.batch} is not a multiple of batch_size {m}; allowed: multiples "
+                           f"of {m}, e.g. {max(1, round(phase.batch / m)) * m}")
+            elif phase.batch < before.batch:
+                out.append(f"{name}.batch: {phase.batch} is smaller than phases[{i - 1}].batch {before.batch}; "
+                           f"allowed: {before.batch} or more (a ramp does not shrink the batch)")
+        if self.epochs is not None:
+            for i, phase in enumerate(r.phases[1:], start=1):
+                if phase.epoch >= self.epochs:
+                    out.append(f"{where}.phases[{i}].epoch: {phase.epoch} is not inside the budget of "
+                               f"{self.epochs:g} epochs; allowed: 1 to {math.ceil(self.epochs) - 1}")
+        size = self.train_size()
+        if size is not None:
+            for i, phase in enumerate(r.phases):
+                if phase.batch > size:
+                    out.append(f"{where}.phases[{i}].batch: {phase.batch} is larger than the training set ({size} "
+                               "examples)")
         return out
 
     def _budget_problems(self, path: str, steps_per_epoch: int | None) -> list[str]:
@@ -333,7 +578,7 @@ class Cell(Strict):
             out.append(f"{path}.{budget}: {getattr(self, budget):g} {unit} imply {steps:.3g} steps{more}; "
                        f"allowed: at most {MAX_STEPS:.0e} steps (or set max_steps)")
             return out
-        if self.strategy != "lsr":
+        if self.strategy != "lsr" or self.branch is not None:  # a branch runs at one rate, without warm-up
             return out
         if steps_per_epoch is None:
             if self.epochs is not None and self.warmup_epochs > self.epochs:
@@ -363,12 +608,28 @@ def _model_options_or_none(model: str, options: dict[str, Any]) -> Any:
 CELL_JSON_EXTRAS = ("id", "code_version", "plugins", "derived", "created")
 
 
+def keep_step(fraction: float, total: int) -> int:
+    """The step of a kept checkpoint at ``fraction`` of a run of ``total`` steps: round(fraction x total), >= 1."""
+    return max(1, round(fraction * total))
+
+
+def branch_start(cell: Cell, n_train: int) -> int:
+    """A branch's point t: the base's step whose kept checkpoint it starts from (``n_train``: the examples the
+    base trains on, which its step budget depends on)."""
+    base, b = cell.base_cell(), cell.branch
+    if b.step is not None:
+        return b.step
+    return keep_step(b.at, total_steps(base, max(1, n_train // base.batch_size)))
+
+
 def total_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = None) -> int:
     """Updates of the cell: E epochs, or T tokens / (m x seq_len) (``longer``: x m / m_0), capped by ``max_steps``;
-    at least 1.
+    at least 1. A branch's: its length over its batch (neither the budget nor ``max_steps`` of its base).
 
     ``batch_size``: count them for this m instead of the cell's (the base batch's budget anchors the eval grid).
     """
+    if cell.branch is not None:
+        return max(1, round(uncapped_steps(cell, steps_per_epoch)))
     total = uncapped_steps(cell, steps_per_epoch, batch_size)
     if cell.max_steps is not None:
         total = min(total, cell.max_steps)
@@ -379,6 +640,10 @@ def uncapped_steps(cell: Cell, steps_per_epoch: int, batch_size: int | None = No
     """The updates the cell's budget (epochs or tokens) implies, before ``max_steps`` caps them (a float: it may
     be huge)."""
     m = cell.batch_size if batch_size is None else batch_size
+    if cell.branch is not None:
+        length = cell.branch.length
+        return length.examples / m if length.examples is not None else \
+            length.tokens / (m * (cell.tokens_per_example() or 1))
     longer = m / cell.base_batch if cell.strategy == "longer" else 1.0
     if cell.tokens is not None:
         return cell.tokens * longer / (m * (cell.tokens_per_example() or 1))

@@ -7,7 +7,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from critbatch.jobs import __version__
+from .. import __version__
 
 #: Set by the image build (``--build-arg CRITBATCH_COMMIT=...``): a pod has no git checkout.
 COMMIT_ENV = "CRITBATCH_COMMIT"

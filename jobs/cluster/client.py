@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import tenacity
 
-from critbatch.jobs import backends
-from critbatch.jobs.backends import k8s
-from critbatch.jobs.cell.errors import ConfigError
+from .. import backends
+from ..backends import k8s
+from ..cell.errors import ConfigError
 
 #: HTTP statuses worth another try: throttled, or the API server (or what is in front of it) failing.
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})

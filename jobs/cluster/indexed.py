@@ -10,8 +10,8 @@ A running index is one whose pod runs (the pods carry the Job controller's compl
 
 from __future__ import annotations
 
-from critbatch.jobs.backends import INDEXED, k8s
-from critbatch.jobs.sweep.grid import Grid
+from ..backends import INDEXED, k8s
+from ..sweep.grid import Grid
 
 #: The labels the Job controller puts on an Indexed Job's pods (Kubernetes >= 1.28).
 POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"

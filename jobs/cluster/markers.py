@@ -12,15 +12,17 @@ when its size changes (a repaired cell's new ``_SUCCESS``; a retry removes ``_FA
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
-from critbatch.jobs.cell.layout import cell_prefix, failed_key
-from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import RECORD, judge, with_record
+from ..cell.layout import CHECKPOINT_COMPLETE, cell_prefix, failed_key
+from ..store import Store
+from ..store.cellstate import RECORD, judge, with_record
 
 SUCCESS = "_SUCCESS"
 FAILED = "_FAILED"
+_COMPLETE = re.compile(rf"checkpoint/step-(\d+)/{CHECKPOINT_COMPLETE}")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Markers:
     done: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, dict] = field(default_factory=dict)
     damaged: dict[str, list[str]] = field(default_factory=dict)  # cell id -> what is wrong with its _SUCCESS
+    checkpoints: dict[str, set[int]] = field(default_factory=dict)  # cell id -> steps of its complete checkpoints
 
 
 class MarkerBook:
@@ -68,6 +71,8 @@ class MarkerBook:
                     out.damaged[cell_id] = state.problems
             elif name == FAILED:
                 out.failed[cell_id] = self._load(key, {"reason": "failed (unreadable _FAILED marker)"})
+            elif (match := _COMPLETE.fullmatch(name)):  # what a branch of this cell waits for
+                out.checkpoints.setdefault(cell_id, set()).add(int(match.group(1)))
         return out
 
     def _bytes_at(self, key: str, size: int) -> bytes | None:

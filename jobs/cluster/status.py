@@ -14,7 +14,9 @@ does); ``lost`` when its object succeeded over a minute ago and its ``_SUCCESS``
 its way; otherwise ``pending``, with the reason when a pod is stuck (ImagePullBackOff,
 CreateContainerConfigError: a missing Secret or key, Unschedulable: the scheduler's message) or when the
 controller could create no pod at all (FailedCreate: e.g. a missing ServiceAccount, from the object's
-events), so a cell that can never start does not pass for one that is running.
+events), so a cell that can never start does not pass for one that is running. A branch cell
+(docs/branches.md) that is not running yet is ``waiting`` while its base's kept checkpoint is not in the
+store (its pods exit 197 and are retried until it is).
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from .client import Cluster, ClusterUnavailable, api_client, cell_problem, cell_
 from .indexed import index_views
 from .markers import MarkerBook, Markers
 from .submit import LOST_GRACE_SECONDS, backend_of, lost_why, store_for, upload_age
-from critbatch.jobs.backends import k8s
-from critbatch.jobs.cell.errors import StoreUnavailable
-from critbatch.jobs.sweep.grid import Grid
-from critbatch.jobs.sweep.render import grid_for_command
+from ..backends import k8s
+from ..cell.errors import StoreUnavailable
+from ..cell.spec import branch_start
+from ..sweep.grid import Grid
+from ..sweep.render import grid_for_command
 
-#: What ``status`` calls a cell, in the order of its counts line.
+#: What ``status`` calls a cell, in the order of its counts line (``waiting``, a branch on its base, only when
+#: a cell is).
 STATES = ("done", "diverged", "damaged", "running", "pending", "failed", "lost")
+WAITING = "waiting"
 
 
 def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
@@ -74,6 +79,8 @@ def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
         elif cluster_state in ("created", "running") and (stall := cell_stall(
                 backend, obj, (pods or {}).get(cell.id, []), failures or {})):
             state, why = "pending", f"{stall[0]}: {stall[1]}" if stall[1] else stall[0]
+        elif (waits := _waits_on(cell, marks)) is not None:  # its pod, if any, waits inside `critbatch train`
+            state, why = WAITING, waits
         elif cluster_state == "running":
             state = "running"
         else:
@@ -85,6 +92,20 @@ def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
     return rows
 
 
+def _waits_on(cell: Any, marks: Markers) -> str | None:
+    """Why a branch cannot start yet (its base's kept checkpoint is not in the store), or None."""
+    if cell.branch is None:
+        return None
+    base, size = cell.branch.base, cell.train_size()
+    step = branch_start(cell, size) if size is not None else None
+    if step is not None and step in marks.checkpoints.get(base, ()):
+        return None
+    if step is None and base in marks.done:
+        return None
+    point = f"step {step}" if step is not None else cell.branch.point
+    return f"on base {base}: its checkpoint at {point} is not in the store yet"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -93,7 +114,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
     counts = Counter(r["state"] for r in rows)
-    lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in STATES) + f"  (total {len(rows)})")
+    shown = STATES if not counts.get(WAITING) else (*STATES[:5], WAITING, *STATES[5:])
+    lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in shown) + f"  (total {len(rows)})")
     return "\n".join(lines)
 
 

@@ -52,12 +52,12 @@ from .client import (
 )
 from .indexed import index_views
 from .markers import MarkerBook
-from critbatch.jobs import backends
-from critbatch.jobs.backends import Backend, k8s
-from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
-from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.sweep.grid import Grid
-from critbatch.jobs.sweep.render import grid_for_command, render_analysis_job, render_cell, render_indexed
+from .. import backends
+from ..backends import Backend, k8s
+from ..cell.errors import ConfigError, StoreUnavailable
+from ..store import Store, open_store
+from ..sweep.grid import Grid
+from ..sweep.render import grid_for_command, render_analysis_job, render_cell, render_indexed
 
 #: The Secret keys every pod reads (k8s/store-secret.example.yaml).
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

@@ -9,7 +9,7 @@ scikit-learn's 1,797).
 
 from __future__ import annotations
 
-from critbatch.jobs.cell.options import (
+from ..cell.options import (
     CifarOptions,
     CityscapesOptions,
     LinregOptions,
@@ -19,7 +19,7 @@ from critbatch.jobs.cell.options import (
     MnistOptions,
     SvhnOptions,
 )
-from critbatch.jobs.cell.plugins import DatasetPlugin
+from ..cell.plugins import DatasetPlugin
 
 _LOADERS = "critbatch.jobs.data.datasets"
 

@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.options import dataset_options
-from critbatch.jobs.cell.plugins import DataRequest, DataShape, PluginError
-from critbatch.jobs.cell.registry import resolve
-from critbatch.jobs.cell.spec import DATASETS, Cell, DatasetSpec
-
+from ..cell.errors import ConfigError
+from ..cell.options import dataset_options
+from ..cell.plugins import DataRequest, DataShape, PluginError
+from ..cell.registry import resolve
+from ..cell.spec import DATASETS, Cell, DatasetSpec
 from .plugin import BatchStream, InMemory, Streamed
 
 #: Seed of the fixed subsets (fraction, max_train, the train-eval subset, the
@@ -114,8 +113,14 @@ class TaskData:
 
     # ---- batches -------------------------------------------------------------
     def train_batches(self, epoch: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
-                      start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """One epoch of this rank's share of each global batch, from batch index ``start``."""
+                      start: int = 0, skip: int = 0, reshuffle: int | None = None
+                      ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of this rank's share of each global batch, from batch index ``start``.
+
+        A branch (docs/branches.md) enters its base's epoch part-way: ``skip`` drops the permutation's first
+        examples (those its base has seen), and ``reshuffle`` (a seed) reorders the rest; batch j is then
+        ``rest[j*B:(j+1)*B]`` (:meth:`epoch_batches` of them), augmented as batch j + skip // B.
+        """
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by world size {world}")
         if not 0 <= rank < world:
@@ -123,13 +128,23 @@ class TaskData:
         per = batch_size // world
         lo, hi = rank * per, (rank + 1) * per
         # The permutation is drawn on the CPU so every device and rank gets the same one.
-        perm = torch.randperm(self.n_train, generator=_generator("epoch", seed, epoch)).to(self.device)
-        for j in range(start, self.steps_per_epoch(batch_size)):
+        perm = torch.randperm(self.n_train, generator=_generator("epoch", seed, epoch))
+        if skip or reshuffle is not None:
+            perm = perm[skip:]
+            if reshuffle is not None:
+                perm = perm[torch.randperm(len(perm), generator=_generator("branch", reshuffle, epoch))]
+        perm = perm.to(self.device)
+        for j in range(start, self.epoch_batches(batch_size, skip)):
             idx = perm[j * batch_size + lo: j * batch_size + hi]
             x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
             if self.augment != "none":
-                x, y = self._augment(x, y, _generator("augment", seed, epoch, j), batch_size, lo, hi)
+                x, y = self._augment(x, y, _generator("augment", seed, epoch, j + skip // batch_size), batch_size,
+                                     lo, hi)
             yield self._finish_x(x), self._finish_y(y)
+
+    def epoch_batches(self, batch_size: int, skip: int = 0) -> int:
+        """Full batches of an epoch whose first ``skip`` examples are dropped (0: :meth:`steps_per_epoch`)."""
+        return self.steps_per_epoch(batch_size) if skip == 0 else (self.n_train - skip) // batch_size
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches of a fixed evaluation set, in order, without augmentation.
@@ -235,13 +250,20 @@ class StreamData:
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, self.n_train // batch_size)
 
+    def epoch_batches(self, batch_size: int, skip: int = 0) -> int:  # noqa: ARG002 - a stream has no epoch position
+        return self.steps_per_epoch(batch_size)
+
     def train_batches(self, epoch: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,  # noqa: ARG002
-                      start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+                      start: int = 0, skip: int = 0, reshuffle: int | None = None
+                      ) -> Iterator[tuple[Tensor, Tensor]]:
         """The rest of the epoch (batches ``start`` onwards), read on from the stream's position.
 
         The stream was opened for this cell's seed, rank and world size; ``seed`` and ``epoch``
-        are its business (they only count batches here).
+        are its business (they only count batches here). A branch continues the stream's position (its
+        state), so ``skip`` and ``reshuffle`` do not apply.
         """
+        if skip or reshuffle is not None:
+            raise ValueError(f"dataset {self.name!r} is a stream: a branch carries its position, not an epoch's")
         if batch_size // world != self.rows:
             raise ValueError(f"dataset {self.name!r} streams {self.rows} rows per rank, not {batch_size // world}")
         for _ in range(start, self.steps_per_epoch(batch_size)):
@@ -484,7 +506,7 @@ def fetch_staged(name: str, store_url: str) -> Path:
     written whole (temporary name, then rename), so concurrent ranks on one
     node may copy at the same time.
     """
-    from critbatch.jobs.store import open_store
+    from ..store import open_store
 
     store = open_store(store_url)
     store.check()
@@ -555,7 +577,7 @@ def stage_dataset(name: str, source: str | Path, store_url: str) -> list[str]:
     Checks first that ``source`` holds the dataset's files (ConfigError listing
     what is missing, nothing uploaded). Keys staged before but absent now are removed.
     """
-    from critbatch.jobs.store import open_store
+    from ..store import open_store
 
     if name not in LAYOUTS:
         built_in = f" ({name} needs no files: nothing to stage)" if name in DATASETS else ""
@@ -583,7 +605,7 @@ def cli_main(args) -> int:
     if args.data_command != "stage":
         raise ConfigError(f"data: unknown action {args.data_command!r}; allowed: stage")
     keys = stage_dataset(args.name, args.source, args.store)
-    from critbatch.jobs.store import open_store
+    from ..store import open_store
 
     store = open_store(args.store)
     size = sum(p.stat().st_size for p in _stage_files(args.name, Path(args.source).expanduser()).values())

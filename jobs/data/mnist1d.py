@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.plugins import DataRequest
-
+from ..cell.errors import ConfigError
+from ..cell.plugins import DataRequest
 from .plugin import InMemory
 
 

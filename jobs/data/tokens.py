@@ -16,7 +16,14 @@ first seq_len tokens, y the same shifted by one. A rank takes its rows of each g
 sequence of batches depends neither on the world size nor on where a run was resumed: the stream's state
 is the step alone. An epoch is n_train_tokens // seq_len windows (the unit of ``epochs`` budgets).
 
-Evaluation windows are fixed: ``eval.train_subset`` of them from the training tokens (offsets from the
+``dataset.max_train`` and ``dataset.fraction`` keep a prefix of the training tokens, counted in windows as
+the in-memory sets count examples: k = int(min(n_train_tokens // seq_len, max_train) x fraction) (at least 1)
+windows' worth, the first k x seq_len + 1 tokens (the last window's targets included). Every training and
+train-split evaluation window then lies inside them, and an epoch is k windows; the validation split is kept
+whole. A prefix, not a random subset, so the kept text stays whole documents; with the defaults (1.0, null)
+nothing is cut.
+
+Evaluation windows are fixed: ``eval.train_subset`` of them from the (kept) training tokens (offsets from the
 generator seeded by "eval"), and up to as many non-overlapping ones from the start of the validation tokens.
 
 ``pycorpus`` is the offline real-text set every machine with Python has: the text of ``pydoc_data.topics``
@@ -35,12 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.plugins import DataRequest
-
+from ..cell.errors import ConfigError
+from ..cell.plugins import DataRequest
 from .corpus import pycorpus_bytes, pycorpus_split
 from .datasets import _is_store_url as is_store_url
-from .datasets import fetch_staged, mix_seed
+from .datasets import fetch_staged, mix_seed, subset_size
 from .plugin import Streamed
 
 FINEWEB_MAGIC = 20240520
@@ -54,6 +60,10 @@ class Tokens:
         self.parts = [p for p in parts if len(p)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.n = int(self.starts[-1])
+
+    def prefix(self, n: int) -> "Tokens":
+        """The first ``n`` ids (across shard boundaries)."""
+        return Tokens([part[:max(0, n - int(start))] for part, start in zip(self.parts, self.starts)])
 
     def window(self, start: int, length: int) -> np.ndarray:
         """``length`` ids from ``start`` (across shard boundaries)."""
@@ -121,8 +131,8 @@ class WindowStream:
     """This rank's rows of each global batch of random windows; its state is the number of batches given."""
 
     def __init__(self, tokens: Tokens, seq_len: int, seed: int, batch: int, rank: int, world: int):
-        if tokens.n <= seq_len + 1:
-            raise ConfigError(f"cell.dataset.options.seq_len: {seq_len} needs more than {seq_len + 1} training "
+        if tokens.n < seq_len + 1:
+            raise ConfigError(f"cell.dataset.options.seq_len: {seq_len} needs at least {seq_len + 1} training "
                               f"tokens, the set has {tokens.n}")
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.batch, self.rows, self.rank = batch, batch // world, rank
@@ -146,7 +156,15 @@ class WindowStream:
         self.step = int(state["step"])
 
 
-def _streamed(train: Tokens, val: Tokens, request: DataRequest, seq_len: int, vocab: int, info: dict) -> Streamed:
+def kept(train: Tokens, seq_len: int, fraction: float, max_train: int | None) -> Tokens:
+    """The training tokens ``max_train`` and ``fraction`` keep (module docstring): all of them at the defaults."""
+    windows = train.n // seq_len
+    keep = subset_size(windows, fraction, max_train)
+    return train if keep >= windows else train.prefix(keep * seq_len + 1)
+
+
+def _streamed(full: Tokens, val: Tokens, request: DataRequest, seq_len: int, vocab: int, info: dict) -> Streamed:
+    train = kept(full, seq_len, request.fraction, request.max_train)
     n_eval = request.eval_train_subset or max(1, train.n // seq_len)
     gen = torch.Generator().manual_seed(mix_seed("tokens-eval", request.seed))
     eval_train = torch.randint(0, train.n - seq_len, (min(n_eval, train.n // seq_len),), generator=gen)
@@ -160,7 +178,8 @@ def _streamed(train: Tokens, val: Tokens, request: DataRequest, seq_len: int, vo
     stream = WindowStream(train, seq_len, request.seed, request.batch_size, request.rank, request.world)
     return Streamed(train=stream, n_train=max(1, train.n // seq_len), input_shape=(seq_len,),
                     eval_batches=eval_batches, vocab_size=vocab,
-                    info={"train_tokens": train.n, "val_tokens": val.n, "seq_len": seq_len, **info})
+                    info={"train_tokens": train.n, "train_tokens_full": full.n, "val_tokens": val.n,
+                          "seq_len": seq_len, **info})
 
 
 def token_root(request: DataRequest) -> Path:

@@ -13,6 +13,11 @@ cell whose lease another trainer holds (another ``run``, a pod on the same
 store) is left to it and reported as busy. A failed cell is reported with the
 tail of its log while the others go on.
 
+A branch cell (docs/branches.md) starts once its base has written the kept
+checkpoint it starts from (or has finished); until then the cells behind it go
+first. A branch whose base failed, or is held by another trainer, is reported
+so without being started.
+
 The executor owns its trainers: each runs in a session of its own, armed to
 die with the executor (PR_SET_PDEATHSIG, see critbatch.jobs.train.parent), and
 every way out of ``run`` stops them: SIGTERM, SIGHUP or Ctrl-C is forwarded
@@ -21,7 +26,7 @@ to each as SIGTERM, each checkpoints (up to STOP_GRACE_S, then SIGKILL), and
 them. A second signal while they checkpoint kills them at once.
 
 Exit code: 0 when every cell is finished; 1 if any failed; else 203 (the
-trainer's EXIT_LEASE_HELD) if any was busy elsewhere: run again later.
+trainer's ExitCode.LEASE_HELD) if any was busy elsewhere: run again later.
 
 The store is ``--store``, else the grid's ``store`` if it is a local
 directory, else ./critbatch-out; cells checkpoint every ``checkpoint_seconds``
@@ -42,14 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, ConfigError
-from critbatch.jobs.cell.inputs import output_dir
-from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.cell.layout import DEFAULT_STORE, cell_prefix
-from critbatch.jobs.store.cellstate import DAMAGED, sweep_states
-from critbatch.jobs.store.lease import live_holder
-from critbatch.jobs.train.parent import DIE_WITH_PARENT_ENV, preexec
+from ..cell.spec import Cell, branch_start
+from ..cell.errors import ConfigError, ExitCode
+from ..cell.inputs import output_dir
+from ..store import Store, open_store
+from ..cell.layout import CHECKPOINT_COMPLETE, DEFAULT_STORE, cell_prefix, checkpoint_dir
+from ..store.cellstate import DAMAGED, sweep_states
+from ..store.lease import live_holder
+from ..train.parent import DIE_WITH_PARENT_ENV, preexec
 
 #: Lines of a failed cell's log shown in the report.
 TAIL_LINES = 15
@@ -57,6 +62,8 @@ TAIL_LINES = 15
 PROGRESS_TAIL_BYTES = 4096
 #: Seconds the trainers get to checkpoint after a forwarded SIGTERM before they are killed.
 STOP_GRACE_S = 60.0
+#: Seconds between two looks at the store for a waiting branch's base checkpoint.
+BASE_POLL_S = 1.0
 
 
 @dataclass
@@ -93,7 +100,7 @@ class RunResult:
     def exit_code(self) -> int:
         if self.signal is not None:
             return 128 + self.signal
-        return 1 if self.failed else EXIT_LEASE_HELD if self.busy else 0
+        return 1 if self.failed else ExitCode.LEASE_HELD if self.busy else 0
 
 
 class _Signalled(Exception):
@@ -165,6 +172,7 @@ def run_cells(
 
     queue = deque(CellRun(c, logs / f"{c.sweep}-{c.id}.log") for c in todo)
     running: list[CellRun] = []
+    bases = _BaseWatch(store, cells, finished)
     bar = _Bar(len(cells), len(finished), label, show_progress)
     if finished:
         bar.note(f"{len(finished)} of {len(cells)} {label} already done (their _SUCCESS exists): skipped")
@@ -177,10 +185,17 @@ def run_cells(
     try:
         while queue or running:
             while queue and len(running) < slots:
-                run = queue.popleft()
+                run, verdict = bases.next_ready(queue)
+                if run is None:
+                    break  # every queued cell is a branch whose base has not reached its point yet
+                if verdict is not None:
+                    _held_back(run, verdict, result, bar)
+                    bases.outcome[run.cell.id] = run.status
+                    continue
                 holder = live_holder(store, cell_prefix(run.cell.sweep, run.cell.id))
                 if holder is not None:
                     _busy(run, result, bar, holder.describe())
+                    bases.outcome[run.cell.id] = "busy"
                     continue
                 run.log_file = open(run.log_path, "ab")
                 cmd = train_command(run.cell, store_url, data_root=data_root, threads=threads,
@@ -201,14 +216,16 @@ def run_cells(
                 running.remove(run)
                 run.log_file.close()
                 run.returncode = code
+                bases.outcome[run.cell.id] = "done" if code == 0 else "failed"
                 took = time.monotonic() - run.started
                 holder = None if code == 0 else live_holder(store, cell_prefix(run.cell.sweep, run.cell.id))
                 if code == 0:
                     run.status = "done"
                     result.done.append(run.cell.id)
                     bar.note(f"done   {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}) in {took:.0f} s")
-                elif code == EXIT_LEASE_HELD or holder is not None:
+                elif code == ExitCode.LEASE_HELD or holder is not None:
                     _busy(run, result, bar, holder.describe() if holder else "held by another trainer")
+                    bases.outcome[run.cell.id] = "busy"
                     continue
                 else:
                     run.status = "failed"
@@ -233,6 +250,61 @@ def run_cells(
         _restore_signals(handlers)
         bar.close()
     return result
+
+
+class _BaseWatch:
+    """Which queued cell may start: any but a branch whose base (a cell of this run) has neither finished nor
+    written the kept checkpoint the branch starts from. ``outcome``: the run's verdict per cell id so far."""
+
+    def __init__(self, store: Store, cells: Sequence[Cell], finished: Sequence[Cell]):
+        self.store = store
+        self.in_run = {c.id for c in cells}
+        self.outcome: dict[str, str] = {c.id: "done" for c in finished}
+        self._seen: set[str] = set()  # branches whose base checkpoint is there
+        self._looked: dict[str, float] = {}  # branch id -> when the store was last asked
+
+    def next_ready(self, queue: deque) -> tuple[CellRun | None, str | None]:
+        """The first queued cell that may start, taken from the queue, with None; or one that never will, with
+        why (its base failed or is busy); (None, None) while each waits."""
+        for run in list(queue):
+            verdict = self._verdict(run.cell)
+            if verdict != "wait":
+                queue.remove(run)
+                return run, None if verdict == "go" else verdict
+        return None, None
+
+    def _verdict(self, cell: Cell) -> str:
+        if cell.branch is None or cell.branch.base not in self.in_run:
+            return "go"  # a base outside this run: the trainer waits for it (--base-wait)
+        base = cell.branch.base
+        state = self.outcome.get(base)
+        if state == "done" or cell.id in self._seen:
+            return "go"
+        if state in ("failed", "busy", "stopped"):
+            return f"its base {base} {'is held by another trainer' if state == 'busy' else state}"
+        now = time.monotonic()
+        if now - self._looked.get(cell.id, -BASE_POLL_S) < BASE_POLL_S:
+            return "wait"
+        self._looked[cell.id] = now
+        size = cell.train_size()
+        if size is None:
+            return "wait"  # its point's step depends on the data: wait for the base to finish
+        key = f"{checkpoint_dir(cell_prefix(cell.sweep, base), branch_start(cell, size))}/{CHECKPOINT_COMPLETE}"
+        if self.store.exists(key):
+            self._seen.add(cell.id)
+            return "go"
+        return "wait"
+
+
+def _held_back(run: CellRun, why: str, result: RunResult, bar: "_Bar") -> None:
+    """A branch not started because of its base: busy with a busy base, else failed."""
+    if "held by another trainer" in why:
+        _busy(run, result, bar, f"not started: {why}")
+        return
+    run.status = "failed"
+    result.failed.append(run.cell.id)
+    bar.note(f"FAILED {run.cell.sweep}/{run.cell.id} ({_describe(run.cell)}): not started, {why}")
+    bar.advance()
 
 
 def _busy(run: CellRun, result: RunResult, bar: "_Bar", holder: str) -> None:
@@ -291,7 +363,10 @@ def _default_log_dir(store_url: str) -> Path:
 
 
 def _describe(cell: Cell) -> str:
-    return f"{cell.dataset.name} {cell.model} {cell.strategy} m={cell.batch_size} seed={cell.seed}"
+    branch = "" if cell.branch is None else \
+        f" branch of {cell.branch.base} {cell.branch.point} x{cell.branch.multiplier} seed={cell.branch.seed}"
+    ramp = "" if cell.ramp is None else f" ramp to {cell.ramp.phases[-1].batch}"
+    return f"{cell.dataset.name} {cell.model} {cell.strategy} m={cell.batch_size}{ramp} seed={cell.seed}{branch}"
 
 
 def _read_progress(run: CellRun) -> None:
@@ -365,7 +440,7 @@ def write_sweep_spec(store: Store, sweep: str, text: str) -> None:
 
 
 def cli_run(args) -> int:
-    from critbatch.jobs.sweep.grid import load_grid
+    from ..sweep.grid import load_grid
 
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")

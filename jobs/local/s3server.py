@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from critbatch.jobs.cell.errors import ConfigError
+from ..cell.errors import ConfigError
 
 #: Credentials the loopback server accepts (any key works unless configured).
 ACCESS_KEY = "critbatch"

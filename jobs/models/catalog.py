@@ -7,7 +7,7 @@ when a cell is built.
 
 from __future__ import annotations
 
-from critbatch.jobs.cell.options import (
+from ..cell.options import (
     AlexNetOptions,
     DigitsCNNOptions,
     GPTOptions,
@@ -18,7 +18,7 @@ from critbatch.jobs.cell.options import (
     Mnist1dMLPOptions,
     VGGOptions,
 )
-from critbatch.jobs.cell.plugins import ModelPlugin
+from ..cell.plugins import ModelPlugin
 
 _ZOO = "critbatch.jobs.models.zoo"
 _MNIST1D = "critbatch.jobs.models.mnist1d"

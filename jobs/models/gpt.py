@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.errors import ConfigError
+from ..cell.errors import ConfigError
 
 
 class RMSNorm(nn.Module):

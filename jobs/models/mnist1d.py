@@ -16,7 +16,7 @@ import math
 
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.plugins import DataShape
+from ..cell.plugins import DataShape
 
 
 def mlp(shape: DataShape, options) -> nn.Module:

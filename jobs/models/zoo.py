@@ -20,12 +20,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.logschema import TASK_METRIC
-from critbatch.jobs.cell.options import model_options
-from critbatch.jobs.cell.plugins import DataShape, PluginError
-from critbatch.jobs.cell.registry import resolve
-from critbatch.jobs.cell.spec import Cell
+from ..cell.errors import ConfigError
+from ..cell.logschema import TASK_METRIC
+from ..cell.options import model_options
+from ..cell.plugins import DataShape, PluginError
+from ..cell.registry import resolve
+from ..cell.spec import Cell
 
 IGNORE_INDEX = 255  # segmentation pixels outside the 19 train ids
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.local.executor import run_cells
-from critbatch.jobs.store import Store
+from ..cell.spec import Cell
+from ..local.executor import run_cells
+from ..store import Store
 
 
 @dataclass

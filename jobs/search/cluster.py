@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from critbatch.analysis.load import load_cell
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.store import Store
-from critbatch.jobs import backends
-from critbatch.jobs.backends import k8s
-from critbatch.jobs.cluster.client import Cluster, api_client
-from critbatch.jobs.cluster.submit import backend_of, check_cluster, check_image, submit_once
-from critbatch.jobs.sweep.grid import GRID_FIELDS, Grid, grid_from_dict
+from ..cell.errors import ConfigError
+from ..cell.layout import cell_prefix, success_key
+from ..cell.spec import Cell
+from ..store import Store
+from .. import backends
+from ..backends import k8s
+from ..cluster.client import Cluster, api_client
+from ..cluster.submit import backend_of, check_cluster, check_image, submit_once
+from ..sweep.grid import GRID_FIELDS, Grid, grid_from_dict
 
 
 def one_cell_grid(grid: Grid, cell: Cell) -> Grid:

@@ -23,14 +23,13 @@ import math
 import sys
 from pathlib import Path
 
-from critbatch.jobs.cell.errors import ConfigError, LeaseHeld
-from critbatch.jobs.cell.layout import DEFAULT_STORE
-from critbatch.jobs.local.executor import write_sweep_spec
-from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.store.lease import Lease, live_holder
-from critbatch.jobs.sweep.grid import Grid, grid_from_dict, load_grid
-from critbatch.jobs.sweep.searchspec import SearchSpec
-
+from ..cell.errors import ConfigError, LeaseHeld
+from ..cell.layout import DEFAULT_STORE
+from ..local.executor import write_sweep_spec
+from ..store import Store, open_store
+from ..store.lease import Lease, live_holder
+from ..sweep.grid import Grid, grid_from_dict, load_grid
+from ..sweep.searchspec import SearchSpec
 from .backends import LocalBackend
 from .loop import Search, SearchFailed, wait_for_attached
 from .state import SearchState
@@ -59,7 +58,7 @@ def cli_search(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
     if args.controller:
-        from critbatch.jobs.sweep.render import dump_stream, render_search_documents
+        from ..sweep.render import dump_stream, render_search_documents
 
         sys.stdout.write(dump_stream(render_search_documents(_cluster_grid(grid, args))))
         return 0

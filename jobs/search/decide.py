@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from critbatch.analysis.fit import CONFIDENCE, GRID_ABOVE, GRID_BELOW, Fit, fit_mccandlish, likelihood_ratio_cutoff
+from critbatch.analysis.fit import (CONFIDENCE, GRID_ABOVE, GRID_BELOW, SEED_SCATTER_FLOOR, Fit, fit_mccandlish,
+                                    likelihood_ratio_cutoff)
 
 #: Candidates count within this factor of the interval [lo, hi] of B_crit.
 KNEE = 4.0
@@ -107,10 +108,12 @@ class Choice:
                 f"[{_num(self.after.lo)}, {_num(self.after.hi)}]")
 
 
-def fit(observations: list[Observation], confidence: float = CONFIDENCE) -> Fit:
-    """The analysis's fit of k(m) = S_min (1 + B/m) to ``observations`` (censored ones as bounds)."""
+def fit(observations: list[Observation], confidence: float = CONFIDENCE,
+        seed_noise: float = SEED_SCATTER_FLOOR) -> Fit:
+    """The analysis's fit of k(m) = S_min (1 + B/m) to ``observations`` (censored ones as bounds), with the seed
+    scatter it assumes when there is one seed per batch size (``critbatch analyze --seed-noise``)."""
     return fit_mccandlish([o.batch_size for o in observations], [o.k for o in observations],
-                          [o.bound for o in observations], confidence=confidence)
+                          [o.bound for o in observations], confidence=confidence, seed_noise=seed_noise)
 
 
 def same_cutoff(n_before: int, n_after: int) -> float:
@@ -148,13 +151,15 @@ def log_width(iv: Interval, batch_sizes: list[float]) -> float:
 
 
 def choose(observations: list[Observation], candidates: list[Candidate], *, count: int, confirm: float,
-           budget: float) -> list[Choice]:
+           budget: float, seed_noise: float = SEED_SCATTER_FLOOR) -> list[Choice]:
     """Up to ``count`` candidates, greedily by the interval's narrowing per sample, their costs within ``budget``.
 
     Needs a finite fit of ``observations``; returns [] without one (the caller widens the ladder first).
+    ``seed_noise``: the report's (so that with one seed per batch size the interval judged here is the one the
+    report prints, not the collapsed one the scatter about the fit alone gives).
     """
     obs = list(observations)
-    current = fit(obs)
+    current = fit(obs, seed_noise=seed_noise)
     if not current.ok:
         return []
     left = around_knee(candidates, interval(current))
@@ -169,7 +174,7 @@ def choose(observations: list[Observation], candidates: list[Candidate], *, coun
             seen, cost = predict(current, cand, confirm)
             if cost > budget:
                 continue
-            trial = fit(obs + [seen], confidence=same_cutoff(n0, current.observations + 1))
+            trial = fit(obs + [seen], confidence=same_cutoff(n0, current.observations + 1), seed_noise=seed_noise)
             after = interval(trial)
             gain = width - log_width(after, ms) if trial.ok else -math.inf
             if not gain >= MIN_GAIN:

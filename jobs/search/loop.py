@@ -39,15 +39,15 @@ from typing import Any, Callable, Protocol
 from critbatch.analysis import compute
 from critbatch.analysis.compute import TRIAL_FIELDS, curve_key, flatten
 from critbatch.analysis.load import INCOMPLETE, CellSummary, load_cell
-from critbatch.jobs.cell.analysis_args import parse_analyze_args
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import cell_prefix
-from critbatch.jobs.cell.logschema import STATUS_REACHED
-from critbatch.jobs.cell.spec import Cell, total_steps
-from critbatch.jobs.store import Store
-from critbatch.jobs.sweep.grid import Grid
-from critbatch.jobs.sweep.searchspec import SearchSpec
-
+from ..cell.analysis_args import parse_analyze_args
+from ..cell.errors import ConfigError
+from ..cell.layout import cell_prefix
+from ..cell.logschema import STATUS_REACHED
+from ..cell.science import crossing
+from ..cell.spec import Cell, total_steps
+from ..store import Store
+from ..sweep.grid import Grid
+from ..sweep.searchspec import SearchSpec
 from . import decide, race
 from .state import SearchState, now, read_state, write_state
 
@@ -147,6 +147,11 @@ class Search:
 
     # ---- 1. the threshold ------------------------------------------------------------------
 
+    @property
+    def _seed_noise(self) -> float:
+        """The seed scatter the report's fit assumes with one seed per batch size (analysis.args --seed-noise)."""
+        return parse_analyze_args(self.grid.analysis.args).seed_noise
+
     def _explicit_eps(self) -> tuple[float, str] | None:
         if self.spec.threshold is not None:
             return self.spec.threshold, "search.threshold"
@@ -220,7 +225,7 @@ class Search:
                 continue
             name = f"eps={eps:g}"
             rows = [compute.cell_crossing(g, c, name, eps) for c in g.cells]
-            result = compute.speedup_curve(g, name, eps, rows, bootstrap=0)
+            result = compute.speedup_curve(g, name, eps, rows, bootstrap=0, seed_noise=self._seed_noise)
             best = compute.best_trials(rows)
             obs = [decide.Observation(b.batch_size, float(k), float(bound))
                    for b in best for k, bound in zip(b.k, b.bound)]
@@ -298,7 +303,7 @@ class Search:
                     decisions.append(self._decision(view, f"add m={c.batch_size} seed {c.seed}", tasks[-1].why))
                 continue
             chosen = decide.choose(view.observations, candidates, count=share, confirm=self.spec.confirm,
-                                   budget=budget_left)
+                                   budget=budget_left, seed_noise=self._seed_noise)
             if not chosen:
                 affordable = any(decide.predict(view.result.fit, c, self.spec.confirm)[1] <= budget_left
                                  for c in candidates)
@@ -480,7 +485,7 @@ def _trial_view(s: CellSummary | None, cell_id: str, eps: float, step: int | Non
     if s is None:
         return race.TrialView(cell_id, INCOMPLETE, math.nan, 0, math.nan)
     curve = s.train_eval if s.train_eval is not None else s.running_mean
-    k = compute.crossing(curve.steps, curve.values, eps) if curve is not None and len(curve) else math.nan
+    k = crossing(curve.steps, curve.values, eps) if curve is not None and len(curve) else math.nan
     loss = math.nan
     if curve is not None and len(curve):
         at = curve.steps <= (step if step is not None else math.inf)

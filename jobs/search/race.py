@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from critbatch.jobs.cell.logschema import STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED
+from ..cell.logschema import STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED
 
 #: At most this many rungs below the budget; none shorter than MIN_RUNG steps.
 MAX_RUNGS = 3

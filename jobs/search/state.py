@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from critbatch.jobs.store import Store
+from ..store import Store
 
 #: Statuses after which a search is over (a re-run prints the answer and runs nothing).
 FINAL = ("decided", "budget spent", "exhausted", "no fit")

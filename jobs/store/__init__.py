@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.layout import DEFAULT_STORE, store_problem
-
+from ..cell.errors import ConfigError
+from ..cell.layout import DEFAULT_STORE, store_problem
 from .base import Store
 from .local import LocalStore
 from .s3 import S3Store

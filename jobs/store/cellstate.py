@@ -24,12 +24,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.inputs import decode, json_object
-from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.logschema import SCHEMAS, STATUSES, ipc_to_table, part_index
-from critbatch.jobs.cell.spec import CELL_JSON_EXTRAS, Cell
-
+from ..cell.errors import ConfigError
+from ..cell.inputs import decode, json_object
+from ..cell.layout import cell_prefix, success_key
+from ..cell.logschema import SCHEMAS, STATUSES, ipc_to_table, part_index
+from ..cell.spec import CELL_JSON_EXTRAS, Cell
 from .base import Store
 
 KINDS = tuple(SCHEMAS)

@@ -14,7 +14,7 @@ The highest number is the lease; its holder is the only process that may
 write or delete under the cell. Taking it means creating the next number with
 :meth:`Store.create` (``If-None-Match: *`` on S3, ``link()`` on a directory),
 so of two trainers racing for it exactly one wins: the other exits with
-EXIT_LEASE_HELD (203, retryable on every backend), and a Kubernetes retry
+ExitCode.LEASE_HELD (203, retryable on every backend), and a Kubernetes retry
 waits it out. A record may be taken over once it is released, expired
 (``expires`` in the past, by the taker's clock), unreadable, or its holder
 is provably dead (same kernel and PID namespace, and that process is gone).
@@ -54,8 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from critbatch.jobs.cell.errors import LeaseHeld, StoreUnavailable
-
+from ..cell.errors import LeaseHeld, StoreUnavailable
 from .base import Store
 from .retry import wait_out_outage
 

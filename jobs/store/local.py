@@ -6,8 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from critbatch.jobs.cell.errors import ConfigError
-
+from ..cell.errors import ConfigError
 from .base import Store
 
 

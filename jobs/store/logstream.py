@@ -39,8 +39,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from critbatch.jobs.cell.errors import StoreUnavailable
-from critbatch.jobs.cell.logschema import SCHEMAS, part_index, part_key, table_to_ipc
+from ..cell.errors import StoreUnavailable
+from ..cell.logschema import SCHEMAS, part_index, part_key, table_to_ipc
 from .base import Store
 from .retry import wait_out_outage
 

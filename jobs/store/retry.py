@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from critbatch.jobs.cell.errors import StoreUnavailable
+from ..cell.errors import StoreUnavailable
 
 T = TypeVar("T")
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable, TypeVar
 
-from critbatch.jobs.cell.errors import ConfigError, StoreUnavailable
-
+from ..cell.errors import ConfigError, StoreUnavailable
 from .base import Store
 
 T = TypeVar("T")

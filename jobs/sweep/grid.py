@@ -13,6 +13,16 @@ two. Beside the cell fields a grid says where and how its cells run
 (``resources``, ``image``, ``store``, ``backend``, ``namespace``, ``queue``, ...);
 those never change a cell's id.
 
+A ``ramp`` block (or a list of them) adds batch-size ramps (docs/ramp.md): one
+cell per grid cell whose batch_size is the ramp's first batch, the same but
+for its ``ramp``. So ``batch_size: [32, 128]`` with a ramp from 32 to 128 is
+three cells: constant 32, constant 128 and the ramp.
+
+A ``branch`` block (or a list of them) adds branch cells (docs/branches.md):
+for each base cell it selects (``from``), one cell per kept point, multiplier
+and seed, which starts from the base's kept checkpoint at that point and trains
+at multiplier x its batch. They follow the grid's own cells.
+
 Everything is validated before anything is rendered, written or run, and every
 problem is reported at once with its path in the spec (``batch_size[3]: ...``,
 ``dataset.fraction[1]: ...``) as one :class:`ConfigError`.
@@ -29,24 +39,24 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Iterator, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
 from . import sizing
-from critbatch.jobs import backends
-from critbatch.jobs.backends import k8s
+from .. import backends
+from ..backends import k8s
 from .searchspec import SearchSpec
 from .sizing import CellPlan, Placement
-from critbatch.jobs.cell.analysis_args import parse_analyze_args
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.inputs import MAX_DEPTH, clip, read_text, shown
-from critbatch.jobs.cell.layout import store_problem
-from critbatch.jobs.cell.registry import third_party_line
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.sweepfile import sweep_document
-from critbatch.jobs.cell.validation import (
+from ..cell.analysis_args import parse_analyze_args
+from ..cell.errors import ConfigError
+from ..cell.inputs import MAX_DEPTH, clip, read_text, shown
+from ..cell.layout import store_problem
+from ..cell.registry import third_party_line
+from ..cell.spec import BranchLength, Cell, Fraction, RampSpec
+from ..cell.sweepfile import sweep_document
+from ..cell.validation import (
     Matches,
     NonNegativeInt,
     PositiveFloat,
@@ -56,8 +66,12 @@ from critbatch.jobs.cell.validation import (
     invalid,
 )
 
-#: Cell fields a grid may set (the sweep is the grid's own name).
-CELL_FIELDS = tuple(name for name in Cell.model_fields if name != "sweep")
+#: Cell fields a grid may set (the sweep is the grid's own name; branches and ramps come from their blocks).
+CELL_FIELDS = tuple(name for name in Cell.model_fields if name not in ("sweep", "branch", "ramp"))
+#: The grid's key for its branch block(s).
+BRANCH = "branch"
+#: The grid's key for its ramp block(s).
+RAMP = "ramp"
 #: Upper bound on one grid's cells: a typo such as a 1000-value axis should fail, not render 10^7 objects.
 MAX_CELLS = 100_000
 
@@ -228,6 +242,35 @@ class GridSettings(Strict):
 
 
 GRID_FIELDS = tuple(GridSettings.model_fields)
+
+
+class BranchBlock(Strict):
+    """Branch cells (docs/branches.md; Merrill et al. 2025, arXiv 2505.23971): for each base cell ``from``
+    selects, one cell per kept point, multiplier and seed, which continues the base from its kept checkpoint
+    at that point at multiplier x its batch for ``length``, at the base's rate there scaled by ``rule``."""
+
+    from_: Union[Annotated[str, Matches(r"^[0-9a-f]{10}$", "a cell id (10 hex digits)")], dict[str, Any]] | None = \
+        Field(None, alias="from", description="the base cells: one cell's id (`critbatch cells` lists them), or "
+              "fields they have, e.g. {batch_size: 4}; default: every cell with keep")
+    at: list[Fraction] | None = Field(None, description="the points, among each base's keep.at (default: all its "
+                                      "kept points)")
+    steps: list[PositiveInt] | None = Field(None, description="the points, among each base's keep.steps")
+    multipliers: list[PositiveInt] = Field(description="k: each branch trains at k x its base's batch")
+    length: BranchLength = Field(description="examples (or tokens) each branch trains on, every multiplier alike")
+    rule: Literal["linear", "sqrt", "oracle"] = Field(
+        description="the LR at k x B from the base's rate eta_t: linear eta_t x k (SGD), sqrt eta_t x sqrt(k) "
+        "(Adam), oracle m / (beta + (m - 1) lambda_1) (linreg)")
+    seeds: list[int] | None = Field(None, description="data-order seeds after the point (default: the base's: "
+                                    "the branch continues the base's order)")
+
+    @field_validator("at", "steps", "multipliers", "seeds")
+    @classmethod
+    def _once_each(cls, values: list | None) -> list | None:
+        if values is not None and len(set(values)) != len(values):
+            raise invalid(f"a value is listed twice ({', '.join(f'{v:g}' for v in values)})")
+        if values is not None and not values:
+            raise invalid("list at least one value")
+        return values
 
 
 @dataclass
@@ -472,8 +515,8 @@ def _read_spec(spec: str) -> tuple[str, str]:
 def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a grid spec must be a mapping, got {type(data).__name__}")
-    problems = [f"{key}: unknown field; allowed: {', '.join(GRID_FIELDS + CELL_FIELDS)}"
-                for key in data if key not in GRID_FIELDS and key not in CELL_FIELDS]
+    problems = [f"{key}: unknown field; allowed: {', '.join(GRID_FIELDS + CELL_FIELDS + (RAMP, BRANCH))}"
+                for key in data if key not in GRID_FIELDS and key not in CELL_FIELDS and key not in (RAMP, BRANCH)]
     settings = None
     try:
         settings = GridSettings.model_validate({k: v for k, v in data.items() if k in GRID_FIELDS})
@@ -483,15 +526,135 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
         problems.extend(_settings_problems(settings))
     cells = _expand_cells({k: v for k, v in data.items() if k in CELL_FIELDS},
                           settings.sweep if settings else "invalid", problems)
+    if RAMP in data and not problems:
+        cells += _expand_ramps(data[RAMP], cells, problems)
     if problems:
         raise ConfigError(problems)
-    cells, plans = _size_cells(cells, settings.resources, pinned={k for k in ("accumulation", "micro_batch")
-                                                                  if k in data})
+    pinned = {k for k in ("accumulation", "micro_batch") if k in data}
+    cells, plans = _size_cells(cells, settings.resources, pinned=pinned)
+    if BRANCH in data:
+        branches = _expand_branches(data[BRANCH], cells, problems)
+        if problems:
+            raise ConfigError(problems)
+        more, more_plans = _size_cells(branches, settings.resources, pinned=pinned)
+        seen = {c.id for c in cells}
+        for cell in more:
+            if cell.id in seen:
+                problems.append(f"{BRANCH}: branch cell {cell.id} is listed twice (two blocks give the same branch)")
+            seen.add(cell.id)
+        if problems:
+            raise ConfigError(problems)
+        cells, plans = cells + more, plans + more_plans
     run = {name: getattr(settings, name) for name in GRID_FIELDS}
     run["backend"] = settings.effective_backend
     # A store as data root is read at <store>/datasets/<name>/, where `critbatch data stage` wrote it.
     run["data_root"] = settings.data_root or settings.store
     return Grid(**run, raw=data, source=source, _cells=cells, _plans=plans)
+
+
+def _blocks(spec: Any, name: str, model: type, problems: list[str]) -> Iterator[tuple[str, Any]]:
+    """Each block of a grid's ``name`` block (or list of blocks) that validates as ``model``, with its path; the
+    others' errors go to ``problems``."""
+    blocks = spec if isinstance(spec, list) else [spec]
+    if not blocks:
+        problems.append(f"{name}: list at least one block")
+    for i, raw in enumerate(blocks):
+        path = f"{name}[{i}]" if isinstance(spec, list) else name
+        try:
+            yield path, model.model_validate(raw)
+        except ValidationError as err:
+            problems.extend(error_lines(err, path, model))
+
+
+def _expand_ramps(spec: Any, cells: list[Cell], problems: list[str]) -> list[Cell]:
+    """The ramp cells of the grid's ``ramp`` block (or list of blocks): each grid cell whose batch_size is a
+    block's first batch, with that ramp."""
+    out: list[Cell] = []
+    found: dict[str, None] = {}  # ordered set: a problem every base shares is reported once
+    seen = {c.id for c in cells}
+    for path, ramp in _blocks(spec, RAMP, RampSpec, problems):
+        first = ramp.phases[0].batch
+        bases = [c for c in cells if c.batch_size == first]
+        if not bases:
+            sizes = ", ".join(str(m) for m in sorted({c.batch_size for c in cells}))
+            problems.append(f"{path}.phases[0].batch: {first} is the batch_size of no cell of the grid (a ramp starts "
+                            f"from one); allowed: {sizes}")
+            continue
+        for base in bases:
+            cell = base.model_copy(update={"ramp": ramp})
+            lines = cell.problems("cell", world_size=None)
+            for line in lines:
+                head, sep, rest = line.partition(": ")
+                head = path + head[len("cell.ramp"):] if head.startswith("cell.ramp") else head.removeprefix("cell.")
+                found[f"{head}{sep}{rest}"] = None
+            if lines:
+                continue
+            if cell.id in seen:
+                problems.append(f"{path}: ramp cell {cell.id} is listed twice (two blocks give the same ramp)")
+                continue
+            seen.add(cell.id)
+            out.append(cell)
+    problems.extend(found)
+    return out
+
+
+def _expand_branches(spec: Any, bases: list[Cell], problems: list[str]) -> list[Cell]:
+    """The branch cells of the grid's ``branch`` block (or list of blocks) over its sized cells ``bases``."""
+    out: list[Cell] = []
+    for path, block in _blocks(spec, BRANCH, BranchBlock, problems):
+        chosen = _branch_bases(block, bases, path, problems)
+        for base in chosen:
+            if base.keep is None:
+                problems.append(f"{path}.from: base cell {base.id} keeps no checkpoints; give it keep: {{at: [...]}}")
+                continue
+            if block.at is None and block.steps is None:  # every kept point of the base
+                fractions, steps = base.keep.at, base.keep.steps
+            else:
+                fractions, steps = block.at or [], block.steps or []
+            points = [("at", f) for f in fractions] + [("step", n) for n in steps]
+            for (kind, value), k, seed in itertools.product(points, block.multipliers, block.seeds or [base.seed]):
+                branch = {"base": base.id, kind: value, "multiplier": k, "rule": block.rule,
+                          "length": block.length.model_dump(exclude_none=True), "seed": seed,
+                          "base_accumulation": base.accumulation, "base_micro_batch": base.micro_batch}
+                where = f"{path} (base {base.id}, {kind} {value:g}, multiplier {k}, seed {seed})"
+                try:
+                    cell = base.model_copy(update={"batch_size": base.batch_size * k, "branch": branch,
+                                                   "accumulation": 1, "micro_batch": None})
+                except ValidationError as err:
+                    problems.extend(f"{where}: {line}" for line in error_lines(err, "cell", Cell))
+                    continue
+                found = cell.problems("cell", world_size=None)
+                if found:
+                    problems.extend(f"{where}: {line.removeprefix('cell.')}" for line in found)
+                    continue
+                out.append(cell)
+    return out
+
+
+def _branch_bases(block: BranchBlock, cells: list[Cell], path: str, problems: list[str]) -> list[Cell]:
+    """The cells ``block.from_`` selects: the one of that id, those whose fields hold the given values, or (no
+    ``from``) every cell with ``keep``."""
+    if block.from_ is None:
+        chosen = [c for c in cells if c.keep is not None]
+        if not chosen:
+            problems.append(f"{path}: no cell of the grid keeps checkpoints (set keep: {{at: [...]}}), and no from "
+                            "names a base")
+        return chosen
+    if isinstance(block.from_, str):
+        chosen = [c for c in cells if c.id == block.from_]
+    else:
+        chosen = [c for c in cells if _holds(c.to_dict(), block.from_)]
+    if not chosen:
+        ids = ", ".join(c.id for c in cells if c.keep is not None) or "none"
+        problems.append(f"{path}.from: {shown(block.from_)} selects no cell of the grid; cells with keep: {ids}")
+    return chosen
+
+
+def _holds(data: Any, want: Any) -> bool:
+    """``want``'s values are ``data``'s (mappings compared key by key, so a partial mapping selects)."""
+    if isinstance(want, dict):
+        return isinstance(data, dict) and all(k in data and _holds(data[k], v) for k, v in want.items())
+    return data == want
 
 
 def _size_cells(cells: list[Cell], resources: Resources, pinned: set[str]) -> tuple[list[Cell], list[CellPlan]]:
@@ -763,7 +926,14 @@ def _axis_fields(model: type[BaseModel], names: tuple[str, ...], cache: dict[typ
 def grid_schema() -> dict:
     """The JSON Schema of a grid spec: the run settings, and every cell field as an axis (a value or a list)."""
     spec = create_model("GridSpec", __base__=GridSettings, __doc__=__doc__.split("\n\n")[0],
-                        **_axis_fields(Cell, CELL_FIELDS, {}))
+                        **_axis_fields(Cell, CELL_FIELDS, {}),
+                        ramp=(Union[RampSpec, list[RampSpec], None],
+                              Field(None, description="batch-size ramps (docs/ramp.md): each adds, for every cell "
+                                    "whose batch_size is its first batch, the same cell with the ramp; one block or "
+                                    "a list of them")),
+                        branch=(Union[BranchBlock, list[BranchBlock], None],
+                                Field(None, description="branch cells from the kept checkpoints of base cells "
+                                      "(docs/branches.md): one block or a list of them")))
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **spec.model_json_schema()}
 
 

@@ -25,12 +25,12 @@ from typing import Any
 import jinja2
 import yaml
 
-from critbatch.jobs import backends
-from critbatch.jobs.backends import Backend, k8s
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.sweepfile import class_digest
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.inputs import output_dir, shown
+from .. import backends
+from ..backends import Backend, k8s
+from ..cell.spec import Cell
+from ..cell.sweepfile import class_digest
+from ..cell.errors import ConfigError, ExitCode
+from ..cell.inputs import output_dir, shown
 from .grid import Grid, load_grid
 from .sizing import Placement, scale_quantity
 from .space import sweep_space
@@ -285,7 +285,7 @@ def render_analysis_document(grid: Grid) -> Document:
         "deadline_seconds": a.deadline_seconds,
         "ttl_seconds": grid.resources.ttl_seconds,
         "grace_seconds": grid.resources.grace_seconds,
-        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+        "exit_code_config": int(ExitCode.CONFIG),
     }
     return _render("job-analysis.yaml.j2", ctx)
 
@@ -328,7 +328,7 @@ def render_search_documents(grid: Grid, *, poll_seconds: float = 30.0) -> list[D
         "deadline_seconds": grid.resources.deadline_seconds,
         "ttl_seconds": grid.resources.ttl_seconds,
         "grace_seconds": grid.resources.grace_seconds,
-        "exit_code_config": k8s.EXIT_CODE_CONFIG,
+        "exit_code_config": int(ExitCode.CONFIG),
     }
     return [_render("serviceaccount-search.yaml.j2", meta), _render("role-search.yaml.j2", {**meta, "rules": rules}),
             _render("rolebinding-search.yaml.j2", meta), _render("job-search.yaml.j2", job)]

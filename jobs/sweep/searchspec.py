@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from critbatch.jobs.cell.validation import PositiveFloat, PositiveInt, Range, Strict
+from ..cell.validation import PositiveFloat, PositiveInt, Range, Strict
 
 
 class SearchSpec(Strict):

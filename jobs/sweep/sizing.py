@@ -14,6 +14,9 @@ One device of a cell holds, in bytes::
 
 ``per_sample`` was measured once per model and input size on the CPU (benchmarks/measure_memory.py
 writes memory.json beside this file; torch stays out of this package, which only reads the table). A
+language model too costly to step on a CPU (GPT-2 small at 1024 tokens) is counted instead: one step on
+fake tensors at its full shape, its peak the live tensor bytes rather than a resident set; its entry
+says so in ``method``. A token set's windows stream from its files, so its data adds nothing. A
 device offers ``USABLE`` of its memory: ``resources.gpu_memory``, else the memory of
 ``resources.gpu_type`` (GPU_MEMORY, or the "-80GB" in the product name), else DEFAULT_GPU_MEMORY, with
 a warning; a CPU cell (gpus 0) offers its pod's ``resources.memory``.
@@ -41,9 +44,9 @@ from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any, Iterable
 
-from critbatch.jobs.cell.errors import ConfigError
-from critbatch.jobs.cell.options import dataset_options, model_options
-from critbatch.jobs.cell.spec import DATASETS, Cell
+from ..cell.errors import ConfigError
+from ..cell.options import dataset_options, model_options
+from ..cell.spec import DATASETS, Cell
 
 GiB = 2 ** 30
 
@@ -86,6 +89,10 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "mnist": (1, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "svhn": (3, 32, 32),
     "digits": (1, 8, 8), "mnist1d": (1, 40), "wikitext2": (35, 33278),
 }
+#: Token datasets (critbatch.jobs.data.tokens): an example is a window of the options' seq_len tokens, the
+#: vocabulary the options' vocab_size or this figure; the windows stream from memory-mapped files, so none of
+#: the data stays on the device.
+TOKEN_SETS: dict[str, int | None] = {"tokens": None, "pycorpus": 256}
 #: Bytes of one stored example (inputs and labels as the loaders hold them on the device), and test-split
 #: sizes: the data a cell keeps resident on its device.
 _STORED = {"uint8_image": 1, "float_image": 4}
@@ -100,6 +107,9 @@ def input_shape(cell: Cell) -> tuple[int, ...] | None:
         return (3, *dataset_options(cell.dataset).size)
     if name == "linreg":
         return (dataset_options(cell.dataset).d,)
+    if name in TOKEN_SETS:
+        options = dataset_options(cell.dataset)
+        return (options.seq_len, getattr(options, "vocab_size", TOKEN_SETS[name]))
     return INPUT_SHAPES.get(name)
 
 
@@ -122,7 +132,9 @@ def example_bytes(cell: Cell) -> int:
 
 
 def data_bytes(cell: Cell) -> int:
-    """The training and test data the cell keeps on its device."""
+    """The training and test data the cell keeps on its device (none of a token set's)."""
+    if cell.dataset.name in TOKEN_SETS:
+        return 0
     train = cell.train_size() or 0
     return (train + TEST_SIZES.get(cell.dataset.name, 0)) * example_bytes(cell)
 
@@ -410,7 +422,8 @@ def format_plan(sweep: str, cells: list[Cell], plans: list[CellPlan], memory: tu
     rows = [("CELL", "MODEL", "PRECISION", "BATCH", "DEVICES", "MICRO", "ACCUM", "EST/DEVICE", "NOTE")]
     for cell, plan in zip(cells, plans):
         est = f"{plan.estimate / GiB:.1f} GiB" if plan.estimate is not None else "-"
-        rows.append((cell.id, cell.model, cell.precision, str(cell.batch_size), plan.placement.describe(),
+        batch = str(cell.batch_size) if cell.ramp is None else f"{cell.batch_size}->{cell.ramp.phases[-1].batch}"
+        rows.append((cell.id, cell.model, cell.precision, batch, plan.placement.describe(),
                      str(plan.micro_batch), str(plan.accumulation), est, plan.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]

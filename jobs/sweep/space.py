@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from critbatch.jobs.cell.spec import Cell, total_steps
-
+from ..cell.spec import Cell, total_steps
 from .sizing import load_table, memory_key
 
 #: Bytes of one row of a cell's step log (Arrow IPC, measured on the digits preset: 100-150), and of a

@@ -9,7 +9,9 @@ A process can die between the two writes (SIGKILL, a preempted node, a lost
 store); a checkpoint directory without ``COMPLETE`` is then ignored by
 :meth:`Checkpointer.load_latest` and removed by the next successful save. Older
 checkpoints beyond ``keep`` are pruned only after the new one is complete, so
-a valid checkpoint exists at every moment once the first save finished.
+a valid checkpoint exists at every moment once the first save finished. The
+steps in ``pinned`` (a cell's ``keep`` points) are never pruned: they outlive
+the run, for branches to start from (finish.prune_checkpoints keeps them too).
 """
 
 from __future__ import annotations
@@ -22,23 +24,25 @@ from typing import Any, Callable
 
 import torch
 
-from critbatch.jobs.store import Store
+from ..cell.layout import CHECKPOINT_COMPLETE, CHECKPOINT_STATE, checkpoint_dir
+from ..store import Store
 
-STATE = "state.pt"
-COMPLETE = "COMPLETE"
+STATE = CHECKPOINT_STATE
+COMPLETE = CHECKPOINT_COMPLETE
 _STEP_DIR = re.compile(r"/checkpoint/step-(\d+)/([^/]+)$")
 
 
 class Checkpointer:
-    def __init__(self, store: Store, prefix: str, keep: int = 2):
+    def __init__(self, store: Store, prefix: str, keep: int = 2, pinned: frozenset[int] = frozenset()):
         if keep < 1:
             raise ValueError(f"checkpoint: keep must be >= 1, got {keep}")
         self.store = store
         self.prefix = prefix.rstrip("/")
         self.keep = keep
+        self.pinned = frozenset(pinned)
 
     def _dir(self, step: int) -> str:
-        return f"{self.prefix}/checkpoint/step-{step:010d}"
+        return checkpoint_dir(self.prefix, step)
 
     def _scan(self) -> dict[int, set[str]]:
         """Step -> names of the files present in that checkpoint's directory."""
@@ -71,17 +75,26 @@ class Checkpointer:
     def _prune(self, newest: int) -> None:
         found = self._scan()
         complete = sorted(s for s, names in found.items() if COMPLETE in names and STATE in names)
-        keep = set(complete[-self.keep:])
+        keep = set(complete[-self.keep:]) | self.pinned
         for step, names in found.items():
             # Incomplete directories newer than the save just made belong to no one we know of; leave them.
             if step in keep or step > newest:
                 continue
-            folder = self._dir(step)
-            # Marker first: a half-deleted checkpoint must never look complete.
-            if COMPLETE in names:
-                self.store.delete(f"{folder}/{COMPLETE}")
-            for name in sorted(names - {COMPLETE}):
-                self.store.delete(f"{folder}/{name}")
+            self._delete(step, names)
+
+    def prune_unpinned(self) -> None:
+        """Delete every checkpoint but the pinned ones (the end of a run that keeps some), markers first."""
+        for step, names in self._scan().items():
+            if step not in self.pinned:
+                self._delete(step, names)
+
+    def _delete(self, step: int, names: set[str]) -> None:
+        folder = self._dir(step)
+        # Marker first: a half-deleted checkpoint must never look complete.
+        if COMPLETE in names:
+            self.store.delete(f"{folder}/{COMPLETE}")
+        for name in sorted(names - {COMPLETE}):
+            self.store.delete(f"{folder}/{name}")
 
     def load_latest(self, map_location: str | torch.device = "cpu",
                     accept: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any] | None:

@@ -22,9 +22,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.data.datasets import TaskData
-from critbatch.jobs.models.zoo import IGNORE_INDEX, metric_name
-
+from ..data.datasets import TaskData
+from ..models.zoo import IGNORE_INDEX, metric_name
 from .distributed import Dist, all_reduce_sum_
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

@@ -10,7 +10,9 @@ past that they end in StoreUnavailable, which ``critbatch train`` exits with
 as 202: the Job retries the pod, and the next attempt resumes from the last
 checkpoint. Once ``_SUCCESS`` is there the checkpoints are deleted (a
 finished cell is never resumed; ``model.pt`` keeps its final weights), so a
-sweep's store holds checkpoints only for the cells still running.
+sweep's store holds checkpoints only for the cells still running, and the kept
+ones of cells with ``keep`` (listed in ``_SUCCESS`` as ``kept``: branches
+start from them).
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.errors import StoreUnavailable
-from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED, success_summary
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.version import code_version
-from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import readable_parts
-from critbatch.jobs.store.logstream import LogStream
-from critbatch.jobs.store.retry import wait_out_outage
-
+from ..cell.errors import StoreUnavailable
+from ..cell.layout import cell_prefix, success_key
+from ..cell.logschema import SCHEMAS, STATUS_DIVERGED, STATUS_DONE, STATUS_REACHED, success_summary
+from ..cell.spec import Cell
+from ..cell.version import code_version
+from ..store import Store
+from ..store.cellstate import readable_parts
+from ..store.logstream import LogStream
+from ..store.retry import wait_out_outage
+from .checkpoint import Checkpointer
 from .distributed import Dist, average_gradients_
 from .evaluate import linear_approx_error
 from .guard import CellGuard
@@ -48,8 +50,10 @@ def final_linear_approx_error(model: nn.Module, batch: tuple[Tensor, Tensor], *,
                               step_size: float) -> tuple[float, dict]:
     """Paper 4.2 at the final weights, with g_m the gradient of one global batch (this rank's share ``batch``).
 
-    The step is eta_0 * m / m0 (the LSR step, as in the paper's Figure 2),
-    whatever the cell's strategy; L is ``loss_at()``, the train-subset loss.
+    The step is ``step_size``: for SGD eta_0 * m / m0 (the LSR step, as in the
+    paper's Figure 2, critbatch.jobs.cell.science.lsr_lr through
+    optimizers.probe_step), whatever the cell's strategy; L is ``loss_at()``,
+    the train-subset loss.
     Both L and g_m are taken in eval mode (no dropout, BatchNorm on running
     statistics) so that g_m is the gradient of the L evaluated. ``loss_of`` is
     the mean loss of ``model`` on a micro-batch; the share is split into
@@ -98,9 +102,9 @@ class DamagedLogs(RuntimeError):
 
 def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | None,
                   weights: dict[str, Tensor] | None, patience_s: float = STORE_PATIENCE_S,
-                  guard: CellGuard | None = None) -> dict:
+                  guard: CellGuard | None = None, kept: frozenset[int] = frozenset()) -> dict:
     """Rank 0's last writes, in order: every log part, ``model.pt`` (``weights``; None: none), ``_SUCCESS``;
-    then the checkpoints are pruned (:func:`prune_checkpoints`).
+    then the checkpoints are pruned (:func:`prune_checkpoints`), all but the steps in ``kept``.
 
     With a log stream, its parts are then read back and checked (:func:`log_manifest`), and the
     ``_SUCCESS`` written (and returned) carries their manifest; with a ``guard``, the lease is
@@ -122,7 +126,7 @@ def write_results(store: Store, cell: Cell, summary: dict, *, logs: LogStream | 
         wait_out_outage(lambda: guard.fence("writing _SUCCESS"), what="check the lease", deadline=deadline,
                         base_delay=1.0)
     _put(store, success_key(cell.sweep, cell.id), (json.dumps(summary, indent=2) + "\n").encode(), deadline)
-    prune_checkpoints(store, cell)
+    prune_checkpoints(store, cell, kept)
     return summary
 
 
@@ -145,16 +149,21 @@ def log_manifest(store: Store, prefix: str, steps: int) -> dict:
     return manifest
 
 
-def prune_checkpoints(store: Store, cell: Cell) -> None:
-    """Delete ``<cell>/checkpoint/`` once ``_SUCCESS`` is written: a finished cell is never resumed.
+def prune_checkpoints(store: Store, cell: Cell, kept: frozenset[int] = frozenset()) -> None:
+    """Delete ``<cell>/checkpoint/`` once ``_SUCCESS`` is written: a finished cell is never resumed; with
+    ``kept`` (the steps of the cell's ``keep`` points), every checkpoint but those.
 
     A ResNet-34 cell's two checkpoints (weights and momentum, about 170 MB each) would otherwise outlive
     it. The cell is done whatever happens here, so a store that fails now leaves them, with one line
     saying so, instead of failing the cell.
     """
-    folder = f"{cell_prefix(cell.sweep, cell.id)}/checkpoint/"
+    prefix = cell_prefix(cell.sweep, cell.id)
+    folder = f"{prefix}/checkpoint/"
     try:
-        store.delete_prefix(folder)
+        if kept:
+            Checkpointer(store, prefix, pinned=kept).prune_unpinned()
+        else:
+            store.delete_prefix(folder)
     except StoreUnavailable as err:
         print(f"critbatch train: cell {cell.id} is done, but its checkpoints stay in {store.join(folder)} "
               f"(store unavailable: {err})", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ under the lease and said in the log: ``--force`` (the user asked to train a
 finished cell again) and a repair (its ``_SUCCESS`` is unreadable, or the
 parts it lists are damaged: the cell is not finished, whatever the marker
 says). A second trainer never gets that far: the lease is taken before any
-data is loaded, and refused with EXIT_LEASE_HELD.
+data is loaded, and refused with ExitCode.LEASE_HELD.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import os
 import shutil
 from pathlib import Path
 
-from critbatch.jobs.cell.errors import LeaseHeld
-from critbatch.jobs.cell.layout import cell_prefix, success_key
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.store import Store
-from critbatch.jobs.store.lease import LEASE_SECONDS, Lease, lease_prefix
-from critbatch.jobs.store.logstream import spool_dir
+from ..cell.errors import LeaseHeld
+from ..cell.layout import cell_prefix, success_key
+from ..cell.spec import Cell
+from ..store import Store
+from ..store.lease import LEASE_SECONDS, Lease, lease_prefix
+from ..store.logstream import spool_dir
 
 #: Environment variable for ``critbatch train --lease-seconds``' default.
 LEASE_SECONDS_ENV = "CRITBATCH_LEASE_SECONDS"

@@ -20,19 +20,9 @@ the store works too) or inline JSON (``critbatch cells GRID`` prints them):
     # JOB_COMPLETION_INDEX, read from <store>/<sweep>/sweep.yaml
     critbatch train --cell-from-sweep SWEEP --resource-class 1gpu --sweep-digest D --store s3://critbatch/runs
 
-Exit codes (one table for every backend; jobs/cell/errors.py):
-
-    0    done, reached (the cell's stop threshold), diverged (a result, not a crash), already finished (its
-         ``_SUCCESS`` exists), or paused at ``--pause-at`` (checkpointed, no ``_SUCCESS``)
-    1    a crash: a bug, with its traceback (the Job retries the pod, which resumes)
-    2    bad input: the cell, the data, the options or the store settings (nothing written; the
-         manifests' podFailurePolicy fails the Job at once, since retrying cannot help)
-    4    --device cuda (what a GPU pod renders) and torch sees no CUDA device (permanent: an old driver)
-    202  the store stayed unreachable past the retries (retryable: the next attempt resumes)
-    130  interrupted (Ctrl-C)
-    143  stopped by SIGTERM after a checkpoint (preemption: the next attempt resumes)
-    203  another trainer holds the cell's lease (retryable: the next attempt finds it finished, or takes
-         over once the lease expires; nothing of the cell was touched)
+Exit codes: one table for every backend, critbatch.jobs.cell.errors.ExitCode;
+``critbatch train --help`` prints the trainer's from it, and the README's
+"Exit codes" says what each backend does with them.
 
 What is written, in order (rank 0 alone writes): ``cell.json`` (the cell,
 its id, code version and derived figures), step and eval log parts, checkpoints,
@@ -46,21 +36,21 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from critbatch.jobs.cell.errors import EXIT_LEASE_HELD, EXIT_PREEMPTED, ConfigError, DeviceMissing, LeaseHeld
-from critbatch.jobs.cell.inputs import decode, read_text, shown
-from critbatch.jobs.cell.layout import cell_prefix, success_key, sweep_problem
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.sweepfile import cell_in_class
-from critbatch.jobs.data.datasets import load_task_data, mix_seed
-from critbatch.jobs.models.zoo import build_model
-from critbatch.jobs.store import Store, open_store
-from critbatch.jobs.store.cellstate import DAMAGED, cell_state
-
+from ..cell.errors import BasePending, ConfigError, DeviceMissing, ExitCode, LeaseHeld
+from ..cell.inputs import decode, read_text, shown
+from ..cell.layout import CHECKPOINT_COMPLETE, cell_prefix, checkpoint_dir, success_key, sweep_problem
+from ..cell.spec import Cell, branch_start
+from ..cell.sweepfile import cell_in_class
+from ..data.datasets import load_task_data, mix_seed
+from ..models.zoo import build_model
+from ..store import Store, open_store
+from ..store.cellstate import DAMAGED, cell_state
 from . import distributed
 from .distributed import Dist, all_gather_object, dist_from_env
 from .finish import DamagedLogs
@@ -69,6 +59,23 @@ from .launch import record_cause
 from .parent import arm_from_env
 from .plan import Plan
 from .trainer import Paused, Preempted, Trainer, write_cell_record
+
+
+#: Seconds between two looks at the store while a branch waits for its base's checkpoint.
+BASE_POLL_S = 5.0
+#: Seconds a branch waits for its base's checkpoint unless told (--base-wait, env CRITBATCH_BASE_WAIT).
+BASE_WAIT_S = 600.0
+
+
+def default_base_wait() -> float:
+    """``CRITBATCH_BASE_WAIT`` when set (seconds), else BASE_WAIT_S."""
+    text = os.environ.get("CRITBATCH_BASE_WAIT", "")
+    if not text:
+        return BASE_WAIT_S
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"CRITBATCH_BASE_WAIT: {shown(text)} is not a number of seconds") from None
 
 
 @record_cause
@@ -97,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
             flush_seconds=args.flush_seconds, checkpoint_seconds=args.checkpoint_seconds,
             checkpoint_steps=args.checkpoint_steps, download=args.download, force=args.force,
             progress=args.progress, lease_seconds=args.lease_seconds, pause_at=args.pause_at,
+            base_wait=args.base_wait if args.base_wait is not None else default_base_wait(),
         )
     except Paused as paused:
         if dist.is_main:
@@ -104,11 +112,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     except Preempted as stop:
         if dist.is_main:
-            print(f"critbatch train: cell {cell.id}: {stop}; exit {EXIT_PREEMPTED}", flush=True)
-        return EXIT_PREEMPTED
+            print(f"critbatch train: cell {cell.id}: {stop}; exit {ExitCode.PREEMPTED}", flush=True)
+        return ExitCode.PREEMPTED
     except LeaseHeld as held:
-        print(f"critbatch train: {held}; the cell is left to it, exit {EXIT_LEASE_HELD}", flush=True)
-        return EXIT_LEASE_HELD
+        print(f"critbatch train: {held}; the cell is left to it, exit {ExitCode.LEASE_HELD}", flush=True)
+        return ExitCode.LEASE_HELD
+    except BasePending as pending:
+        print(f"critbatch train: cell {cell.id}: {pending}; nothing written, exit {ExitCode.BASE_PENDING} "
+              "(a retry waits again)", flush=True)
+        return ExitCode.BASE_PENDING
     if dist.is_main:
         final = summary.get("final") or {}
         print(f"critbatch train: cell {cell.id} {summary['status']} after {summary['steps']} steps "
@@ -159,14 +171,17 @@ def cell_from_sweep(store: Store, sweep: str, resource_class: str | None, digest
 def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto", flush_steps: int = 500,
                flush_seconds: float = 15.0, checkpoint_seconds: float = 300.0, checkpoint_steps: int = 0,
                download: bool = False, force: bool = False, progress: str = "auto",
-               lease_seconds: float | None = None, pause_at: int | None = None) -> dict:
+               lease_seconds: float | None = None, pause_at: int | None = None,
+               base_wait: float = BASE_WAIT_S) -> dict:
     """Train ``cell`` (resuming from its newest checkpoint) and return its ``_SUCCESS`` summary.
 
     Everything that can be wrong with the input (the cell for this world
     size, the data, the model options) raises ConfigError before anything is
     written. Raises :class:`Preempted` after a SIGTERM, LeaseHeld when another
     trainer holds the cell's lease (taken by rank 0 before the data is loaded,
-    renewed every ``lease_seconds / 3``), :class:`Paused` at step ``pause_at`` (checkpointed, no ``_SUCCESS``).
+    renewed every ``lease_seconds / 3``), :class:`Paused` at step ``pause_at`` (checkpointed, no ``_SUCCESS``),
+    BasePending when the cell is a branch whose base's kept checkpoint is not in the store within ``base_wait``
+    seconds (nothing written).
     A cell whose ``_SUCCESS`` is unreadable
     or whose parts are damaged is not finished: it is trained again (guard.py).
     """
@@ -183,6 +198,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
         raise ConfigError(f"--pause-at: must be a step >= 1, got {pause_at}")
     if lease_seconds is not None and not lease_seconds > 0:
         raise ConfigError(f"--lease-seconds: must be positive, got {lease_seconds}")
+    if not base_wait >= 0:
+        raise ConfigError(f"--base-wait: must be 0 or more seconds, got {base_wait}")
     if not force:
         state = cell_state(store, cell.sweep, cell.id)
         if state.finished:
@@ -197,6 +214,8 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
         raise ConfigError(f"cell.batch_size: {cell.batch_size} is larger than the training set "
                           f"({data.n_train} examples)")
     model = _initial_model(cell, data)
+    if cell.branch is not None:
+        wait_for_base(store, cell, branch_start(cell, data.n_train), base_wait)
 
     # The lease only now, so that bad input (above) leaves nothing in the store, not even a lease record.
     guard = CellGuard(store, cell, ttl_s=lease_seconds or default_lease_seconds()).acquire() if dist.is_main else None
@@ -238,6 +257,33 @@ def train_cell(cell: Cell, store: Store, *, data_root: str, device: str = "auto"
     finally:
         if guard is not None:
             guard.release()
+
+
+def wait_for_base(store: Store, cell: Cell, step: int, timeout: float, poll: float = BASE_POLL_S) -> None:
+    """Return once the kept checkpoint of the branch's base at ``step`` is in the store (its COMPLETE marker);
+    BasePending after ``timeout`` seconds without it; ConfigError when the base finished without it (it
+    diverged or stopped before ``step``: waiting cannot help)."""
+    base = cell.branch.base
+    key = f"{checkpoint_dir(cell_prefix(cell.sweep, base), step)}/{CHECKPOINT_COMPLETE}"
+    deadline = time.monotonic() + timeout
+    said = False
+    while not store.exists(key):
+        state = cell_state(store, cell.sweep, base)
+        if state.finished:
+            summary = state.summary or {}
+            kept = ", ".join(str(p.get("step")) for p in summary.get("kept") or []) or "none"
+            raise ConfigError(f"cell.branch: the base cell {base} finished ({summary.get('status')} after "
+                              f"{summary.get('steps')} steps) without a checkpoint at step {step}; its kept "
+                              f"steps: {kept}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BasePending(f"the base cell {base} has not written its checkpoint at step {step} "
+                              f"({store.join(key)}) within {timeout:g} s")
+        if not said:
+            print(f"critbatch train: branch {cell.id} waits up to {timeout:g} s for base cell {base}'s checkpoint "
+                  f"at step {step}", flush=True)
+            said = True
+        time.sleep(min(poll, left))
 
 
 def _initial_model(cell: Cell, data) -> torch.nn.Module:

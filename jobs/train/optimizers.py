@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from critbatch.jobs.cell.optimizers import scaled_optimizer
-from critbatch.jobs.cell.spec import Cell
-
+from ..cell.optimizers import scaled_optimizer
+from ..cell.science import lsr_lr
+from ..cell.spec import Cell
 from .strategies import peak_lr
 
 
@@ -106,10 +106,11 @@ def build_optimizer(cell: Cell, model: nn.Module, derived: dict | None = None) -
 
 
 def probe_step(cell: Cell, derived: dict | None = None) -> float:
-    """The step size of paper 4.2's linear-approximation error: SGD's LSR step eta_0 m / m0 (the paper's), for
-    the other optimizers the LR their strategy gives at m (the step is taken along the gradient either way)."""
+    """The step size of paper 4.2's linear-approximation error: SGD's LSR step eta_0 m / m0 (the paper's,
+    critbatch.jobs.cell.science.lsr_lr) whatever its strategy, for the other optimizers the LR their strategy
+    gives at m (the step is taken along the gradient either way)."""
     if cell.optimizer.name == "sgd":
-        return cell.base_lr * cell.batch_size / cell.base_batch
+        return lsr_lr(cell.base_lr, cell.batch_size, cell.base_batch)
     return peak_lr(cell, derived)
 
 

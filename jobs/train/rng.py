@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from critbatch.jobs.data.datasets import mix_seed
+from ..data.datasets import mix_seed
 
 
 def seed_rngs(seed: int, rank: int, *extra: Any) -> None:

@@ -24,10 +24,15 @@ the run, all at or below eps, rule out a single lucky dip.
 
 k is the first crossing, interpolated between the evaluation before it and the
 one at it, linearly in log(loss): the rule the analysis applies to the same
-curve (critbatch.analysis.compute.crossing), so ``_SUCCESS``'s k is the k the
-report reads. With ``expect`` (the step a fit predicts for the crossing) the
-evaluations between expect/2 and 2 expect are DENSITY times as frequent as the
-sweep's shared grid, so the crossing is located where it happens.
+curve (critbatch.jobs.cell.science.crossing, called by both), so ``_SUCCESS``'s
+k is the k the report reads. The stop keeps only the evaluation before the
+current one, and it counts a loss as at or below eps only when it is finite;
+a previous evaluation that is not finite brackets nothing, so k is then the
+current step (the analysis, holding the whole curve, looks further back).
+
+With ``expect`` (the step a fit predicts for the crossing) the evaluations
+between expect/2 and 2 expect are DENSITY times as frequent as the sweep's
+shared grid, so the crossing is located where it happens.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from critbatch.jobs.cell.spec import StopSpec
+from ..cell.science import crossing
+from ..cell.spec import StopSpec
 
 #: How much denser than the shared evaluation grid the evaluations around the expected crossing are.
 DENSITY = 4
@@ -52,17 +58,6 @@ def dense_steps(spec: StopSpec | None, total: int, base_total: int, points: int)
         out.add(round(x))
         x *= ratio
     return out
-
-
-def log_crossing(s0: float, v0: float, s1: float, v1: float, eps: float) -> float:
-    """The step where a curve from (s0, v0) above eps to (s1, v1) at or below it crosses eps, linear in log(loss)."""
-    if not (v0 > eps and math.isfinite(v0)):
-        return float(s1)
-    if v1 > 0 and eps > 0:
-        frac = (math.log(v0) - math.log(eps)) / (math.log(v0) - math.log(v1))
-    else:
-        frac = (v0 - eps) / (v0 - v1)
-    return float(s0 + frac * (s1 - s0))
 
 
 class ThresholdStop:
@@ -85,8 +80,9 @@ class ThresholdStop:
         eps = self.spec.threshold
         below = math.isfinite(loss) and loss <= eps
         if below and self.k is None:
-            s0, v0 = self._last if self._last is not None else (step, math.inf)
-            self.k = log_crossing(s0, v0, step, loss, eps)
+            before = [self._last] if self._last is not None and math.isfinite(self._last[1]) else []
+            steps, values = zip(*before, (step, loss))
+            self.k = crossing(steps, values, eps)
         self._last = (step, loss)
         if self.window:
             if step not in self.window:  # the window is judged by its own evaluations only

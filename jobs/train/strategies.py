@@ -4,7 +4,7 @@ A cell's step size depends on its batch size m, the base batch m_0 at which
 eta_0 was tuned, and the strategy:
 
     blr     eta_0                                  the same for every m
-    lsr     eta_0 * m / m_0                        reached by a linear warm-up from eta_0 over W epochs
+    lsr     eta_0 * m / m_0 (cell.science.lsr_lr)  reached by a linear warm-up from eta_0 over W epochs
     srsr    eta_0 * sqrt(m / m_0)                  no warm-up (as in the paper)
     longer  eta_0, and E * m / m_0 epochs          the budget held in iterations, not epochs
     oracle  m / (beta + (m - 1) * lambda_1)        Ma et al.'s optimal step for least squares (linreg only)
@@ -30,13 +30,21 @@ batch size of a sweep, so the loss contours over (batch size, iterations) of
 paper Figure 1 line up without interpolation: it has ``eval.points`` points
 between 1 and the step budget of the base batch m_0, the same ratio carries on
 past it for smaller batches, and each cell keeps the part up to its own total.
+
+A branch (``cell.branch``, docs/branches.md) trains at one constant rate: its
+base's rate at the branch point t (the update after t, warm-up and decay
+included), scaled to k x B by the branch's rule through the strategy that
+states it (``BRANCH_RULES``: linear as lsr, sqrt as srsr, oracle as oracle).
+It evaluates at ``eval.points`` steps spread evenly over its length, the same
+examples for every multiplier whose steps divide evenly.
 """
 
 from __future__ import annotations
 
 import math
 
-from critbatch.jobs.cell.spec import Cell, WsdSpec, total_steps
+from ..cell.science import lsr_lr
+from ..cell.spec import BRANCH_RULES, Cell, WsdSpec, branch_start, total_steps
 
 #: Step decay: the factor, and the fractions of training after which it applies.
 STEP_DECAY_FACTOR = 0.1
@@ -52,6 +60,8 @@ def warmup_steps(cell: Cell, steps_per_epoch: int) -> int:
     """Steps of the linear warm-up: ``warmup`` in steps, examples or tokens at batch m (at least 1); else W
     epochs for ``lsr``, none for the other strategies."""
     w = cell.warmup
+    if cell.branch is not None:
+        return 0  # a branch runs at its rate from its first update
     if w is not None:
         if w.steps is not None:
             return w.steps
@@ -65,10 +75,12 @@ def warmup_steps(cell: Cell, steps_per_epoch: int) -> int:
 def peak_lr(cell: Cell, derived: dict | None = None) -> float:
     """The strategy's step size for batch m, before any decay."""
     m, m0, eta0 = cell.batch_size, cell.base_batch, cell.base_lr
+    if cell.branch is not None:
+        return branch_lr(cell, derived)
     if cell.strategy in ("blr", "longer"):
         return eta0
     if cell.strategy == "lsr":
-        return eta0 * m / m0
+        return lsr_lr(eta0, m, m0)
     if cell.strategy == "srsr":
         return eta0 * math.sqrt(m / m0)
     if cell.strategy == "oracle":
@@ -78,6 +90,29 @@ def peak_lr(cell: Cell, derived: dict | None = None) -> float:
     raise ValueError(f"strategy {cell.strategy!r}")
 
 
+def base_rate_at_branch(cell: Cell, derived: dict) -> float:
+    """The rate of the base's update after the branch point t (``derived``: the data's figures, n_train among
+    them, which the base's step budget and t depend on)."""
+    base, n_train = cell.base_cell(), derived["n_train"]
+    return lr_at(base, branch_start(cell, n_train), max(1, n_train // base.batch_size), derived)
+
+
+def branch_lr(cell: Cell, derived: dict | None) -> float:
+    """A branch's constant rate: the base's rate eta_t at t, scaled to the branch's batch k x B by its rule,
+    computed by the strategy that states the rule (eta_t as eta_0 at m_0 = B: lsr eta_t k, srsr eta_t sqrt(k),
+    oracle eta*(k B))."""
+    if not derived or "n_train" not in derived:
+        raise ValueError("a branch's rate needs the data's figures (n_train; beta and lambda_1 for oracle)")
+    rate = base_rate_at_branch(cell, derived)
+    if rate <= 0:
+        return 0.0
+    base = cell.base_cell()
+    scaled = base.model_copy(update={
+        "strategy": BRANCH_RULES[cell.branch.rule], "base_lr": rate, "base_batch": base.batch_size,
+        "batch_size": cell.batch_size, "warmup_epochs": 0.0, "warmup": None, "keep": None})
+    return peak_lr(scaled, derived)
+
+
 def oracle_lr(m: int, beta: float, lambda_1: float) -> float:
     """eta*(m) = m / (beta + (m - 1) * lambda_1), Ma, Bassily and Belkin (2018), for 0.5 * mean squared error."""
     return m / (beta + (m - 1) * lambda_1)
@@ -85,6 +120,8 @@ def oracle_lr(m: int, beta: float, lambda_1: float) -> float:
 
 def lr_at(cell: Cell, step: int, steps_per_epoch: int, derived: dict | None = None) -> float:
     """The learning rate of the update made after ``step`` updates (0-based)."""
+    if cell.branch is not None:
+        return branch_lr(cell, derived)  # constant (Plan.lr computes it once)
     total = total_steps(cell, steps_per_epoch)
     peak = peak_lr(cell, derived)
     warm = warmup_steps(cell, steps_per_epoch)
@@ -128,6 +165,8 @@ def eval_steps(cell: Cell, total: int, base_total: int) -> list[int]:
     deduplicated; it depends on the sweep (base budget, points), not on the cell's batch size.
     """
     points = max(2, cell.eval.points)
+    if cell.branch is not None:  # evenly spaced over the branch's length, in examples as in steps
+        return sorted({round(j * total / (points - 1)) for j in range(points)})
     ratio = max(2, base_total) ** (1.0 / (points - 1))
     grid = {0, total}
     k = 0
@@ -138,3 +177,38 @@ def eval_steps(cell: Cell, total: int, base_total: int) -> list[int]:
         grid.add(value)
         k += 1
     return sorted(grid)
+
+
+def ramp_factor(cell: Cell, batch: int, derived: dict | None = None) -> float:
+    """The ramp's LR factor at ``batch`` (a multiple k of the cell's batch B): the rate of its rule at k x B over
+    the rate at B, computed by the strategy that states the rule (``BRANCH_RULES``: linear k, sqrt sqrt(k),
+    oracle eta*(k B) / eta*(B))."""
+    def rate(m: int) -> float:
+        return peak_lr(cell.model_copy(update={
+            "strategy": BRANCH_RULES[cell.ramp.rule], "base_lr": 1.0, "base_batch": cell.batch_size,
+            "batch_size": m, "warmup_epochs": 0.0, "warmup": None, "ramp": None}), derived)
+    return rate(batch) / rate(cell.batch_size)
+
+
+def ramp_stages(cell: Cell, n_train: int, derived: dict | None = None) -> list[dict]:
+    """A ramp's phases as planned: each one's first epoch, batch, steps per epoch (full batches of that size),
+    first step, the examples before it and its LR factor; the phases the budget never reaches left out."""
+    stages, step, examples = [], 0, 0
+    phases = cell.ramp.phases
+    for i, phase in enumerate(phases):
+        spe = max(1, n_train // phase.batch)
+        end = phases[i + 1].epoch if i + 1 < len(phases) else cell.epochs
+        steps = spe * (end - phase.epoch) if i + 1 < len(phases) else round((end - phase.epoch) * spe)
+        stages.append({"epoch": phase.epoch, "batch": phase.batch, "steps_per_epoch": spe, "first_step": step,
+                       "first_examples": examples, "steps": steps,
+                       "lr_factor": ramp_factor(cell, phase.batch, derived)})
+        step, examples = step + steps, examples + steps * phase.batch
+    return stages
+
+
+def ramp_total_steps(cell: Cell, stages: list[dict]) -> int:
+    """Updates of a ramp cell: its phases' steps over the budget in epochs, capped by ``max_steps``; at least 1."""
+    total = sum(stage["steps"] for stage in stages)
+    if cell.max_steps is not None:
+        total = min(total, cell.max_steps)
+    return max(1, total)

@@ -42,6 +42,7 @@ class Pending:
     wall: float
     loss: Tensor
     noise: NoiseSample | None = None
+    samples: int | None = None  # examples seen after it, where the batch changes over the run (a ramp)
 
 
 class StepSync:
@@ -82,8 +83,9 @@ class StepSync:
         noise = {p.step: (p.noise.b_small, p.noise.b_big, s, b) for p, s, b in zip(measured, small, big)}
         rows = []
         for p, loss in zip(pending, losses):
-            row = {"step": p.step, "epoch": p.epoch, "samples_seen": p.step * self.samples_per_step, "lr": p.lr,
-                   "train_loss": loss, "wall_time_s": p.wall}
+            samples = p.step * self.samples_per_step if p.samples is None else p.samples
+            row = {"step": p.step, "epoch": p.epoch, "samples_seen": samples, "lr": p.lr, "train_loss": loss,
+                   "wall_time_s": p.wall}
             if p.step in noise:
                 row.update(zip(("noise_b_small", "noise_b_big", "noise_g_small_sq", "noise_g_big_sq"), noise[p.step]))
             rows.append(row)

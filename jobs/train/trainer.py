@@ -25,6 +25,13 @@ the store (rank 0 reads them back first): a part lost or cut sends it back to
 an older checkpoint, or to the start, and the parts past that point are
 deleted behind the fence. A lease lost to another trainer stops the loop like
 a SIGTERM, but the checkpoint is refused and LeaseHeld raised.
+
+Kept checkpoints (``cell.keep``) are saved at their steps and never pruned;
+``_SUCCESS`` lists them as ``kept``. A branch (``cell.branch``) without a
+checkpoint of its own starts from its base's kept checkpoint at t: the weights,
+the optimizer's state (its hyperparameters the branch's own), the RNG states
+(its seed the base's) and the data position, whose epoch it finishes at its own
+batch (``offset``: the examples of that epoch the base had seen), from step 0.
 """
 
 from __future__ import annotations
@@ -40,16 +47,15 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from critbatch.jobs.cell.errors import StoreUnavailable
-from critbatch.jobs.cell.layout import cell_prefix
-from critbatch.jobs.cell.spec import Cell
-from critbatch.jobs.cell.version import code_version
-from critbatch.jobs.data.datasets import TaskData
-from critbatch.jobs.models.zoo import loss_fn, metric_name
-from critbatch.jobs.store import Store
-from critbatch.jobs.store.cellstate import KINDS, RECORD, read_record, readable_parts
-from critbatch.jobs.store.logstream import LogStream, spool_dir
-
+from ..cell.errors import BasePending, ConfigError, StoreUnavailable
+from ..cell.layout import cell_prefix, checkpoint_dir
+from ..cell.spec import Cell
+from ..cell.version import code_version
+from ..data.datasets import StreamData, TaskData
+from ..models.zoo import loss_fn, metric_name
+from ..store import Store
+from ..store.cellstate import KINDS, RECORD, read_record, readable_parts
+from ..store.logstream import LogStream, spool_dir
 from . import distributed
 from .checkpoint import Checkpointer
 from .distributed import Dist, all_gather_object
@@ -105,6 +111,9 @@ class Trainer:
         self.flush_steps, self.flush_seconds, self.progress_mode = flush_steps, flush_seconds, progress
         self.checkpoint_seconds, self.checkpoint_steps = checkpoint_seconds, checkpoint_steps
         self.plan = Plan.of(cell, data, dist.world)
+        if cell.ramp is not None and isinstance(data, StreamData):
+            raise ConfigError(f"cell.ramp: {cell.dataset.name!r} is a stream, which has no epochs to change the batch "
+                              "at; allowed: datasets held in memory")
         self.cuda = device.type == "cuda"
         self.channels_last = self.cuda and len(data.input_shape) == 3
         _configure_backends(self.cuda)
@@ -127,7 +136,7 @@ class Trainer:
                                    prepare=self._prepare, autocast=self.autocast)
         self.step_sync = StepSync(dist, device, self.plan.m)
         self.stopwatch = Stopwatch(device)
-        self.checkpointer = Checkpointer(store, self.prefix)
+        self.checkpointer = Checkpointer(store, self.prefix, pinned=self.plan.keep_steps)
         self.logs: LogStream | None = None  # rank 0
         self.progress: Progress | None = None  # rank 0
 
@@ -135,6 +144,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_index = 0  # batches of `epoch` already consumed
+        self.offset = 0  # examples of `epoch` consumed before its first batch here (a branch's first epoch)
         self.last_eval: dict[str, Any] = {}
         self.skipped_steps = 0  # bf16: steps whose gradient was not finite, not applied
 
@@ -154,18 +164,18 @@ class Trainer:
         """Everything a resume needs; ``rngs`` are every rank's RNG states, ``log_parts`` the next part indices."""
         return {
             "cell_id": self.cell.id, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-            "samples_seen": self.step * self.plan.m, "wall_time_s": self.stopwatch.total,
+            "samples_seen": self.plan.samples(self.step), "wall_time_s": self.stopwatch.total,
             "last_eval": self.last_eval, "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rngs, "world_size": self.dist.world, "logs": log_parts,
             "data": self.data.state_dict(),  # a stream's position (rank 0's; the same on every rank), else {}
             "threshold": self.threshold.state_dict() if self.threshold is not None else None,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "offset": self.offset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.stopwatch.total, self.last_eval = state["wall_time_s"], state.get("last_eval", {})
-        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_steps, self.offset = state.get("skipped_steps", 0), state.get("offset", 0)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data.load_state_dict(state.get("data") or {})
@@ -191,6 +201,8 @@ class Trainer:
         checkpoint = self._resume_point()
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
+        elif self.cell.branch is not None:
+            self._start_branch()
         if self.dist.active:
             ids = [self.device.index] if self.cuda else None
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
@@ -231,6 +243,41 @@ class Trainer:
                 state = self.checkpointer.load(step)
         return state
 
+    def _start_branch(self) -> None:
+        """A branch's first start: its base's kept checkpoint at t (every rank reads it), as step 0 of its own."""
+        b, t = self.cell.branch, self.plan.derived["branch"]["start_step"]
+        base_batch = self.cell.batch_size // b.multiplier
+        state = Checkpointer(self.store, cell_prefix(self.cell.sweep, b.base)).load(t)
+        if state is None:
+            raise BasePending(f"the checkpoint of base cell {b.base} at step {t} is gone from the store")
+        streamed = isinstance(self.data, StreamData)
+        if streamed and b.seed != self.cell.seed:
+            raise ConfigError(f"cell.branch.seed: {self.cell.dataset.name!r} is a stream, which a branch continues "
+                              f"from its base's position; allowed: the base's seed {self.cell.seed}")
+        self.raw_model.load_state_dict(state["model"])
+        # The moments carry over; the hyperparameters are the branch's own (its rules at k x B).
+        mine = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, mine):
+            group.update(settings)
+        rngs = state["rng"]
+        if b.seed == self.cell.seed and len(rngs) == self.dist.world:
+            set_rng_state(rngs[self.dist.rank], self.device)
+        else:
+            seed_rngs(b.seed, self.dist.rank, t)
+        if streamed:
+            self.data.load_state_dict(state.get("data") or {})
+            self.epoch = state["epoch"]
+        else:
+            # The base's position: batch_index x B examples into its epoch `epoch`; this branch finishes that
+            # epoch at its own batch (the rest reshuffled by another seed), then goes on from the next.
+            self.epoch, self.offset = state["epoch"], state["batch_index"] * base_batch
+            if self.data.epoch_batches(self.plan.m, self.offset) == 0:
+                self.epoch, self.offset = self.epoch + 1, 0
+        if self.dist.is_main:
+            print(f"critbatch train: branch {self.cell.id} starts from base cell {b.base} at step {t} (epoch "
+                  f"{state['epoch']}, {state['batch_index'] * base_batch} examples into it)", flush=True)
+
     def _open_logs(self, checkpoint: dict | None) -> None:
         """Rank 0: cell.json (on the first start), the log stream from the checkpoint's part indices, progress."""
         write_cell_record(self.store, self.prefix, self.cell, self.plan.derived)
@@ -265,18 +312,22 @@ class Trainer:
             raise Paused(self.step, True)  # resumed at its pause point: nothing to do until asked for more
         self.stopwatch.start()
         while self.step < plan.total:
+            parts = plan.accumulation_of(self.epoch)  # a ramp's epoch at k x B: k x the micro-batches
             x, y = self._next_batch()
             lr = plan.lr(self.step)
             measure = self.noise is not None and self.noise.due(self.step + 1)
-            loss, noise = self._update(x, y, lr, measure)
+            loss, noise = self._update(x, y, lr, measure, parts)
             self.step += 1
-            epoch = self.epoch + self.batch_index / plan.steps_per_epoch
-            self.step_sync.add(Pending(self.step, epoch, lr, self.stopwatch.now(), loss, noise))
+            epoch = (self.epoch + self.batch_index / plan.epoch_steps(self.epoch) if not self.offset else
+                     self.epoch + (self.offset + self.batch_index * plan.m) / self.data.n_train)
+            self.step_sync.add(Pending(self.step, epoch, lr, self.stopwatch.now(), loss, noise,
+                                       samples=plan.samples(self.step)))
 
             at_pause = self.step == self.pause_at
             at_eval = self.step in plan.eval_at or at_pause or (
                 self.threshold is not None and self.threshold.wants_eval(self.step))
-            at_checkpoint = self.checkpoint_steps > 0 and self.step % self.checkpoint_steps == 0
+            at_checkpoint = (self.checkpoint_steps > 0 and self.step % self.checkpoint_steps == 0) or \
+                self.step in plan.keep_steps
             if not (at_eval or at_checkpoint or self.step_sync.due(self.step) or self.step == plan.total):
                 continue
             stop, due = self._sync()
@@ -287,7 +338,7 @@ class Trainer:
             if self.step == plan.total or self.at_threshold:
                 break
             if at_checkpoint or due or stop or at_pause:
-                saved = self._checkpoint(stopping=stop)
+                saved = self._checkpoint(stopping=stop, kept=self.step in plan.keep_steps)
                 if stop or at_pause:
                     self.stopwatch.stop()
                     self._abandon_logs()  # synced by the checkpoint; only stops the threads
@@ -296,17 +347,25 @@ class Trainer:
 
     def _next_batch(self) -> tuple[Tensor, Tensor]:
         if self._batches is None:
-            self._batches = self.data.train_batches(self.epoch, self.plan.m, seed=self.cell.seed,
-                                                    rank=self.dist.rank, world=self.dist.world,
-                                                    start=self.batch_index)
+            # A branch's data seed orders its epochs; the epoch it enters part-way is its base's (seed), the
+            # rest of it reordered when the branch's seed is another.
+            seed = self.cell.branch.seed if self.cell.branch is not None else self.cell.seed
+            partial = {} if not self.offset else {
+                "skip": self.offset, "reshuffle": None if seed == self.cell.seed else seed}
+            self._batches = self.data.train_batches(self.epoch, self.plan.batch(self.epoch),
+                                                    seed=self.cell.seed if partial else seed, rank=self.dist.rank,
+                                                    world=self.dist.world, start=self.batch_index, **partial)
         x, y = next(self._batches)
         self.batch_index += 1
-        if self.batch_index >= self.plan.steps_per_epoch:
-            self.epoch, self.batch_index, self._batches = self.epoch + 1, 0, None
+        if self.batch_index >= (self.plan.epoch_steps(self.epoch) if not self.offset else
+                                self.data.epoch_batches(self.plan.m, self.offset)):
+            self.epoch, self.batch_index, self.offset, self._batches = self.epoch + 1, 0, 0, None
         return x, y
 
-    def _update(self, x: Tensor, y: Tensor, lr: float, measure: bool) -> tuple[Tensor, NoiseSample | None]:
-        """One optimizer step on this rank's share (x, y) of the global batch; (mean loss, noise sample) on the device.
+    def _update(self, x: Tensor, y: Tensor, lr: float, measure: bool, parts: int | None = None
+                ) -> tuple[Tensor, NoiseSample | None]:
+        """One optimizer step on this rank's share (x, y) of the global batch, in ``parts`` micro-batches (default:
+        the cell's accumulation); (mean loss, noise sample) on the device.
 
         The loss is this rank's (the mean over ranks is taken at the next sync).
         """
@@ -315,7 +374,7 @@ class Trainer:
         if measure:
             loss, noise = self.noise.measure(self._backward, x, y)
         else:
-            loss, noise = self._backward(x, y, self.plan.accumulation), None
+            loss, noise = self._backward(x, y, parts or self.plan.accumulation), None
         if self.cell.precision == "bf16":
             # Mixed precision (gpt-neox's habit): a step whose gradient is not finite is skipped and counted,
             # not applied; the check costs a host sync per step, so fp32 cells do without it.
@@ -385,15 +444,18 @@ class Trainer:
     def _evaluate(self) -> None:
         """Both splits at the current step, logged as eval rows (their time not counted as training)."""
         with self.stopwatch.paused():
-            self.last_eval, rows = self.evaluator.at(self.step, self.step / self.plan.steps_per_epoch)
+            self.last_eval, rows = self.evaluator.at(self.step, self.plan.epoch_at(self.step))
         if self.logs is not None:
             for row in rows:
                 self.logs.log_eval(row)
         if self.threshold is not None:
             self.at_threshold = self.threshold.observe(self.step, self.last_eval["train_loss"])
 
-    def _checkpoint(self, stopping: bool = False) -> bool:
-        """Save the state; the logs are synced first so that its part indices cover every step so far."""
+    def _checkpoint(self, stopping: bool = False, kept: bool = False) -> bool:
+        """Save the state; the logs are synced first so that its part indices cover every step so far.
+
+        A store that stays down skips a periodic checkpoint, but not a kept one (``kept``): its
+        StoreUnavailable ends the run (exit 202), and the retry reaches the step again."""
         with self.stopwatch.paused():
             rngs = all_gather_object(rng_state(self.device), self.dist)
             saved = False
@@ -407,6 +469,8 @@ class Trainer:
                     self.checkpointer.save(self.step, self.state_dict(rngs, parts))
                     saved, self._store_down = True, False
                 except StoreUnavailable as err:
+                    if kept:
+                        raise
                     self._store_down = True
                     print(f"critbatch train: checkpoint at step {self.step} skipped, store unavailable ({err})",
                           file=sys.stderr, flush=True)
@@ -431,12 +495,17 @@ class Trainer:
                             stop=self.threshold.summary() if self.threshold is not None else None)
         if self.cell.precision == "bf16":
             summary["skipped_nonfinite_steps"] = self.skipped_steps
+        if self.plan.keep_steps:  # the kept checkpoints the run reached, for its branches
+            there = set(self.checkpointer.complete_steps()) if self.dist.is_main else set()
+            summary["kept"] = [{**point, "checkpoint": checkpoint_dir("", point["step"]).lstrip("/")}
+                               for point in self.plan.derived["keep"] if point["step"] in there]
         if self.dist.is_main:
             if reason is not None:
                 print(f"critbatch train: cell {self.cell.id} diverged: {reason}", flush=True)
             logs, self.logs = self.logs, None
             weights = None if reason is not None else self.raw_model.state_dict()
-            summary = write_results(self.store, self.cell, summary, logs=logs, weights=weights, guard=self.guard)
+            summary = write_results(self.store, self.cell, summary, logs=logs, weights=weights, guard=self.guard,
+                                    kept=self.plan.keep_steps)
         distributed.barrier(self.dist)
         return summary
 
