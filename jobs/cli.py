@@ -70,6 +70,12 @@ def _command(sub, name: str, target: str, help: str, epilog: str | None = None) 
     return p
 
 
+def _lost_grace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lost-grace", type=float, default=None, metavar="SECONDS",
+                   help="a cell whose Job succeeded this long ago with no _SUCCESS in the store is lost "
+                   "(default: a minute; more for a store that takes long to show a write)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="critbatch",
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep submitting until every cell has finished, then start the analysis Job")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="polling interval with --wait")
     p.add_argument("--timeout", type=float, default=0.0, help="give up waiting after this many seconds (0: never)")
+    _lost_grace(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be created, create nothing")
 
     p = _command(sub, "status", "critbatch.jobs.cluster.status:cli_status", "one table of every cell's cluster and store state")
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=backends.NAMES,
                    help="the backend the cells were submitted with, if not the grid's")
     p.add_argument("--no-cluster", action="store_true", help="read only the store")
+    _lost_grace(p)
 
     p = _command(sub, "presets", "critbatch.jobs.sweep.grid:cli_presets", "list the grid presets shipped with critbatch")
 

@@ -231,9 +231,9 @@ def step_rows(store, prefix: str) -> list[int]:
     return sorted(pa.concat_tables(tables).column("step").to_pylist()) if tables else []
 
 
-def status_rows(grid_path: Path) -> dict[str, dict[str, str]]:
+def status_rows(grid_path: Path, *args: str) -> dict[str, dict[str, str]]:
     """``critbatch status``'s table, cell id -> column -> value."""
-    done = critbatch("status", str(grid_path))
+    done = critbatch("status", str(grid_path), *args)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     header = lines[0].split()
@@ -478,8 +478,10 @@ def test_the_indexed_backend_reads_completed_and_failed_indexes(ns, kube_api, ku
 
 
 def test_a_failed_job_deleted_by_its_ttl_stays_failed(ns, kube_api, kube_node, staged, s3, tmp_path):
+    """The grid's TTL is an hour, so that status sees the Failed Job first (and remembers it in the store);
+    then the Job's ttlSecondsAfterFinished is cut to 1 s (a mutable field) and the TTL controller deletes it."""
     grid = write_grid(tmp_path, "e2e-ttl", ns, staged, s3["link"], **CIFAR, batch_size=[128],
-                      resources={**SPEC["resources"], "ttl_seconds": 60})  # status must see the Job before
+                      resources={**SPEC["resources"], "ttl_seconds": 3600})
     g = load_grid(yaml.safe_load(grid.read_text()))
     (cell,) = g.cell_ids()
     name = k8s.object_name("e2e-ttl", cell)
@@ -488,6 +490,10 @@ def test_a_failed_job_deleted_by_its_ttl_stays_failed(ns, kube_api, kube_node, s
     assert status_rows(grid)[cell]["state"] == "failed"  # status sees the Failed Job and remembers it
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
+
+    jobs = client.BatchV1Api(kube_api)
+    assert jobs.read_namespaced_job(name, ns).spec.ttl_seconds_after_finished == 3600
+    jobs.patch_namespaced_job(name, ns, {"spec": {"ttlSecondsAfterFinished": 1}})
 
     def gone():
         try:
@@ -546,16 +552,17 @@ def test_a_job_that_succeeded_without_writing_the_store_ends_the_wait(ns, kube_a
                                                                       tmp_path):
     """The pods write to another S3 server than the one submit reads (a store endpoint that differs between
     the pods and the machine running submit): each Job succeeds, nothing reaches this store, and after the
-    grace period the cell is 'lost' and submit --wait ends with exit 1 instead of waiting forever."""
+    grace period (--lost-grace 10 here; a minute by default) the cell is 'lost' and submit --wait ends with
+    exit 1 instead of waiting forever."""
     other = S3Server(tmp_path / "other-store")
     other.start()
     try:
         grid = write_grid(tmp_path, "e2e-lost", ns, store_url, s3["link"], batch_size=[4],
                           store_endpoint=other.endpoint)
-        done = critbatch("submit", str(grid), "--wait", "--poll-seconds", "2", "--timeout", "400")
+        done = critbatch("submit", str(grid), "--wait", "--poll-seconds", "2", "--timeout", "400", "--lost-grace", "10")
     finally:
         other.stop()
     assert done.returncode == 1, done.stderr[-3000:]
     assert "lost" in done.stderr and "succeeded on the cluster, nothing in the store" in done.stderr
     (cell,) = load_grid(yaml.safe_load(grid.read_text())).cell_ids()
-    assert status_rows(grid)[cell]["state"] == "lost"
+    assert status_rows(grid, "--lost-grace", "10")[cell]["state"] == "lost"

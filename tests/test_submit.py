@@ -554,6 +554,36 @@ def test_submit_wait_ends_on_a_lost_cell_with_exit_1(api_server, tmp_path, monke
     assert "held: 1 cells lost" in err and "critbatch-sub-analysis" not in api_server.jobs()
 
 
+def test_lost_grace_sets_how_long_a_succeeded_cell_may_wait_for_its_success(api_server, tmp_path, monkeypatch,
+                                                                             capsys, s3_url):
+    """A Job that succeeded ten minutes ago without its _SUCCESS: lost by default, still uploading with
+    --lost-grace 900 for submit and status alike; a grace that is not a positive number is refused."""
+    kubeconfig(tmp_path, monkeypatch, api_server)
+    api_server.add_kit()
+    spec = tmp_path / "g.json"
+    spec.write_text(json.dumps({**SPEC, "batch_size": [16]}))
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
+    g = grid(batch_size=[16])
+    late, done = g.cell_ids()
+    for obj in by_cell(cell_jobs(api_server)).values():
+        mark(obj, "Complete")
+        obj["status"]["completionTime"] = ago(600)
+    finish_in_store(open_store(s3_url), g, done)
+    capsys.readouterr()
+    assert cli.main(["submit", str(spec), "--store", s3_url]) == 1  # a lost cell: exit 1, as with --wait
+    assert ", lost 1" in capsys.readouterr().err
+    assert cli.main(["submit", str(spec), "--store", s3_url, "--lost-grace", "900"]) == 0
+    assert "lost" not in capsys.readouterr().err
+    assert cli.main(["status", str(spec), "--store", s3_url, "--lost-grace", "900"]) == 0
+    assert "its _SUCCESS on the way" in capsys.readouterr().out
+    assert cli.main(["status", str(spec), "--store", s3_url]) == 0
+    assert "lost 1" in capsys.readouterr().out
+    for command in ("submit", "status"):
+        assert cli.main([command, str(spec), "--store", s3_url, "--lost-grace", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"critbatch {command}: error: --lost-grace: must be > 0 seconds, got 0"], err
+
+
 # ---- checks before anything is created -----------------------------------------------------------------------------
 
 

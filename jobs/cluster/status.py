@@ -30,7 +30,7 @@ from typing import Any
 from .client import Cluster, ClusterUnavailable, api_client, cell_problem, cell_stall, create_failures, pods_by_cell
 from .indexed import index_views
 from .markers import MarkerBook, Markers
-from .submit import LOST_GRACE_SECONDS, backend_of, lost_why, store_for, upload_age
+from .submit import LOST_GRACE_SECONDS, backend_of, grace_seconds, lost_why, store_for, upload_age
 from ..backends import k8s
 from ..cell.errors import StoreUnavailable
 from ..cell.spec import branch_start
@@ -45,11 +45,12 @@ WAITING = "waiting"
 
 def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
                 pods: dict[str, list[dict]] | None = None, failures: dict[str, tuple[str, str]] | None = None,
-                now: float | None = None) -> list[dict[str, Any]]:
+                now: float | None = None, lost_grace: float = LOST_GRACE_SECONDS) -> list[dict[str, Any]]:
     """One row per cell: id, axes, the object's state on the cluster, the store's marker, the verdict, why.
 
     ``failures``: the namespace's create failures by object name (client.create_failures), for the cells
-    without pods; ``now``: the time a succeeded object's age is measured at (default: now)."""
+    without pods; ``now``: the time a succeeded object's age is measured at (default: now); ``lost_grace``: the
+    age past which a succeeded object without its ``_SUCCESS`` is lost."""
     backend = backend_of(grid)
     now = time.time() if now is None else now
     rows = []
@@ -74,7 +75,7 @@ def cell_states(grid: Grid, marks: Markers, objects: dict[str, dict] | None,
             state, why = "pending", f"{problem[0]}: {problem[1]}" if problem[1] else problem[0]
         elif cluster_state == "succeeded":  # no marker: its last upload on the way, or written elsewhere
             age = upload_age(backend, obj, cell.id, now, None)
-            state, why = ("lost", lost_why(grid)) if age >= LOST_GRACE_SECONDS else (
+            state, why = ("lost", lost_why(grid)) if age >= lost_grace else (
                 "running", "succeeded on the cluster; its _SUCCESS on the way")
         elif cluster_state in ("created", "running") and (stall := cell_stall(
                 backend, obj, (pods or {}).get(cell.id, []), failures or {})):
@@ -133,6 +134,7 @@ def record_failures(grid: Grid, book: MarkerBook, marks: Markers, objects: dict[
 
 def cli_status(args: argparse.Namespace) -> int:
     grid = grid_for_command(args)
+    grace = grace_seconds(args.lost_grace)
     try:
         store = store_for(grid)
     except StoreUnavailable as err:
@@ -161,5 +163,5 @@ def cli_status(args: argparse.Namespace) -> int:
             objects = None
         else:
             record_failures(grid, book, marks, objects)
-    print(format_table(cell_states(grid, marks, objects, pods, failures)))
+    print(format_table(cell_states(grid, marks, objects, pods, failures, lost_grace=grace)))
     return 0

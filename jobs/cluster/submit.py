@@ -66,6 +66,15 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 LOST_GRACE_SECONDS = 60.0
 
 
+def grace_seconds(seconds: float | None) -> float:
+    """``--lost-grace``: LOST_GRACE_SECONDS when not given."""
+    if seconds is None:
+        return LOST_GRACE_SECONDS
+    if not seconds > 0:
+        raise ConfigError(f"--lost-grace: must be > 0 seconds, got {seconds:g}")
+    return seconds
+
+
 def lost_why(grid: Grid) -> str:
     where = grid.store + (f" at {grid.store_endpoint}" if grid.store.startswith("s3://") and grid.store_endpoint else "")
     return (f"succeeded on the cluster, nothing in the store: do the pods write to another store? (theirs: {where}; "
@@ -150,16 +159,18 @@ class _Warnings:
 
 def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, dry_run: bool = False,
                 analysis: bool = True, retry_failed: bool = False, book: MarkerBook | None = None,
-                seen: dict[str, float] | None = None, clock: Callable[[], float] = time.time) -> SubmitReport:
+                seen: dict[str, float] | None = None, clock: Callable[[], float] = time.time,
+                lost_grace: float = LOST_GRACE_SECONDS) -> SubmitReport:
     """One pass: create every missing cell (suspended), resume within the cap, remember failures, and
     create the analysis Job once every cell is done. ``seen``: when each cell was first seen succeeded on
-    the cluster without its ``_SUCCESS`` (kept across the passes of one submit)."""
+    the cluster without its ``_SUCCESS`` (kept across the passes of one submit); ``lost_grace``: how long
+    after that a cell is called lost."""
     report = SubmitReport()
     book = book or MarkerBook(store, grid.sweep)
     backend = backend_of(grid)
     if not backend.per_cell:
         return _submit_indexed_once(grid, cluster, book, max_active=max_active, dry_run=dry_run, analysis=analysis,
-                                    retry_failed=retry_failed, seen=seen, clock=clock)
+                                    retry_failed=retry_failed, seen=seen, clock=clock, lost_grace=lost_grace)
     now = clock()
     warnings = _Warnings(cluster, backend)
     marks = book.read()
@@ -195,7 +206,7 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
         if state == "succeeded":  # no _SUCCESS yet: its last upload is on the way, or lost
             if cell.id in marks.damaged:
                 report.damaged.append(cell.id)
-            elif upload_age(backend, objects[name], cell.id, now, seen) >= LOST_GRACE_SECONDS:
+            elif upload_age(backend, objects[name], cell.id, now, seen) >= lost_grace:
                 report.lost[cell.id] = lost_why(grid)
                 continue
             else:
@@ -234,7 +245,7 @@ def submit_once(grid: Grid, cluster: Cluster, store: Store | None, *, max_active
 
 def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_active: int, dry_run: bool,
                          analysis: bool, retry_failed: bool, seen: dict[str, float] | None,
-                         clock: Callable[[], float]) -> SubmitReport:
+                         clock: Callable[[], float], lost_grace: float) -> SubmitReport:
     """Backend indexed: one Indexed Job per resource class, created once; every cell read from the Jobs'
     completed and failed indexes (indexed.py).
 
@@ -286,7 +297,7 @@ def _submit_indexed_once(grid: Grid, cluster: Cluster, book: MarkerBook, *, max_
         elif state == "succeeded":
             if cell.id in marks.damaged:
                 report.damaged.append(cell.id)
-            elif upload_age(backend, view, cell.id, now, seen) >= LOST_GRACE_SECONDS:
+            elif upload_age(backend, view, cell.id, now, seen) >= lost_grace:
                 report.lost[cell.id] = lost_why(grid)
             else:
                 report.uploading.append(cell.id)
@@ -329,7 +340,8 @@ def _ensure_analysis(grid: Grid, cluster: Cluster, dry_run: bool, report: Submit
 
 def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int = 0, wait: bool = False,
            poll_seconds: float = 30.0, timeout: float = 0.0, dry_run: bool = False, retry_failed: bool = False,
-           log: Callable[[str], None] = lambda s: None, sleep: Callable[[float], None] = time.sleep) -> SubmitReport:
+           lost_grace: float = LOST_GRACE_SECONDS, log: Callable[[str], None] = lambda s: None,
+           sleep: Callable[[float], None] = time.sleep) -> SubmitReport:
     """``submit_once``, repeated every ``poll_seconds`` with ``wait`` until every cell has finished and the
     analysis Job it then creates has finished too (the report is in the store), or is held by failed cells.
 
@@ -343,7 +355,7 @@ def submit(grid: Grid, cluster: Cluster, store: Store | None, *, max_active: int
     while True:
         try:
             report = submit_once(grid, cluster, store, max_active=max_active, dry_run=dry_run, book=book,
-                                 retry_failed=retry_failed, seen=seen)
+                                 retry_failed=retry_failed, seen=seen, lost_grace=lost_grace)
         except (ClusterUnavailable, StoreUnavailable) as err:
             if not wait or dry_run:
                 raise
@@ -434,6 +446,7 @@ def cli_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-active: must be >= 0 (0 = no cap), got {args.max_active}")
     if args.poll_seconds <= 0:
         raise ConfigError(f"--poll-seconds: must be > 0, got {args.poll_seconds:g}")
+    grace = grace_seconds(args.lost_grace)
     max_active = args.max_active or grid.max_active
     store = store_for(grid)
 
@@ -449,7 +462,8 @@ def cli_submit(args: argparse.Namespace) -> int:
             if not store.exists(key) or store.get_text(key) != text:
                 store.put_text(key, text)
         report = submit(grid, cluster, store, max_active=max_active, wait=args.wait, poll_seconds=args.poll_seconds,
-                        timeout=args.timeout, dry_run=args.dry_run, retry_failed=args.retry_failed, log=log)
+                        timeout=args.timeout, dry_run=args.dry_run, retry_failed=args.retry_failed,
+                        lost_grace=grace, log=log)
     except ClusterUnavailable as err:
         print(f"critbatch submit: error: {err}; nothing more was done, run it again later", file=sys.stderr)
         return 1
