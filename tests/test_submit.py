@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -534,7 +535,9 @@ def test_without_a_completion_time_the_grace_runs_from_the_first_poll_that_saw_i
     assert list(report.lost) == [first] and report.finished
 
 
-def test_submit_wait_ends_on_a_lost_cell_with_exit_1(api_server, tmp_path, monkeypatch, capsys, s3_url):
+def submitted_one_lost(api_server, tmp_path, monkeypatch, s3_url) -> tuple[Path, str]:
+    """Two cells submitted through the CLI, both Jobs succeeded ten minutes ago, one _SUCCESS in the store:
+    the grid file and the other cell's id."""
     kubeconfig(tmp_path, monkeypatch, api_server)
     api_server.add_kit()
     spec = tmp_path / "g.json"
@@ -542,11 +545,15 @@ def test_submit_wait_ends_on_a_lost_cell_with_exit_1(api_server, tmp_path, monke
     assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
     g = grid(batch_size=[16])
     lost, done = g.cell_ids()
-    jobs = by_cell(cell_jobs(api_server))
-    for obj in jobs.values():
+    for obj in by_cell(cell_jobs(api_server)).values():
         mark(obj, "Complete")
         obj["status"]["completionTime"] = ago(600)
     finish_in_store(open_store(s3_url), g, done)
+    return spec, lost
+
+
+def test_submit_wait_ends_on_a_lost_cell_with_exit_1(api_server, tmp_path, monkeypatch, capsys, s3_url):
+    spec, lost = submitted_one_lost(api_server, tmp_path, monkeypatch, s3_url)
     capsys.readouterr()
     assert cli.main(["submit", str(spec), "--store", s3_url, "--wait", "--poll-seconds", "0.01", "--timeout", "5"]) == 1
     err = capsys.readouterr().err
@@ -558,17 +565,7 @@ def test_lost_grace_sets_how_long_a_succeeded_cell_may_wait_for_its_success(api_
                                                                              capsys, s3_url):
     """A Job that succeeded ten minutes ago without its _SUCCESS: lost by default, still uploading with
     --lost-grace 900 for submit and status alike; a grace that is not a positive number is refused."""
-    kubeconfig(tmp_path, monkeypatch, api_server)
-    api_server.add_kit()
-    spec = tmp_path / "g.json"
-    spec.write_text(json.dumps({**SPEC, "batch_size": [16]}))
-    assert cli.main(["submit", str(spec), "--store", s3_url]) == 0
-    g = grid(batch_size=[16])
-    late, done = g.cell_ids()
-    for obj in by_cell(cell_jobs(api_server)).values():
-        mark(obj, "Complete")
-        obj["status"]["completionTime"] = ago(600)
-    finish_in_store(open_store(s3_url), g, done)
+    spec, _ = submitted_one_lost(api_server, tmp_path, monkeypatch, s3_url)
     capsys.readouterr()
     assert cli.main(["submit", str(spec), "--store", s3_url]) == 1  # a lost cell: exit 1, as with --wait
     assert ", lost 1" in capsys.readouterr().err
