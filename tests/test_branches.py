@@ -248,3 +248,27 @@ def test_branches_of_an_lsr_base_with_a_warm_up_and_steps_points():
     assert branch.base_cell().id == base.id and "at" not in json.loads(branch.to_json())["branch"]
     assert branch_lr(branch, {"n_train": 64}) == pytest.approx(0.002 * math.sqrt(2))  # sqrt: eta_t x sqrt(k)
     assert lr_at(branch, 0, 8, {"n_train": 64}) == lr_at(branch, 7, 8, {"n_train": 64})  # one rate throughout
+
+
+def test_cells_prints_what_the_branches_spend_against_a_full_grid(capsys):
+    """local-mnist1d: 3 points x 8 multipliers x 2 seeds, 9216 examples each; the base 24 epochs of 4000 at 32;
+    a full grid trains each batch k x 32 at both seeds for 24 epochs of whole batches."""
+    assert cli_main(["cells", "local-mnist1d"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    branches, base = 3 * 8 * 2 * 9216, 24 * 4000
+    grid = 2 * sum(24 * (4000 // (k * 32)) * k * 32 for k in (1, 2, 3, 4, 6, 8, 12, 16))
+    spent = branches + base
+    assert line == (f"branches: 48 cells from 1 base run(s) train {branches:,} examples, the base runs {base:,}: "
+                    f"{spent:,} in all, {100 * spent / grid:.1f} % of what a full grid of the same 8 batch sizes x "
+                    f"2 seed(s), each for the base's budget, would train {grid:,} (the branches alone "
+                    f"{100 * branches / grid:.1f} %)")
+    assert cli_main(["cells", "digits"]) == 0
+    assert "branches:" not in capsys.readouterr().err  # a grid without branches prints no cost
+
+
+def test_the_cost_of_branches_whose_data_size_is_unknown_counts_the_branches_alone():
+    from critbatch.jobs.sweep.cost import BranchCost
+
+    text = BranchCost(branches=4, bases=1, branch_examples=4096, base_examples=None, grid_examples=None).text()
+    assert text == ("branches: 4 cells from 1 base run(s) train 4,096 examples; the base runs' budget and a full "
+                    "grid's are not counted (the training-set size is known only once the data is loaded)")

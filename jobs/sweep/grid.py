@@ -47,6 +47,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJso
 from . import sizing
 from .. import backends
 from ..backends import k8s
+from .cost import branch_cost
 from .searchspec import SearchSpec
 from .sizing import CellPlan, Placement
 from ..cell.analysis_args import parse_analyze_args
@@ -337,9 +338,12 @@ class Grid:
         return out
 
     def plan_text(self) -> str:
-        """The plan, a line per cell: what ``critbatch cells`` and ``critbatch render`` print to stderr."""
-        return sizing.format_plan(self.sweep, self._cells, self._plans, sizing.device_memory(self.resources),
+        """The plan, a line per cell, and what a branch grid spends against a full grid (cost.py): what
+        ``critbatch cells`` and ``critbatch render`` print to stderr."""
+        plan = sizing.format_plan(self.sweep, self._cells, self._plans, sizing.device_memory(self.resources),
                                   self.resources)
+        cost = branch_cost(self._cells)
+        return plan if cost is None else f"{plan}\n{cost.text()}"
 
     def sweep_yaml(self) -> str:
         """``<store>/<sweep>/sweep.yaml``: the spec as written plus every cell it expanded to, with its plan."""
