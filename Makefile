@@ -8,8 +8,8 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 # make test runs the suite in this many pytest-xdist workers, a whole test file to each (module fixtures such
 # as test_pods' S3 server, and the control plane, start once). Much of the suite waits on servers, controllers
-# and child processes, so two workers on two cores finish in about 60 % of one worker's time.
-TEST_WORKERS ?= 2
+# and child processes: on two cores, two workers took 670 s and three 616 s where one takes about 19 minutes.
+TEST_WORKERS ?= 3
 # make bench BENCH_ARGS=--full: the benchmarks at their documented sizes (about 20 minutes on two cores).
 BENCH_ARGS ?=
 
