@@ -68,20 +68,11 @@ def write_grid(path: Path, **changes) -> Path:
     return path
 
 
-#: The executor's grid: three linreg cells (batch 4, 8, 16) of a few seconds each.
+#: The executor's grid: three linreg cells (batch 4, 8, 16) of a few seconds each: SMALL_GRID for longer, with
+#: more evaluations and the noise probe at its default.
 TINY = {
-    "sweep": "tiny",
-    "dataset": {"name": "linreg", "options": {"n": 64, "d": 128, "spikes": 2, "spike_var": 20.0}},
-    "model": "linear",
-    "strategy": "oracle",
-    "base_lr": 1.0,
-    "base_batch": 4,
-    "epochs": 20,
-    "batch_size": [4, 8, 16],
-    "seed": 0,
-    "optimizer": {"momentum": 0.0, "weight_decay": 0.0},
-    "eval": {"points": 10},
-    "resources": {"gpus": 0, "cpu": 1, "memory": "1Gi"},
+    **{k: v for k, v in SMALL_GRID.items() if k != "noise"},
+    "sweep": "tiny", "epochs": 20, "batch_size": [4, 8, 16], "eval": {"points": 10},
 }
 
 #: A digits cell of 30 steps (LSR with a warm-up, noise statistics every 4th step).

@@ -113,8 +113,11 @@ def record(out: dict, only_machine: bool = False) -> dict:
         for preset, cell in first_cells().items():
             trace = trace_cell(cell)
             entry = out.get(preset)
-            if (entry is None and only_machine) or (entry is not None and (not only_machine or here in entry["losses"])):
-                continue  # --machine pins the presets the file holds, no new ones
+            if entry is None:
+                if only_machine:
+                    continue  # --machine pins the presets the file holds, no new ones
+            elif not only_machine or here in entry["losses"]:
+                continue
             if entry is not None and (entry["cell_id"], entry["trace_id"]) != (cell.id, trace.id):
                 raise SystemExit(f"{preset}: its cell or trace id changed; a new machine's losses would pin "
                                  "another cell (re-pin the whole file on purpose, without --machine)")

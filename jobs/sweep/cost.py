@@ -39,7 +39,7 @@ def _share(part: int, whole: int) -> str:
 
 
 def _examples(cell: Cell, train_size: int) -> int:
-    """Examples the cell trains: its steps times its batch (a branch's steps are its length, whatever the size)."""
+    """Examples the cell trains in its budget: its steps times its batch."""
     return total_steps(cell, max(1, train_size // cell.batch_size)) * cell.batch_size
 
 
@@ -52,7 +52,7 @@ def branch_cost(cells: list[Cell]) -> BranchCost | None:
     cost = BranchCost(branches=len(branches))
     bases = {c.branch.base: c.base_cell() for c in branches}
     cost.bases = len(bases)
-    cost.branch_examples = sum(_examples(c, c.batch_size) for c in branches)
+    cost.branch_examples = sum(total_steps(c, 1) * c.batch_size for c in branches)  # its length, in steps
     cost.batch_sizes = {c.batch_size for c in branches}
     cost.seeds = {c.branch.seed for c in branches}
     sizes = {base_id: base.train_size() for base_id, base in bases.items()}
